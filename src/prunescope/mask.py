@@ -1,0 +1,188 @@
+"""Masks: which weights a sparse model keeps.
+
+A :class:`Mask` maps parameter names to bool tensors of the parameters' shapes (True = keep).
+It is applied in place: pruned weights are set to exactly zero (:meth:`Mask.apply_`), their
+gradients are zeroed before each optimizer step (:meth:`Mask.mask_grads_`) and the weights are
+re-zeroed after it, so neither momentum nor weight decay revives them. The model stays a plain
+``nn.Module`` with its own state-dict keys (no ``weight_orig`` reparametrisation), so dense
+gradients stay visible to methods that need them.
+
+Interoperates with ``torch.nn.utils.prune``: :meth:`Mask.from_torch_prune` reads the
+``<name>_mask`` buffers torch installs, :meth:`Mask.to_torch_prune` installs a mask that
+``prune.remove`` then makes permanent.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import prune as torch_prune
+
+from prunescope.errors import CheckpointError, PruningError
+from prunescope.files import load_tensors, save_tensors
+from prunescope.targets import select
+
+MASK_FORMAT = "prunescope.mask/1"
+
+
+class Mask(Mapping[str, torch.Tensor]):
+    """``{parameter name: bool tensor}`` with True = keep; immutable once built."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        if not tensors:
+            raise PruningError("a mask needs at least one tensor")
+        for name, tensor in tensors.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.bool:
+                raise PruningError(f"mask tensor {name!r} must be a bool tensor")
+        self._tensors = {name: tensor.detach() for name, tensor in tensors.items()}
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def ones(cls, model: nn.Module, names: Sequence[str] | None = None) -> Mask:
+        """A mask keeping every weight of ``names`` (default: :func:`prunescope.targets.select`)."""
+        params = _parameters(model, names)
+        return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+
+    @classmethod
+    def from_weights(cls, model: nn.Module, names: Sequence[str] | None = None) -> Mask:
+        """The mask of the nonzero weights (a model whose pruned weights are exact zeros)."""
+        params = _parameters(model, names)
+        return cls({n: p.detach() != 0 for n, p in params.items()})
+
+    @classmethod
+    def from_torch_prune(cls, model: nn.Module) -> Mask:
+        """Read the ``<name>_mask`` buffers installed by ``torch.nn.utils.prune``.
+
+        A model whose pruning torch already made permanent (``prune.remove``) has no buffers
+        left; its mask is then read from the zeros of its default targets.
+        """
+        tensors = {}
+        for module_name, module in model.named_modules():
+            for buffer_name, buffer in module.named_buffers(recurse=False):
+                if buffer_name.endswith("_mask") and hasattr(module, buffer_name[:-5] + "_orig"):
+                    full = f"{module_name}.{buffer_name[:-5]}" if module_name else buffer_name[:-5]
+                    tensors[full] = buffer.detach() != 0
+        return cls(tensors) if tensors else cls.from_weights(model)
+
+    def to_torch_prune(self, model: nn.Module) -> None:
+        """Install this mask with ``torch.nn.utils.prune.custom_from_mask`` on ``model``.
+
+        Afterwards ``prune.remove(module, name)`` makes the pruning permanent, as with any mask
+        torch made itself.
+        """
+        self.check(model)
+        for name, keep in self.items():
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            torch_prune.custom_from_mask(module, attr, keep.to(getattr(module, attr).device))
+
+    # -- mapping protocol --------------------------------------------------------------------
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __repr__(self) -> str:
+        return f"Mask({len(self)} tensors, sparsity={self.sparsity:.4f})"
+
+    def equal(self, other: Mask) -> bool:
+        """True when both masks name the same tensors with identical values."""
+        return self.keys() == other.keys() and all(
+            torch.equal(self[n], other[n].to(self[n].device)) for n in self
+        )
+
+    # -- counts ------------------------------------------------------------------------------
+    @property
+    def num_total(self) -> int:
+        """Number of weights the mask covers."""
+        return sum(t.numel() for t in self._tensors.values())
+
+    @property
+    def num_kept(self) -> int:
+        """Number of weights kept (True)."""
+        return sum(int(t.count_nonzero()) for t in self._tensors.values())
+
+    @property
+    def sparsity(self) -> float:
+        """Global sparsity: pruned weights over all covered weights."""
+        return 1.0 - self.num_kept / self.num_total
+
+    @property
+    def density(self) -> float:
+        """Global density, 1 - sparsity."""
+        return self.num_kept / self.num_total
+
+    def sparsities(self) -> dict[str, float]:
+        """Per-tensor sparsity."""
+        return {n: 1.0 - int(t.count_nonzero()) / t.numel() for n, t in self._tensors.items()}
+
+    # -- applying ----------------------------------------------------------------------------
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`PruningError` unless every mask tensor names a parameter of its shape."""
+        params = dict(model.named_parameters())
+        for name, keep in self.items():
+            if name not in params:
+                raise PruningError(f"the mask names {name!r}, which the model does not have")
+            if params[name].shape != keep.shape:
+                raise PruningError(
+                    f"mask for {name!r} has shape {tuple(keep.shape)} but the parameter has "
+                    f"{tuple(params[name].shape)}"
+                )
+
+    @torch.no_grad()
+    def apply_(self, model: nn.Module) -> nn.Module:
+        """Set the pruned weights of ``model`` to exactly zero, in place; returns ``model``."""
+        params = dict(model.named_parameters())
+        for name, keep in self.items():
+            param = params[name]
+            param.masked_fill_(~keep.to(param.device), 0.0)
+        return model
+
+    @torch.no_grad()
+    def mask_grads_(self, model: nn.Module) -> None:
+        """Zero the gradients of pruned weights, in place (call before the optimizer step)."""
+        params = dict(model.named_parameters())
+        for name, keep in self.items():
+            grad = params[name].grad
+            if grad is not None:
+                grad.masked_fill_(~keep.to(grad.device), 0.0)
+
+    def to(self, device: torch.device | str) -> Mask:
+        """A copy of the mask on ``device``."""
+        return Mask({n: t.to(device) for n, t in self.items()})
+
+    # -- files -------------------------------------------------------------------------------
+    def state(self) -> dict[str, torch.Tensor]:
+        """The mask tensors, for embedding in a checkpoint."""
+        return dict(self._tensors)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Save to a safetensors file, atomically."""
+        save_tensors(path, self._tensors, {"format": MASK_FORMAT})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Mask:
+        """Load a mask saved by :meth:`save`; a wrong or corrupt file raises CheckpointError."""
+        tensors, meta = load_tensors(path)
+        if meta.get("format") != MASK_FORMAT:
+            raise CheckpointError(f"{path} is not a prunescope mask file (format {meta.get('format')!r})")
+        try:
+            return cls(tensors)
+        except PruningError as exc:
+            raise CheckpointError(f"{path} holds an invalid mask: {exc}") from None
+
+
+def _parameters(model: nn.Module, names: Sequence[str] | None) -> dict[str, nn.Parameter]:
+    params = dict(model.named_parameters())
+    names = select(model) if names is None else list(names)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise PruningError(f"the model has no parameter {missing[0]!r}")
+    return {n: params[n] for n in names}

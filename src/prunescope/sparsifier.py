@@ -1,0 +1,224 @@
+"""Pruning: criterion scores -> allocation -> pattern -> mask, and the training-loop hooks.
+
+:func:`prune` is the one-shot entry point (optionally in several rounds, or to a target
+*effective* sparsity). :class:`MaskHold` and :class:`ScheduledPruning` are the hooks the training
+loop calls around each optimizer step, so that pruned weights stay exactly zero while training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunescope.allocation import ALLOCATIONS, allocate, check_sparsity
+from prunescope.criteria import CRITERIA, Batch, Context, Criterion
+from prunescope.errors import PruningError
+from prunescope.mask import Mask
+from prunescope.patterns import Pattern, parse_pattern
+from prunescope.targets import select
+
+
+def prune(
+    model: nn.Module,
+    criterion: str = "magnitude",
+    allocation: str = "global",
+    sparsity: float | None = 0.9,
+    data: Iterable[Batch] | None = None,
+    *,
+    pattern: str = "unstructured",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    overrides: Mapping[str, float] | None = None,
+    rounds: int | None = None,
+    mask: Mask | None = None,
+    effective: bool = False,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+    seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
+) -> Mask:
+    """Prune ``model`` in place to ``sparsity`` and return the :class:`Mask`.
+
+    Pruned weights become exactly zero. ``criterion`` and ``allocation`` are registered names
+    (see ``prunescope.criteria.CRITERIA`` and ``prunescope.allocation.ALLOCATIONS``); ``data``
+    is an iterable of ``(inputs, targets)`` batches for data-driven criteria (snip, grasp,
+    taylor). ``rounds`` > 1 prunes iteratively, re-scoring between rounds, with the density
+    shrinking geometrically from the starting mask (SynFlow defaults to its paper's 100 rounds).
+    ``mask`` is a starting mask whose pruned weights stay pruned. With ``effective=True`` the
+    direct sparsity is raised by bisection until the *effective* sparsity reaches ``sparsity``
+    (Vysogorets & Kempe 2023); the returned mask is the direct one. An N:M ``pattern`` fixes the
+    sparsity at 1 - N/M (pass that or None) and ignores the allocation.
+
+    Example::
+
+        model = prunescope.models.build("lenet300")
+        mask = prunescope.prune(model, "magnitude", "global", sparsity=0.9)
+        print(mask.sparsity)  # 0.9
+    """
+    spec = CRITERIA.get(criterion)
+    ALLOCATIONS.get(allocation)
+    parsed = parse_pattern(pattern)
+    sparsity = _target_sparsity(sparsity, parsed)
+    start = mask if mask is not None else Mask.ones(model, select(model, include, exclude))
+    start.check(model)
+    start.apply_(model)
+    context = Context(
+        batches=_on_device(data, model), loss_fn=loss_fn,
+        generator=torch.Generator().manual_seed(seed), input_shape=input_shape,
+    )
+    plan = _Plan(spec, allocation, parsed, overrides, context)
+    n_rounds = 1 if parsed.kind == "nm" else _check_rounds(rounds or spec.rounds)
+    if effective:
+        return _prune_to_effective(model, start, sparsity, n_rounds, plan)
+    return plan.run(model, start, sparsity, n_rounds)
+
+
+class _Plan:
+    """The fixed parts of a pruning request, run for one target sparsity at a time."""
+
+    def __init__(self, spec: Criterion, allocation: str, pattern: Pattern,
+                 overrides: Mapping[str, float] | None, context: Context) -> None:
+        self.spec, self.allocation, self.pattern = spec, allocation, pattern
+        self.overrides = dict(overrides or {})
+        self.context = context
+
+    def run(self, model: nn.Module, start: Mask, sparsity: float, rounds: int) -> Mask:
+        if sparsity < start.sparsity - 1e-12 and self.pattern.kind != "nm":
+            raise PruningError(
+                f"the starting mask is already at sparsity {start.sparsity:.4f} > {sparsity}; "
+                "pruning cannot regrow weights"
+            )
+        current = start
+        for r in range(1, rounds + 1):
+            fraction = r / rounds
+            target = 1.0 - start.density * ((1.0 - sparsity) / start.density) ** fraction
+            overrides = {k: 1.0 - (1.0 - v) ** fraction for k, v in self.overrides.items()}
+            current = self.once(model, current, target, overrides)
+            current.apply_(model)
+        return current
+
+    def once(self, model: nn.Module, current: Mask, sparsity: float,
+             overrides: Mapping[str, float]) -> Mask:
+        names = list(current)
+        scores = self.spec.score(model, names, self.context)
+        for name, score in scores.items():
+            if torch.isnan(score).any():
+                raise PruningError(
+                    f"criterion {self.spec.name!r} gave NaN scores for {name!r}; "
+                    "check the model and data for NaN"
+                )
+        live = {n: torch.where(current[n].to(s.device), s.double(), -torch.inf)
+                for n, s in scores.items()}
+        counts = (
+            {n: 0 for n in names} if self.pattern.kind == "nm"
+            else allocate(live, sparsity, self.allocation, overrides)
+        )
+        return Mask({
+            n: self.pattern.select(n, live[n], counts[n]).to(current[n].device) & current[n]
+            for n in names
+        })
+
+
+def _target_sparsity(sparsity: float | None, pattern: Pattern) -> float:
+    if pattern.fixed_density is None:
+        if sparsity is None:
+            raise PruningError("give a sparsity in [0, 1) (None is only valid with an N:M pattern)")
+        return check_sparsity(sparsity)
+    implied = 1.0 - pattern.fixed_density
+    if sparsity is not None and abs(check_sparsity(sparsity) - implied) > 1e-9:
+        raise PruningError(
+            f"pattern {pattern} fixes sparsity at {implied:g}, but sparsity={sparsity} was given; "
+            "pass that sparsity or none"
+        )
+    return implied
+
+
+def _check_rounds(rounds: int) -> int:
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise PruningError(f"rounds must be a positive integer, got {rounds!r}")
+    return rounds
+
+
+def _on_device(data: Iterable[Batch] | None, model: nn.Module) -> list[Batch]:
+    if data is None:
+        return []
+    device = next(model.parameters()).device
+    return [(x.to(device), y.to(device)) for x, y in data]
+
+
+def _prune_to_effective(model: nn.Module, start: Mask, target: float, rounds: int,
+                        plan: _Plan) -> Mask:
+    """Smallest direct sparsity whose effective sparsity reaches ``target``, by bisection.
+
+    Effective sparsity is never below the direct one, so the answer lies in
+    ``[start sparsity, target]``; the bisection runs over the integer count of kept weights.
+    """
+    from prunescope.connectivity import effective_sparsity
+
+    saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in start}
+
+    def attempt(kept: int) -> Mask:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in saved:
+                    param.copy_(saved[name])
+        return plan.run(model, start, 1.0 - kept / start.num_total, rounds)
+
+    low = round((1.0 - target) * start.num_total)  # keeps this many: effective >= target
+    high = start.num_kept
+    best = attempt(low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        candidate = attempt(middle)
+        if effective_sparsity(model, candidate) >= target - 1e-12:
+            low, best = middle, candidate
+        else:
+            high = middle
+    attempt(low)
+    return best
+
+
+class MaskHold:
+    """Training hook that keeps a fixed mask: gradients masked before the optimizer step,
+    weights re-zeroed after it (so momentum and weight decay never revive them)."""
+
+    def __init__(self, mask: Mask) -> None:
+        self.mask: Mask | None = mask
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        """Called before the forward pass of ``step``; a fixed mask does nothing here."""
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self.mask is not None:
+            self.mask.mask_grads_(model)
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self.mask is not None:
+            self.mask.apply_(model)
+
+
+class ScheduledPruning(MaskHold):
+    """Training hook that prunes on a schedule (one-shot, iterative, gradual) and holds the mask
+    between updates. The schedule is stateless; the current mask is the only state, and the
+    training loop saves and restores it with the checkpoint."""
+
+    def __init__(self, schedule, criterion: str = "magnitude", allocation: str = "global", *,
+                 data: Iterable[Batch] | None = None, **prune_options) -> None:
+        super().__init__(None)  # type: ignore[arg-type]
+        self.schedule = schedule
+        self.criterion, self.allocation = criterion, allocation
+        self.data = data
+        self.prune_options = prune_options
+
+    def on_step(self, model: nn.Module, step: int) -> None:
+        if not self.schedule.is_update(step):
+            return
+        target = self.schedule.sparsity_at(step)
+        if self.mask is not None and target <= self.mask.sparsity:
+            return
+        self.mask = prune(
+            model, self.criterion, self.allocation, target, self.data,
+            mask=self.mask, rounds=1, **self.prune_options,
+        )
