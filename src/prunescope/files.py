@@ -79,8 +79,9 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     if not path.is_file():
         raise CheckpointError(f"no such file: {path}; check the path")
     with open(path, "rb") as handle:
-        head = handle.read(4)
-    if head.startswith(_PICKLE_MAGIC):
+        head = handle.read(9)
+    # safetensors: an 8-byte header length (its first byte may be 0x80), then the JSON "{"
+    if head.startswith(_PICKLE_MAGIC) and head[8:9] != b"{":
         raise CheckpointError(
             f"{path} is a pickle/torch.save file, which prunescope never unpickles; "
             "save it with safetensors or a prunescope command"

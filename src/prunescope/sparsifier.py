@@ -7,6 +7,7 @@ loop calls around each optimizer step, so that pruned weights stay exactly zero 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -69,7 +70,8 @@ def prune(
         generator=torch.Generator().manual_seed(seed), input_shape=input_shape,
     )
     plan = _Plan(spec, allocation, parsed, overrides, context)
-    n_rounds = 1 if parsed.kind == "nm" else _check_rounds(rounds or spec.rounds)
+    n_rounds = spec.rounds if rounds is None else rounds
+    n_rounds = 1 if parsed.kind == "nm" else _check_rounds(n_rounds)
     if effective:
         return _prune_to_effective(model, start, sparsity, n_rounds, plan)
     return plan.run(model, start, sparsity, n_rounds)
@@ -154,20 +156,24 @@ def _prune_to_effective(model: nn.Module, start: Mask, target: float, rounds: in
 
     Effective sparsity is never below the direct one, so the answer lies in
     ``[start sparsity, target]``; the bisection runs over the integer count of kept weights.
+    Every attempt restarts the criterion's generator, so random scores are the same in each.
     """
     from prunescope.connectivity import effective_sparsity
 
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in start}
+    seed = plan.context.generator.initial_seed()
 
     def attempt(kept: int) -> Mask:
         with torch.no_grad():
             for name, param in model.named_parameters():
                 if name in saved:
                     param.copy_(saved[name])
+        plan.context.generator.manual_seed(seed)
         return plan.run(model, start, 1.0 - kept / start.num_total, rounds)
 
-    low = round((1.0 - target) * start.num_total)  # keeps this many: effective >= target
-    high = start.num_kept
+    # keeps this many (rounded down): direct, hence effective, sparsity >= target
+    low = math.floor((1.0 - target) * start.num_total + 1e-9)
+    high = start.num_kept + 1  # the starting mask itself may reach the target
     best = attempt(low)
     while high - low > 1:
         middle = (low + high) // 2

@@ -1,0 +1,173 @@
+"""The ``prunescope`` command line: demo, run, train, prune, evaluate, list.
+
+Every user error ends in one line ``error: <what is wrong and how to fix it>`` on stderr and
+exit code 2; an interrupted run says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+from prunescope.errors import PrunescopeError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message}; see '{self.prog} --help'\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``prunescope`` console script; returns the exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except PrunescopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prunescope",
+                     description="Make PyTorch networks sparse and show what the sparsity costs.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = commands.add_parser("demo", help="the main job: LeNet-300-100 on MNIST, 8 methods x "
+                               "6 sparsities, table and plot")
+    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    _add_common(demo)
+    demo.set_defaults(handler=_demo)
+
+    run = commands.add_parser("run", help="run a recipe: train dense, prune, fine-tune, evaluate")
+    run.add_argument("recipe", help="YAML recipe (see recipes/)")
+    run.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+    _add_common(run)
+    run.set_defaults(handler=_run)
+
+    train = commands.add_parser("train", help="train a dense model (a recipe's dense stage)")
+    train.add_argument("recipe", nargs="?", help="YAML recipe (default: MNIST LeNet-300-100)")
+    train.add_argument("--out", help="run directory (default: runs/<recipe name>)")
+    _add_common(train)
+    train.set_defaults(handler=_train)
+
+    prune = commands.add_parser("prune", help="prune a checkpoint, optionally fine-tune it")
+    prune.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
+    prune.add_argument("--criterion", default="magnitude")
+    prune.add_argument("--allocation", default="global")
+    prune.add_argument("--sparsity", type=float, help="in [0, 1); omit for an N:M pattern")
+    prune.add_argument("--pattern", default="unstructured", help="unstructured, N:M or block:RxC")
+    prune.add_argument("--effective", action="store_true",
+                       help="reach the sparsity as effective sparsity")
+    prune.add_argument("--finetune-epochs", type=int, default=0)
+    prune.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    prune.add_argument("--data-root", help="dataset directory, if the checkpoint's dataset needs one")
+    prune.add_argument("--out", required=True, help="output directory")
+    prune.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    prune.set_defaults(handler=_prune)
+
+    evaluate = commands.add_parser("evaluate", help="accuracy and sparsity of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
+    evaluate.add_argument("--data-root", help="dataset directory, if the dataset needs one")
+    evaluate.set_defaults(handler=_evaluate)
+
+    listing = commands.add_parser("list", help="registered models, datasets, criteria, ...")
+    listing.set_defaults(handler=_list)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: when stderr is a terminal)")
+
+
+def _demo(args) -> int:
+    from prunescope import recipe
+
+    source = resources.files("prunescope") / "recipes" / "demo.yaml"
+    with resources.as_file(source) as path:
+        loaded = recipe.load(path, args.overrides)
+    return _run_recipe(loaded, Path(args.out), args.progress)
+
+
+def _run(args) -> int:
+    from prunescope import recipe
+
+    loaded = recipe.load(args.recipe, args.overrides)
+    return _run_recipe(loaded, Path(args.out or f"runs/{loaded.name}"), args.progress)
+
+
+def _train(args) -> int:
+    from dataclasses import replace
+
+    from prunescope import recipe
+
+    loaded = (recipe.load(args.recipe, args.overrides) if args.recipe
+              else recipe.from_dict({"name": "dense"}, args.overrides))
+    loaded = replace(loaded, prune=None, finetune=None)
+    return _run_recipe(loaded, Path(args.out or f"runs/{loaded.name}"), args.progress)
+
+
+def _run_recipe(loaded, out: Path, progress: bool | None) -> int:
+    from prunescope import experiment
+    from prunescope.tables import format_results
+
+    results = experiment.run(loaded, out, progress=progress)
+    print(format_results(results))
+    print(f"\nresults: {out / 'results.json'}")
+    if results["runs"]:
+        print(f"plot:    {out / 'accuracy_vs_sparsity.png'}")
+    return 0
+
+
+def _prune(args) -> int:
+    from prunescope import commands
+
+    result = commands.prune_checkpoint(
+        Path(args.checkpoint), Path(args.out), criterion=args.criterion,
+        allocation=args.allocation, sparsity=args.sparsity, pattern=args.pattern,
+        effective=args.effective, finetune_epochs=args.finetune_epochs, lr=args.lr,
+        data_root=args.data_root, progress=args.progress,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from prunescope import commands
+
+    print(json.dumps(commands.evaluate_checkpoint(Path(args.checkpoint), args.split,
+                                                  args.data_root), indent=2))
+    return 0
+
+
+def _list(args) -> int:
+    from prunescope import data, models
+    from prunescope.allocation import ALLOCATIONS
+    from prunescope.criteria import CRITERIA
+    from prunescope.schedules import SCHEDULES
+
+    for title, names in (("models", models.names()), ("datasets", data.names()),
+                         ("criteria", CRITERIA.names()), ("allocations", ALLOCATIONS.names()),
+                         ("patterns", ["unstructured", "N:M (e.g. 2:4)", "block:RxC"]),
+                         ("schedules", SCHEDULES.names())):
+        print(f"{title:12s} {', '.join(names)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Checkpoint-level operations behind ``prunescope prune`` and ``prunescope evaluate``."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunescope import checkpoint, data
+from prunescope.connectivity import effective_mask
+from prunescope.errors import CheckpointError, ConfigError
+from prunescope.files import write_json
+from prunescope.mask import Mask
+from prunescope.sparsifier import MaskHold, prune
+from prunescope.train import FINAL, TrainConfig, evaluate, fit
+
+SCORING_BATCHES, SCORING_BATCH_SIZE = 10, 100
+
+
+def load_checkpoint(path: Path, data_root: str | None = None
+                    ) -> tuple[nn.Module, Mask, dict[str, Any], data.Splits]:
+    """Model, mask (from the file, else the model's zeros), metadata and the run's dataset."""
+    state = checkpoint.load(path)
+    model = checkpoint.build_model(state, path)
+    mask = state.mask if state.mask is not None else Mask.from_weights(model)
+    source = state.meta.get("data")
+    if not source:
+        raise CheckpointError(f"{path} does not say which dataset it was trained on")
+    splits = data.load(source["name"], root=data_root or source.get("root"),
+                       val_size=source.get("val_size"), seed=source.get("seed", 0))
+    return model, mask, state.meta, splits
+
+
+def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
+    """Direct and effective sparsity, globally and per tensor."""
+    effective = effective_mask(model, mask)
+    per_layer = effective.sparsities()
+    return {
+        "sparsity": mask.sparsity, "effective_sparsity": effective.sparsity,
+        "layers": {n: {"direct": s, "effective": per_layer[n]} for n, s in mask.sparsities().items()},
+    }
+
+
+def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None = None
+                        ) -> dict[str, Any]:
+    """Accuracy, loss and sparsity of a checkpoint on one split of its dataset."""
+    model, mask, _, splits = load_checkpoint(path, data_root)
+    return {"checkpoint": str(path), "split": split, **evaluate(model, getattr(splits, split)),
+            **sparsity_summary(model, mask)}
+
+
+def prune_checkpoint(path: Path, out: Path, *, criterion: str, allocation: str,
+                     sparsity: float | None, pattern: str = "unstructured",
+                     effective: bool = False, finetune_epochs: int = 0, lr: float = 0.01,
+                     data_root: str | None = None, progress: bool | None = None,
+                     seed: int = 0) -> dict[str, Any]:
+    """Prune a checkpoint (weights it already pruned stay pruned), optionally fine-tune with the
+    mask held, and write ``out/{mask,model}.safetensors`` and ``out/result.json``."""
+    if finetune_epochs < 0:
+        raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+    config = TrainConfig(epochs=finetune_epochs, lr=lr)
+    model, start, meta, splits = load_checkpoint(path, data_root)
+    generator_seed = meta.get("data", {}).get("seed", seed)
+    loader = data.Loader(splits.train, SCORING_BATCH_SIZE, shuffle=True,
+                         generator=torch.Generator().manual_seed(generator_seed))
+    batches = [b for b, _ in zip(loader, range(SCORING_BATCHES), strict=False)]
+    mask = prune(model, criterion, allocation, sparsity, batches, pattern=pattern,
+                 mask=start if start.sparsity > 0 else None, effective=effective, seed=seed)
+    before = evaluate(model, splits.test)["accuracy"]
+    run_meta = {"model": meta.get("model"), "data": meta.get("data"),
+                "method": {"criterion": criterion, "allocation": allocation, "pattern": pattern,
+                           "sparsity": mask.sparsity, "source": str(path)}}
+    out.mkdir(parents=True, exist_ok=True)
+    mask.save(out / "mask.safetensors")
+    if finetune_epochs:
+        fit(model, splits, config, out, hook=MaskHold(mask), seed=seed, meta=run_meta,
+            progress=progress, desc="fine-tune")
+    else:
+        checkpoint.save(out / FINAL, model, meta=run_meta, mask=mask)
+    result = {**run_meta["method"], "accuracy_before_finetune": before,
+              **evaluate(model, splits.test), **sparsity_summary(model, mask),
+              "finetune": asdict(config) if finetune_epochs else None}
+    write_json(out / "result.json", result)
+    return result

@@ -1,0 +1,243 @@
+"""Recipes: YAML files that load into typed, frozen configs.
+
+A recipe names the dataset, the model, how to train the dense model, which pruning methods to run
+at which sparsities, and how to fine-tune each pruned model. Unknown keys are errors that list the
+valid ones; values are type-checked; names (model, dataset, criterion, allocation, pattern) are
+checked against the registries before anything runs. ``--set a.b=v`` overrides any key (``v`` is
+parsed as YAML, e.g. ``--set prune.sparsities=[0.5,0.9]``). The resolved recipe is saved with the
+run as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prunescope.allocation import ALLOCATIONS, check_sparsity
+from prunescope.criteria import CRITERIA
+from prunescope.errors import ConfigError
+from prunescope.patterns import parse_pattern
+from prunescope.train import TrainConfig
+
+START_POINTS = ("trained", "init")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Dataset name (see ``prunescope.data.names()``), optional directory, validation size."""
+
+    name: str = "mnist"
+    root: str | None = None
+    val_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Model name (see ``prunescope.models.names()``); classes and channels come from the data."""
+
+    name: str = "lenet300"
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One pruning method: criterion x allocation under a pattern."""
+
+    criterion: str = "magnitude"
+    allocation: str = "global"
+    pattern: str = "unstructured"
+    rounds: int | None = None
+    overrides: dict[str, float] = field(default_factory=dict)
+    effective: bool = False
+
+    @property
+    def label(self) -> str:
+        """A short name, e.g. ``magnitude+global`` or ``magnitude+global+2:4+effective``."""
+        parts = [self.criterion, self.allocation]
+        if self.pattern != "unstructured":
+            parts.append(self.pattern)
+        if self.effective:
+            parts.append("effective")
+        return "+".join(parts)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Methods x sparsities to run; ``batches`` of ``batch_size`` training examples feed the
+    data-driven criteria; ``start`` prunes the trained dense weights or its initialisation."""
+
+    methods: tuple[MethodConfig, ...] = (MethodConfig(),)
+    sparsities: tuple[float, ...] = (0.9,)
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    batches: int = 10
+    batch_size: int = 100
+    start: str = "trained"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A whole experiment: dense training, then every method at every sparsity, fine-tuned."""
+
+    name: str = "experiment"
+    seed: int = 0
+    deterministic: bool = True
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    prune: PruneConfig | None = None
+    finetune: TrainConfig | None = None
+
+
+def load(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``key.path=value`` overrides, validate, return a Recipe."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}; give the path of a YAML file (see recipes/)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe {path} is not valid YAML{where}; fix the syntax") from None
+    return from_dict(raw if raw is not None else {}, overrides, source=str(path))
+
+
+def from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "recipe") -> Recipe:
+    """Build and validate a Recipe from a plain mapping (plus ``--set`` overrides)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source} must be a mapping of keys to values at the top level")
+    merged = dict(raw)
+    for item in overrides:
+        _apply_override(merged, item)
+    recipe = _convert(merged, Recipe, "")
+    validate(recipe)
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    """Plain nested data (lists, not tuples) for saving as YAML."""
+    return _plain(dataclasses.asdict(recipe))
+
+
+def dump(recipe: Recipe) -> str:
+    """The recipe as YAML text."""
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False)
+
+
+def validate(recipe: Recipe) -> None:
+    """Check names against the registries and numbers against their ranges."""
+    from prunescope import data, models
+
+    data.DATASETS.get(recipe.data.name)
+    models.MODELS.get(recipe.model.name)
+    if recipe.prune is None:
+        return
+    prune = recipe.prune
+    if not prune.methods or not prune.sparsities:
+        raise ConfigError("prune.methods and prune.sparsities must not be empty")
+    for value in prune.sparsities:
+        check_sparsity(value, "each of prune.sparsities")
+    for method in prune.methods:
+        CRITERIA.get(method.criterion)
+        ALLOCATIONS.get(method.allocation)
+        parse_pattern(method.pattern)
+        for glob, value in method.overrides.items():
+            check_sparsity(value, f"override {glob!r}")
+    if prune.start not in START_POINTS:
+        raise ConfigError(f"prune.start must be one of {START_POINTS}, got {prune.start!r}")
+    if prune.batches < 1 or prune.batch_size < 1:
+        raise ConfigError("prune.batches and prune.batch_size must be >= 1")
+
+
+def _apply_override(tree: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set needs key.path=value, got {item!r}")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {item!r}: the value is not valid YAML") from None
+    *parents, leaf = key.strip().split(".")
+    node = tree
+    for part in parents:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {item!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Convert plain YAML data to ``annotation`` (dataclass, tuple, dict, scalar or union)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        inner = [o for o in options if o is not type(None)]
+        return _convert(value, inner[0], where)
+    if dataclasses.is_dataclass(annotation):
+        return _dataclass(value, annotation, where)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        item_type = typing.get_args(annotation)[0]
+        return tuple(_convert(v, item_type, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        key_type, item_type = typing.get_args(annotation)
+        return {_convert(k, key_type, where): _convert(v, item_type, f"{where}.{k}")
+                for k, v in value.items()}
+    return _scalar(value, annotation, where)
+
+
+def _dataclass(value: Any, cls: type, where: str) -> Any:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where or 'the recipe'} must be a mapping, got {value!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in value if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown key {_join(where, str(unknown[0]))!r}; valid keys here: {', '.join(names)}"
+        )
+    kwargs = {k: _convert(v, hints[k], _join(where, k)) for k, v in value.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        raise ConfigError(f"{where or 'recipe'}: {exc}") from None
+
+
+def _scalar(value: Any, annotation: Any, where: str) -> Any:
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if annotation is bool and isinstance(value, bool):
+        return value
+    if annotation is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"{where} must be {name}, got {value!r}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj

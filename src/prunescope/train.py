@@ -1,0 +1,249 @@
+"""One readable training loop: fit, evaluate, checkpoint each epoch, resume.
+
+:func:`fit` trains a model on a :class:`prunescope.data.Splits` with SGD (momentum, Nesterov) or
+AdamW, a constant / step / cosine / one-cycle learning rate computed from the step (stateless),
+label smoothing and weight decay. A sparsity hook (:class:`prunescope.sparsifier.MaskHold` or
+:class:`~prunescope.sparsifier.ScheduledPruning`) is called around every optimizer step.
+
+Each epoch ends with an atomic checkpoint ``last.safetensors`` (weights, mask, optimizer, the
+torch RNG and the shuffling generator) and a line in ``metrics.jsonl``. Calling :func:`fit` again
+on the same directory resumes from the last checkpoint and ends with the same weights as an
+uninterrupted run; a finished run is not trained again. The final weights are written to
+``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from prunescope import checkpoint
+from prunescope.data import Loader, Splits, Subset, random_crop_flip
+from prunescope.errors import ConfigError, TrainingError
+from prunescope.files import append_jsonl, read_jsonl
+from prunescope.mask import Mask
+
+LAST, FINAL, METRICS = "last.safetensors", "model.safetensors", "metrics.jsonl"
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("constant", "step", "cosine", "onecycle")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. ``milestones`` are epochs (for the step schedule); lr is the peak rate."""
+
+    epochs: int = 8
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    label_smoothing: float = 0.0
+    eval_batch_size: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: sgd, adamw")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"unknown lr_schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}"
+            )
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < (0 if name == "epochs" else 1):
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ConfigError("train.weight_decay must be >= 0 and train.momentum in [0, 1)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at optimizer ``step`` (0-based), a pure function of the step."""
+    total = max(1, config.epochs * steps_per_epoch)
+    t = min(step, total) / total
+    if config.lr_schedule == "constant":
+        return config.lr
+    if config.lr_schedule == "step":
+        epoch = step // steps_per_epoch
+        return config.lr * config.gamma ** sum(epoch >= m for m in config.milestones)
+    if config.lr_schedule == "cosine":
+        return config.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+    # one-cycle (Smith & Topin 2019), PyTorch's defaults: 30% warm-up from lr/25, cosine to lr/1e4
+    warm, low, final = 0.3, config.lr / 25.0, config.lr / 25.0 / 1e4
+    if t < warm:
+        return low + (config.lr - low) * 0.5 * (1.0 - math.cos(math.pi * t / warm))
+    return final + (config.lr - final) * 0.5 * (1.0 + math.cos(math.pi * (t - warm) / (1 - warm)))
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """SGD (with momentum / Nesterov) or AdamW over all parameters."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay,
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, subset: Subset, batch_size: int = 1000) -> torch.Tensor:
+    """Logits of ``model`` (in eval mode) on every example of ``subset``, in order."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(subset.x[i:i + batch_size]) for i in range(0, len(subset), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def evaluate(model: nn.Module, subset: Subset, batch_size: int = 1000) -> dict[str, float]:
+    """``{"loss", "accuracy"}`` of ``model`` on ``subset`` (NaN for an empty subset)."""
+    if len(subset) == 0:
+        return {"loss": math.nan, "accuracy": math.nan}
+    logits = predict(model, subset, batch_size)
+    return {
+        "loss": F.cross_entropy(logits, subset.y).item(),
+        "accuracy": (logits.argmax(1) == subset.y).double().mean().item(),
+    }
+
+
+def fit(model: nn.Module, splits: Splits, config: TrainConfig, run_dir: str | Path, *,
+        hook=None, seed: int = 0, meta: dict[str, Any] | None = None,
+        progress: bool | None = None, desc: str = "train") -> dict[str, Any]:
+    """Train ``model`` in place on ``splits.train``; returns the last epoch's metrics record.
+
+    Resumes from ``run_dir/last.safetensors`` when present. ``hook`` keeps or changes the mask
+    (its ``mask`` is saved and restored with the checkpoint). ``meta`` (e.g. the model spec and
+    dataset) is stored in every checkpoint. Raises TrainingError when the loss is not finite.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    loop = _Loop(model, splits, config, run_dir, hook, seed, meta or {})
+    loop.resume()
+    for epoch in range(loop.epoch, config.epochs):
+        loop.train_epoch(epoch, progress, desc)
+    return loop.finish()
+
+
+class _Loop:
+    """The state of one fit() call: model, optimizer, generators, step and epoch counters."""
+
+    def __init__(self, model, splits, config, run_dir, hook, seed, meta) -> None:
+        self.model, self.splits, self.config, self.run_dir = model, splits, config, run_dir
+        self.hook, self.meta = hook, meta
+        self.optimizer = make_optimizer(model, config)
+        self.generator = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        augment = random_crop_flip if splits.augment == "crop_flip" else None
+        self.loader = Loader(splits.train, config.batch_size, shuffle=True,
+                             generator=self.generator, augment=augment)
+        if len(self.loader) == 0:
+            raise ConfigError("the training set is empty; check the dataset and val_size")
+        self.epoch, self.step, self.last = 0, 0, None
+        if hook is not None and hook.mask is not None:
+            hook.mask.apply_(model)
+
+    def resume(self) -> None:
+        path = self.run_dir / LAST
+        if not path.exists():
+            (self.run_dir / METRICS).unlink(missing_ok=True)
+            return
+        state = checkpoint.load(path)
+        checkpoint.load_model_state(self.model, state.model, path)
+        if state.optimizer is not None:
+            self.optimizer.load_state_dict(state.optimizer)
+        torch.set_rng_state(state.rng["torch"])
+        self.generator.set_state(state.rng["loader"])
+        if self.hook is not None:
+            self.hook.mask = state.mask
+        self.epoch, self.step = state.meta["epoch"], state.meta["step"]
+        self.last = state.meta.get("metrics")
+        records = [r for r in read_jsonl(self.run_dir / METRICS) if r["epoch"] < self.epoch]
+        (self.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    def train_epoch(self, epoch: int, progress: bool | None, desc: str) -> None:
+        self.model.train()
+        start, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        bar = tqdm(self.loader, desc=f"{desc} {epoch + 1}/{self.config.epochs}", leave=False,
+                   disable=_quiet(progress), file=sys.stderr, dynamic_ncols=True)
+        for inputs, targets in bar:
+            loss, hits = self._step(inputs, targets, epoch)
+            loss_sum += loss * len(targets)
+            correct += hits
+            seen += len(targets)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
+                            refresh=False)
+        record = {"epoch": epoch, "step": self.step, "lr": self._lr(self.step - 1),
+                  "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                  **{f"val_{k}": v for k, v in evaluate(self.model, self.splits.val,
+                                                        self.config.eval_batch_size).items()},
+                  "sparsity": self._mask().sparsity if self._mask() else 0.0,
+                  "seconds": time.perf_counter() - start}
+        self.epoch, self.last = epoch + 1, record
+        self._save(self.run_dir / LAST, with_state=True)
+        append_jsonl(self.run_dir / METRICS, record)
+        if _quiet(progress):
+            print(f"{desc} epoch {epoch + 1}/{self.config.epochs}: loss {record['train_loss']:.4f}"
+                  f" val acc {record['val_accuracy']:.4f}", file=sys.stderr)
+
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int) -> tuple[float, int]:
+        if self.hook is not None:
+            self.hook.on_step(self.model, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self._lr(self.step)
+        logits = self.model(inputs)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"the loss became {loss.item()} at epoch {epoch + 1}, step {self.step}; lower the "
+                f"learning rate (now {self._lr(self.step):g}) or check the data; the last good "
+                f"checkpoint is kept in {self.run_dir}"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.hook is not None:
+            self.hook.before_optimizer_step(self.model, self.step)
+        self.optimizer.step()
+        if self.hook is not None:
+            self.hook.after_optimizer_step(self.model, self.step)
+        self.step += 1
+        return loss.item(), int((logits.argmax(1) == targets).sum())
+
+    def finish(self) -> dict[str, Any]:
+        self._save(self.run_dir / FINAL, with_state=False)
+        return self.last or {}
+
+    def _lr(self, step: int) -> float:
+        return lr_at(self.config, max(step, 0), len(self.loader))
+
+    def _mask(self) -> Mask | None:
+        return self.hook.mask if self.hook is not None else None
+
+    def _save(self, path: Path, *, with_state: bool) -> None:
+        meta = {**self.meta, "epoch": self.epoch, "step": self.step, "metrics": self.last,
+                "train": asdict(self.config)}
+        rng = {"torch": torch.get_rng_state(), "loader": self.generator.get_state()}
+        checkpoint.save(path, self.model, meta=meta, mask=self._mask(),
+                        optimizer=self.optimizer if with_state else None,
+                        rng=rng if with_state else None)
+
+
+def _quiet(progress: bool | None) -> bool:
+    """Progress bars on a terminal (or when asked); one line per epoch otherwise."""
+    return not (sys.stderr.isatty() if progress is None else progress)
