@@ -113,7 +113,9 @@ def build_model(checkpoint: Checkpoint, path: str | os.PathLike) -> nn.Module:
         try:
             checkpoint.mask.check(model)
         except PrunescopeError as exc:
-            raise CheckpointError(f"{path} holds a mask that does not fit its model: {exc}") from None
+            raise CheckpointError(
+                f"{path} holds a mask that does not fit its model: {exc}"
+            ) from None
     return model
 
 

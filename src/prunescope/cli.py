@@ -72,7 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="reach the sparsity as effective sparsity")
     prune.add_argument("--finetune-epochs", type=int, default=0)
     prune.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
-    prune.add_argument("--data-root", help="dataset directory, if the checkpoint's dataset needs one")
+    prune.add_argument("--data-root",
+                       help="dataset directory, if the checkpoint's dataset needs one")
     prune.add_argument("--out", required=True, help="output directory")
     prune.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     prune.set_defaults(handler=_prune)

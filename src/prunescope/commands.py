@@ -40,7 +40,8 @@ def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
     per_layer = effective.sparsities()
     return {
         "sparsity": mask.sparsity, "effective_sparsity": effective.sparsity,
-        "layers": {n: {"direct": s, "effective": per_layer[n]} for n, s in mask.sparsities().items()},
+        "layers": {n: {"direct": s, "effective": per_layer[n]}
+                   for n, s in mask.sparsities().items()},
     }
 
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunescope import checkpoint, data, models, recipe as recipes
+from prunescope import checkpoint, data, models
+from prunescope import recipe as recipes
 from prunescope.connectivity import effective_mask
 from prunescope.errors import ConfigError
 from prunescope.files import atomic_write_bytes, write_json
@@ -143,7 +144,8 @@ def _starting_model(recipe: Recipe, splits: data.Splits, out: Path) -> nn.Module
     return model
 
 
-def _scoring_batches(recipe: Recipe, splits: data.Splits) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _scoring_batches(recipe: Recipe, splits: data.Splits
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``prune.batches`` shuffled training batches, the same for every method."""
     assert recipe.prune is not None
     generator = torch.Generator().manual_seed(recipe.seed)

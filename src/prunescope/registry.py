@@ -41,7 +41,7 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str) -> T:
-        """The object registered as ``name``; an unknown name raises an error listing the choices."""
+        """The object registered as ``name``; an unknown name raises an error listing choices."""
         try:
             return self._entries[name]
         except KeyError:

@@ -60,7 +60,8 @@ class TrainConfig:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: sgd, adamw")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(
-                f"unknown lr_schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}"
+                f"unknown lr_schedule {self.lr_schedule!r}; "
+                f"choose one of: {', '.join(LR_SCHEDULES)}"
             )
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < (0 if name == "epochs" else 1):
@@ -70,7 +71,9 @@ class TrainConfig:
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError("train.weight_decay must be >= 0 and train.momentum in [0, 1)")
         if not 0 <= self.label_smoothing < 1:
-            raise ConfigError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError(
+                f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
 
 
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -107,7 +110,8 @@ def predict(model: nn.Module, subset: Subset, batch_size: int = 1000) -> torch.T
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(subset.x[i:i + batch_size]) for i in range(0, len(subset), batch_size)])
+        starts = range(0, len(subset), batch_size)
+        return torch.cat([model(subset.x[i:i + batch_size]) for i in starts])
     finally:
         model.train(was_training)
 
@@ -196,8 +200,9 @@ class _Loop:
                   "sparsity": self._mask().sparsity if self._mask() else 0.0,
                   "seconds": time.perf_counter() - start}
         self.epoch, self.last = epoch + 1, record
-        self._save(self.run_dir / LAST, with_state=True)
+        # the line first: a run killed between the two redoes this epoch and drops the line
         append_jsonl(self.run_dir / METRICS, record)
+        self._save(self.run_dir / LAST, with_state=True)
         if _quiet(progress):
             print(f"{desc} epoch {epoch + 1}/{self.config.epochs}: loss {record['train_loss']:.4f}"
                   f" val acc {record['val_accuracy']:.4f}", file=sys.stderr)

