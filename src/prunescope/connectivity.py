@@ -34,7 +34,8 @@ _ACTIVATIONS = (
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
-def effective_mask(model: nn.Module, mask: Mask, input_shape: tuple[int, ...] | None = None) -> Mask:
+def effective_mask(model: nn.Module, mask: Mask,
+                   input_shape: tuple[int, ...] | None = None) -> Mask:
     """The effective mask: kept weights that lie on an input-to-output path of kept weights.
 
     It is a subset of ``mask`` and idempotent (``effective_mask(effective_mask(m)) == it``).

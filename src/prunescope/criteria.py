@@ -169,7 +169,8 @@ def grasp(model: nn.Module, names: Sequence[str], context: Context) -> Scores:
     with _untouched(model):
         g = [torch.zeros_like(p) for p in params]
         for inputs, targets in batches:
-            for acc, grad in zip(g, torch.autograd.grad(loss(inputs, targets), params), strict=True):
+            grads = torch.autograd.grad(loss(inputs, targets), params)
+            for acc, grad in zip(g, grads, strict=True):
                 acc.add_(grad)
         for inputs, targets in batches:
             grads = torch.autograd.grad(loss(inputs, targets), params, create_graph=True)

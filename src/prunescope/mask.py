@@ -172,7 +172,9 @@ class Mask(Mapping[str, torch.Tensor]):
         """Load a mask saved by :meth:`save`; a wrong or corrupt file raises CheckpointError."""
         tensors, meta = load_tensors(path)
         if meta.get("format") != MASK_FORMAT:
-            raise CheckpointError(f"{path} is not a prunescope mask file (format {meta.get('format')!r})")
+            raise CheckpointError(
+                f"{path} is not a prunescope mask file (format {meta.get('format')!r})"
+            )
         try:
             return cls(tensors)
         except PruningError as exc:

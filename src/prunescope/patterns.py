@@ -92,7 +92,9 @@ def parse_pattern(text: str) -> Pattern:
         if rows < 1 or cols < 1 or rows * cols < 2:
             raise ConfigError(f"block pattern {text!r} needs a block of at least 2 weights")
         return Pattern("block", rows, cols)
-    raise ConfigError(f"unknown pattern {text!r}; use 'unstructured', 'N:M' (e.g. 2:4) or 'block:RxC'")
+    raise ConfigError(
+        f"unknown pattern {text!r}; use 'unstructured', 'N:M' (e.g. 2:4) or 'block:RxC'"
+    )
 
 
 def _input_last(tensor: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,8 @@ def _nm_mask(name: str, scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def _block_mask(name: str, scores: torch.Tensor, count: int, rows: int, cols: int) -> torch.Tensor:
-    matrix = scores.detach().reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.view(1, -1)
+    scores = scores.detach()
+    matrix = scores.reshape(scores.shape[0], -1) if scores.dim() > 1 else scores.view(1, -1)
     height, width = matrix.shape
     if height % rows or width % cols:
         raise PruningError(
