@@ -50,6 +50,7 @@ def test_recipe_runs_on_tiny_data(path, tmp_path, capsys):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert len(results["runs"]) == len(recipe.load(path).prune.methods)
     for run in results["runs"]:
-        reached = run["effective_sparsity"] if "effective" in run["method"] else run["actual_sparsity"]
+        effective = "effective" in run["method"]
+        reached = run["effective_sparsity"] if effective else run["actual_sparsity"]
         assert abs(reached - run["sparsity"]) < 0.01
         assert run["effective_sparsity"] >= run["actual_sparsity"] - 1e-9

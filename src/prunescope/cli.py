@@ -33,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrunescopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # e.g. --out names a file, no permission, disk full
+        print(f"error: {exc}; check the paths and their permissions", file=sys.stderr)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
@@ -92,8 +95,20 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")
+    parser.add_argument("--seed", type=int, help="seed of init, split, shuffling and random "
+                        "criteria (same as --set seed=N)")
+    parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
+                        help="deterministic algorithms (default: the recipe's, true)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
+
+
+def _overrides(args) -> list[str]:
+    """``--set`` items plus the ``--seed`` / ``--deterministic`` shortcuts."""
+    extra = [] if args.seed is None else [f"seed={args.seed}"]
+    if args.deterministic is not None:
+        extra.append(f"deterministic={str(args.deterministic).lower()}")
+    return [*args.overrides, *extra]
 
 
 def _demo(args) -> int:
@@ -101,14 +116,14 @@ def _demo(args) -> int:
 
     source = resources.files("prunescope") / "recipes" / "demo.yaml"
     with resources.as_file(source) as path:
-        loaded = recipe.load(path, args.overrides)
+        loaded = recipe.load(path, _overrides(args))
     return _run_recipe(loaded, Path(args.out), args.progress)
 
 
 def _run(args) -> int:
     from prunescope import recipe
 
-    loaded = recipe.load(args.recipe, args.overrides)
+    loaded = recipe.load(args.recipe, _overrides(args))
     return _run_recipe(loaded, Path(args.out or f"runs/{loaded.name}"), args.progress)
 
 
@@ -117,8 +132,8 @@ def _train(args) -> int:
 
     from prunescope import recipe
 
-    loaded = (recipe.load(args.recipe, args.overrides) if args.recipe
-              else recipe.from_dict({"name": "dense"}, args.overrides))
+    loaded = (recipe.load(args.recipe, _overrides(args)) if args.recipe
+              else recipe.from_dict({"name": "dense"}, _overrides(args)))
     loaded = replace(loaded, prune=None, finetune=None)
     return _run_recipe(loaded, Path(args.out or f"runs/{loaded.name}"), args.progress)
 

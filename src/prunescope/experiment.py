@@ -29,7 +29,7 @@ from prunescope.errors import ConfigError
 from prunescope.files import atomic_write_bytes, write_json
 from prunescope.mask import Mask
 from prunescope.recipe import MethodConfig, Recipe
-from prunescope.sparsifier import MaskHold, prune
+from prunescope.sparsifier import MaskHold, check, prune
 from prunescope.train import FINAL, evaluate, fit
 
 RESULT = "result.json"
@@ -44,9 +44,10 @@ def run(recipe: Recipe, out: str | Path, *, progress: bool | None = None,
         log: Log = _stderr) -> dict[str, Any]:
     """Run ``recipe`` into ``out`` (resuming whatever is there) and return ``results.json``."""
     out = Path(out)
-    _claim(out, recipe)
     torch.use_deterministic_algorithms(recipe.deterministic)
-    splits = load_data(recipe)
+    splits = load_data(recipe)  # before claiming ``out``: a bad recipe leaves nothing behind
+    _check_pruning(recipe, splits)
+    _claim(out, recipe)
     log(f"data: {splits.name}, {len(splits.train)} train / {len(splits.val)} val / "
         f"{len(splits.test)} test")
     dense = train_dense(recipe, splits, out / "dense", progress, log)
@@ -81,6 +82,18 @@ def build_model(recipe: Recipe, splits: data.Splits) -> nn.Module:
     channels, size = splits.input_shape[0], splits.input_shape[-1]
     return models.build(recipe.model.name, num_classes=splits.num_classes,
                         in_channels=channels, image_size=size)
+
+
+def _check_pruning(recipe: Recipe, splits: data.Splits) -> None:
+    """Fail before training when a pruning method cannot apply to the model."""
+    if recipe.prune is None:
+        return
+    model = build_model(recipe, splits)
+    for method in recipe.prune.methods:
+        for sparsity in recipe.prune.sparsities:
+            check(model, method.criterion, method.allocation, sparsity, pattern=method.pattern,
+                  include=recipe.prune.include, exclude=recipe.prune.exclude,
+                  overrides=method.overrides)
 
 
 def train_dense(recipe: Recipe, splits: data.Splits, run_dir: Path, progress: bool | None,

@@ -11,6 +11,7 @@ run as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,8 @@ from prunescope.patterns import parse_pattern
 from prunescope.train import TrainConfig
 
 START_POINTS = ("trained", "init")
+# PyYAML (YAML 1.1) reads 1e-3 and 1e30 (no dot, or no exponent sign) as strings
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ def load(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
         raise ConfigError(f"recipe not found: {path}; give the path of a YAML file (see recipes/)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"recipe {path} is not UTF-8 text; give a YAML file") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -220,6 +225,8 @@ def _dataclass(value: Any, cls: type, where: str) -> Any:
 
 def _scalar(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if annotation is float and isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
         return float(value)
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value

@@ -77,6 +77,32 @@ def prune(
     return plan.run(model, start, sparsity, n_rounds)
 
 
+def check(
+    model: nn.Module,
+    criterion: str = "magnitude",
+    allocation: str = "global",
+    sparsity: float | None = 0.9,
+    *,
+    pattern: str = "unstructured",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    overrides: Mapping[str, float] | None = None,
+) -> None:
+    """Raise the error :func:`prune` would raise for this request, without scoring anything.
+
+    Checks the names, the targets, the sparsity against the pattern, that the pattern fits every
+    target and that the overrides can be reconciled: so a long run can fail before it starts.
+    """
+    CRITERIA.get(criterion)
+    parsed = parse_pattern(pattern)
+    sparsity = _target_sparsity(sparsity, parsed)
+    params = dict(model.named_parameters())
+    zeros = {n: torch.zeros(params[n].shape) for n in select(model, include, exclude)}
+    for name, score in zeros.items():
+        parsed.select(name, score, 0)
+    allocate(zeros, sparsity, allocation, overrides)
+
+
 class _Plan:
     """The fixed parts of a pruning request, run for one target sparsity at a time."""
 

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from prunescope import checkpoint
 from prunescope.data import Loader, Splits, Subset, random_crop_flip
 from prunescope.errors import ConfigError, TrainingError
-from prunescope.files import append_jsonl, read_jsonl
+from prunescope.files import append_jsonl, atomic_write_bytes, read_jsonl
 from prunescope.mask import Mask
 
 LAST, FINAL, METRICS = "last.safetensors", "model.safetensors", "metrics.jsonl"
@@ -179,7 +179,8 @@ class _Loop:
         self.epoch, self.step = state.meta["epoch"], state.meta["step"]
         self.last = state.meta.get("metrics")
         records = [r for r in read_jsonl(self.run_dir / METRICS) if r["epoch"] < self.epoch]
-        (self.run_dir / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+        atomic_write_bytes(self.run_dir / METRICS,
+                           "".join(json.dumps(r) + "\n" for r in records).encode())
 
     def train_epoch(self, epoch: int, progress: bool | None, desc: str) -> None:
         self.model.train()
@@ -215,10 +216,11 @@ class _Loop:
         logits = self.model(inputs)
         loss = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
         if not torch.isfinite(loss):
+            kept = (f"; the last good checkpoint is kept in {self.run_dir}"
+                    if (self.run_dir / LAST).exists() else "")
             raise TrainingError(
                 f"the loss became {loss.item()} at epoch {epoch + 1}, step {self.step}; lower the "
-                f"learning rate (now {self._lr(self.step):g}) or check the data; the last good "
-                f"checkpoint is kept in {self.run_dir}"
+                f"learning rate (now {self._lr(self.step):g}) or check the data{kept}"
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
