@@ -26,6 +26,23 @@ def median_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) ->
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 15,
+                        warmup: int = 2, inner: int = 1) -> dict[str, float]:
+    """Median ms per call of each function, timed round-robin so that machine drift (other
+    processes, frequency changes) hits every implementation alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            times[name].append((time.perf_counter() - start) * 1e3 / inner)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def machine() -> dict[str, object]:
     """What the numbers were measured on."""
     return {"python": platform.python_version(), "torch": torch.__version__,

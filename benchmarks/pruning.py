@@ -17,7 +17,7 @@ import copy
 
 import torch
 import torch.nn.functional as F
-from common import markdown_table, median_ms, write_results
+from common import interleaved_medians, markdown_table, median_ms, write_results
 from torch.nn.utils import prune as torch_prune
 
 import prunescope
@@ -74,12 +74,14 @@ def bench_mask_holding(sparsity: float = 0.9, batch: int = 128) -> list[dict]:
     pairs = [(theirs.get_submodule(n.rpartition(".")[0]), "weight") for n in select(theirs)]
     torch_prune.global_unstructured(pairs, pruning_method=torch_prune.L1Unstructured,
                                     amount=sparsity)
-    base = median_ms(stepper(dense), repeats=50, warmup=5)
-    rows = [("dense (no mask)", base), ("prunescope MaskHold", median_ms(stepper(ours, hook),
-                                                                         repeats=50, warmup=5)),
-            ("torch.nn.utils.prune reparam", median_ms(stepper(theirs), repeats=50, warmup=5))]
+    ms = interleaved_medians({"dense (no mask)": stepper(dense),
+                              "prunescope MaskHold": stepper(ours, hook),
+                              "torch.nn.utils.prune reparam": stepper(theirs)},
+                             repeats=30, warmup=5, inner=10)
+    reference = ms["torch.nn.utils.prune reparam"]
     return [{"task": "training step with a 90% mask, lenet300, batch 128", "impl": impl,
-             "median_ms": ms, "ratio_vs_torch_prune": rows[2][1] / ms} for impl, ms in rows]
+             "median_ms": value, "ratio_vs_torch_prune": reference / value}
+            for impl, value in ms.items()]
 
 
 def bench_effective(name: str) -> list[dict]:
