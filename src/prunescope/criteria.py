@@ -26,6 +26,7 @@ import copy
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,23 +52,32 @@ class Context:
 
 @dataclass(frozen=True)
 class Criterion:
-    """A registered criterion: its score function and how ``prune`` should use it."""
+    """A registered criterion: its score function and how ``prune`` should use it.
+
+    ``solve``, when set, replaces the pattern's top-k for methods that also correct the weights
+    they keep (second-order OBS/OBC): ``solve(model, current, counts, pattern, context) -> Mask``
+    receives the current mask, the allocation's kept count per tensor (ignored under N:M) and the
+    parsed pattern, updates the model's kept weights in place and returns the new mask, a subset
+    of ``current``. The scores still drive the allocation.
+    """
 
     name: str
     score: Callable[[nn.Module, Sequence[str], Context], Scores]
     needs_data: bool = False
     rounds: int = 1
     signed: bool = False
+    solve: Callable[..., Any] | None = None
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
 
 
-def register(name: str, *, needs_data: bool = False, rounds: int = 1, signed: bool = False):
+def register(name: str, *, needs_data: bool = False, rounds: int = 1, signed: bool = False,
+             solve: Callable[..., Any] | None = None):
     """Decorator registering a score function as a :class:`Criterion`."""
 
     def add(fn):
-        CRITERIA.register(name)(Criterion(name, fn, needs_data, rounds, signed))
+        CRITERIA.register(name)(Criterion(name, fn, needs_data, rounds, signed, solve))
         return fn
 
     return add

@@ -143,6 +143,8 @@ class _Plan:
             {n: 0 for n in names} if self.pattern.kind == "nm"
             else allocate(live, sparsity, self.allocation, overrides)
         )
+        if self.spec.solve is not None:
+            return self.spec.solve(model, current, counts, self.pattern, self.context)
         return Mask({
             n: self.pattern.select(n, live[n], counts[n]).to(current[n].device) & current[n]
             for n in names
