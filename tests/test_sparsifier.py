@@ -256,16 +256,18 @@ def test_effective_target_may_keep_the_whole_starting_mask() -> None:
 # -- the training-loop hooks -----------------------------------------------------------------
 def train(model: nn.Module, hook: MaskHold, optimizer: torch.optim.Optimizer, steps: int,
           check=None) -> None:
+    """The order prunescope.train.fit calls a hook in (its methods are optional)."""
     generator = torch.Generator().manual_seed(0)
     for step in range(steps):
-        hook.on_step(model, step)
+        if hasattr(hook, "on_step"):
+            hook.on_step(model, step, optimizer)
         x = torch.randn(16, 8, generator=generator)
         y = torch.randint(0, 4, (16,), generator=generator)
         optimizer.zero_grad()
         F.cross_entropy(model(x), y).backward()
-        hook.before_optimizer_step(model, step)
+        hook.before_optimizer_step(model, step, optimizer, None)
         optimizer.step()
-        hook.after_optimizer_step(model, step)
+        hook.after_optimizer_step(model, step, optimizer)
         if check is not None:
             check(step)
 

@@ -1,8 +1,9 @@
 """Atomic file writes and the safe tensor file format.
 
-Every file prunescope writes goes through :func:`atomic_write_bytes`: written to a temporary file
-in the target directory, flushed, then renamed over the target, so a killed process leaves either
-the old file or the new one, never half of one. Tensors are stored with safetensors (no pickle);
+Every file prunescope writes goes through :func:`atomic_write_bytes` (or :func:`append_jsonl`):
+written to a temporary file in the target directory, flushed, then renamed over the target, so a
+killed process leaves either the old file or the new one, never half of one. In multi-process
+training only rank 0 writes. Tensors are stored with safetensors (no pickle);
 JSON metadata rides in the safetensors header. Pickle files are refused, never unpickled.
 """
 
@@ -18,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from prunescope import distributed
 from prunescope.errors import CheckpointError
 
 META_KEY = "prunescope"
@@ -25,7 +27,12 @@ _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch.save z
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same directory, then rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file in the same directory, then rename).
+
+    In multi-process training only rank 0 writes; the call is a no-op on the other ranks.
+    """
+    if not distributed.is_writer():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -46,7 +53,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON record as a line (a torn last line is skipped by :func:`read_jsonl`)."""
+    """Append one JSON record as a line (a torn last line is skipped by :func:`read_jsonl`).
+
+    A no-op on ranks other than 0 in multi-process training.
+    """
+    if not distributed.is_writer():
+        return
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 

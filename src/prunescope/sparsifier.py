@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunescope import distributed
 from prunescope.allocation import ALLOCATIONS, allocate, check_sparsity
 from prunescope.criteria import CRITERIA, Batch, Context, Criterion
 from prunescope.errors import PruningError
@@ -218,41 +219,39 @@ class MaskHold:
     """Training hook that keeps a fixed mask: gradients masked before the optimizer step,
     weights re-zeroed after it (so momentum and weight decay never revive them)."""
 
-    def __init__(self, mask: Mask) -> None:
-        self.mask: Mask | None = mask
+    def __init__(self, mask: Mask | None) -> None:
+        self.mask = mask
 
-    def on_step(self, model: nn.Module, step: int) -> None:
-        """Called before the forward pass of ``step``; a fixed mask does nothing here."""
-
-    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+    def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
+                              closure=None) -> None:
         if self.mask is not None:
             self.mask.mask_grads_(model)
 
-    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+    def after_optimizer_step(self, model: nn.Module, step: int, optimizer=None) -> None:
         if self.mask is not None:
             self.mask.apply_(model)
 
 
 class ScheduledPruning(MaskHold):
     """Training hook that prunes on a schedule (one-shot, iterative, gradual) and holds the mask
-    between updates. The schedule is stateless; the current mask is the only state, and the
-    training loop saves and restores it with the checkpoint."""
+    between updates; with gradual magnitude pruning this is Zhu & Gupta (2017). The schedule is
+    stateless; the current mask is the only state, saved and restored with the checkpoint."""
 
     def __init__(self, schedule, criterion: str = "magnitude", allocation: str = "global", *,
                  data: Iterable[Batch] | None = None, **prune_options) -> None:
-        super().__init__(None)  # type: ignore[arg-type]
+        super().__init__(None)
         self.schedule = schedule
         self.criterion, self.allocation = criterion, allocation
         self.data = data
         self.prune_options = prune_options
 
-    def on_step(self, model: nn.Module, step: int) -> None:
+    def on_step(self, model: nn.Module, step: int, optimizer=None) -> None:
         if not self.schedule.is_update(step):
             return
         target = self.schedule.sparsity_at(step)
         if self.mask is not None and target <= self.mask.sparsity:
             return
-        self.mask = prune(
-            model, self.criterion, self.allocation, target, self.data,
-            mask=self.mask, rounds=1, **self.prune_options,
-        )
+        mask = prune(model, self.criterion, self.allocation, target, self.data,
+                     mask=self.mask, rounds=1, **self.prune_options)
+        self.mask = Mask(distributed.broadcast_bool(mask.state()))
+        self.mask.apply_(model)

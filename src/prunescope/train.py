@@ -2,8 +2,11 @@
 
 :func:`fit` trains a model on a :class:`prunescope.data.Splits` with SGD (momentum, Nesterov) or
 AdamW, a constant / step / cosine / one-cycle learning rate computed from the step (stateless),
-label smoothing and weight decay. A sparsity hook (:class:`prunescope.sparsifier.MaskHold` or
-:class:`~prunescope.sparsifier.ScheduledPruning`) is called around every optimizer step.
+label smoothing and weight decay, and an optional loss (e.g. distillation). A training hook
+(:class:`prunescope.sparsifier.MaskHold`, :class:`~prunescope.sparsifier.ScheduledPruning`, or a
+sparse-training method's) is called around every optimizer step; see :class:`Hook`. Under
+``torchrun`` each process trains on its share of every global batch (see
+:mod:`prunescope.distributed`).
 
 Each epoch ends with an atomic checkpoint ``last.safetensors`` (weights, mask, optimizer, the
 torch RNG and the shuffling generator) and a line in ``metrics.jsonl``. Calling :func:`fit` again
@@ -18,16 +21,17 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from prunescope import checkpoint
+from prunescope import checkpoint, distributed
 from prunescope.data import Loader, Splits, Subset, random_crop_flip
 from prunescope.errors import ConfigError, TrainingError
 from prunescope.files import append_jsonl, atomic_write_bytes, read_jsonl
@@ -36,6 +40,25 @@ from prunescope.mask import Mask
 LAST, FINAL, METRICS = "last.safetensors", "model.safetensors", "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("constant", "step", "cosine", "onecycle")
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Hook(Protocol):
+    """What :func:`fit` calls; every method is optional except ``mask``.
+
+    - ``mask``: the current mask or None (saved in and restored from checkpoints);
+    - ``on_step(model, step, optimizer)``: before the forward pass of ``step``;
+    - ``before_optimizer_step(model, step, optimizer, closure)``: after the backward pass, with
+      the dense gradients in ``.grad``; ``closure()`` re-runs the forward and backward pass on
+      the same batch and returns ``(loss, logits)`` (CrAM's second gradient);
+    - ``after_optimizer_step(model, step, optimizer)``;
+    - ``state_dict()`` / ``load_state_dict(state)``: any other JSON-able state to checkpoint.
+    """
+
+    mask: Mask | None
 
 
 @dataclass(frozen=True)
@@ -128,17 +151,19 @@ def evaluate(model: nn.Module, subset: Subset, batch_size: int = 1000) -> dict[s
 
 
 def fit(model: nn.Module, splits: Splits, config: TrainConfig, run_dir: str | Path, *,
-        hook=None, seed: int = 0, meta: dict[str, Any] | None = None,
-        progress: bool | None = None, desc: str = "train") -> dict[str, Any]:
+        hook: Hook | None = None, loss_fn: LossFn | None = None, seed: int = 0,
+        meta: dict[str, Any] | None = None, progress: bool | None = None,
+        desc: str = "train") -> dict[str, Any]:
     """Train ``model`` in place on ``splits.train``; returns the last epoch's metrics record.
 
     Resumes from ``run_dir/last.safetensors`` when present. ``hook`` keeps or changes the mask
-    (its ``mask`` is saved and restored with the checkpoint). ``meta`` (e.g. the model spec and
+    (see :class:`Hook`). ``loss_fn(logits, targets, inputs)`` replaces the default
+    cross-entropy (with the config's label smoothing). ``meta`` (e.g. the model spec and
     dataset) is stored in every checkpoint. Raises TrainingError when the loss is not finite.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    loop = _Loop(model, splits, config, run_dir, hook, seed, meta or {})
+    loop = _Loop(model, splits, config, run_dir, hook, seed, meta or {}, loss_fn)
     loop.resume()
     for epoch in range(loop.epoch, config.epochs):
         loop.train_epoch(epoch, progress, desc)
@@ -148,9 +173,10 @@ def fit(model: nn.Module, splits: Splits, config: TrainConfig, run_dir: str | Pa
 class _Loop:
     """The state of one fit() call: model, optimizer, generators, step and epoch counters."""
 
-    def __init__(self, model, splits, config, run_dir, hook, seed, meta) -> None:
+    def __init__(self, model, splits, config, run_dir, hook, seed, meta, loss_fn) -> None:
         self.model, self.splits, self.config, self.run_dir = model, splits, config, run_dir
         self.hook, self.meta = hook, meta
+        self.loss_fn = loss_fn or self._cross_entropy
         self.optimizer = make_optimizer(model, config)
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -176,6 +202,8 @@ class _Loop:
         self.generator.set_state(state.rng["loader"])
         if self.hook is not None:
             self.hook.mask = state.mask
+            if hasattr(self.hook, "load_state_dict"):
+                self.hook.load_state_dict(state.meta.get("hook", {}))
         self.epoch, self.step = state.meta["epoch"], state.meta["step"]
         self.last = state.meta.get("metrics")
         records = [r for r in read_jsonl(self.run_dir / METRICS) if r["epoch"] < self.epoch]
@@ -188,12 +216,13 @@ class _Loop:
         bar = tqdm(self.loader, desc=f"{desc} {epoch + 1}/{self.config.epochs}", leave=False,
                    disable=_quiet(progress), file=sys.stderr, dynamic_ncols=True)
         for inputs, targets in bar:
-            loss, hits = self._step(inputs, targets, epoch)
-            loss_sum += loss * len(targets)
+            loss, hits, count = self._step(inputs, targets, epoch)
+            loss_sum += loss * count
             correct += hits
-            seen += len(targets)
+            seen += count
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}",
                             refresh=False)
+        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen])
         record = {"epoch": epoch, "step": self.step, "lr": self._lr(self.step - 1),
                   "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                   **{f"val_{k}": v for k, v in evaluate(self.model, self.splits.val,
@@ -204,33 +233,56 @@ class _Loop:
         # the line first: a run killed between the two redoes this epoch and drops the line
         append_jsonl(self.run_dir / METRICS, record)
         self._save(self.run_dir / LAST, with_state=True)
-        if _quiet(progress):
+        distributed.barrier()
+        if _quiet(progress) and distributed.is_writer():
             print(f"{desc} epoch {epoch + 1}/{self.config.epochs}: loss {record['train_loss']:.4f}"
                   f" val acc {record['val_accuracy']:.4f}", file=sys.stderr)
 
-    def _step(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int) -> tuple[float, int]:
-        if self.hook is not None:
-            self.hook.on_step(self.model, self.step)
+    def _step(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int
+              ) -> tuple[float, int, int]:
+        """One optimizer step on a global batch; returns this process's (loss, hits, count)."""
+        call = self._call_hook
+        call("on_step", self.model, self.step, self.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.step)
-        logits = self.model(inputs)
-        loss = F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
-        if not torch.isfinite(loss):
-            kept = (f"; the last good checkpoint is kept in {self.run_dir}"
-                    if (self.run_dir / LAST).exists() else "")
-            raise TrainingError(
-                f"the loss became {loss.item()} at epoch {epoch + 1}, step {self.step}; lower the "
-                f"learning rate (now {self._lr(self.step):g}) or check the data{kept}"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.hook is not None:
-            self.hook.before_optimizer_step(self.model, self.step)
+        local_inputs, local_targets = distributed.shard(inputs, targets)
+        share = len(local_targets) / len(targets)
+
+        def closure() -> tuple[torch.Tensor, torch.Tensor]:
+            self.optimizer.zero_grad(set_to_none=True)
+            logits = self.model(local_inputs)
+            loss = self.loss_fn(logits, local_targets, local_inputs)
+            self._check_finite(loss, epoch)
+            (loss * share).backward()  # summed over processes: the global batch's gradient
+            distributed.all_reduce_gradients(self.model)
+            return loss.detach(), logits.detach()
+
+        loss, logits = closure()
+        call("before_optimizer_step", self.model, self.step, self.optimizer, closure)
         self.optimizer.step()
-        if self.hook is not None:
-            self.hook.after_optimizer_step(self.model, self.step)
+        call("after_optimizer_step", self.model, self.step, self.optimizer)
         self.step += 1
-        return loss.item(), int((logits.argmax(1) == targets).sum())
+        hits = int((logits.argmax(1) == local_targets).sum())
+        return loss.item(), hits, len(local_targets)
+
+    def _call_hook(self, name: str, *args) -> None:
+        method = getattr(self.hook, name, None)
+        if method is not None:
+            method(*args)
+
+    def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
+                       inputs: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, targets, label_smoothing=self.config.label_smoothing)
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int) -> None:
+        if torch.isfinite(loss):
+            return
+        kept = (f"; the last good checkpoint is kept in {self.run_dir}"
+                if (self.run_dir / LAST).exists() else "")
+        raise TrainingError(
+            f"the loss became {loss.item()} at epoch {epoch + 1}, step {self.step}; lower the "
+            f"learning rate (now {self._lr(self.step):g}) or check the data{kept}"
+        )
 
     def finish(self) -> dict[str, Any]:
         self._save(self.run_dir / FINAL, with_state=False)
@@ -245,6 +297,8 @@ class _Loop:
     def _save(self, path: Path, *, with_state: bool) -> None:
         meta = {**self.meta, "epoch": self.epoch, "step": self.step, "metrics": self.last,
                 "train": asdict(self.config)}
+        if hasattr(self.hook, "state_dict"):
+            meta["hook"] = self.hook.state_dict()
         rng = {"torch": torch.get_rng_state(), "loader": self.generator.get_state()}
         checkpoint.save(path, self.model, meta=meta, mask=self._mask(),
                         optimizer=self.optimizer if with_state else None,
@@ -252,5 +306,7 @@ class _Loop:
 
 
 def _quiet(progress: bool | None) -> bool:
-    """Progress bars on a terminal (or when asked); one line per epoch otherwise."""
+    """Progress bars on a terminal (or when asked) and on rank 0 only."""
+    if not distributed.is_writer():
+        return True
     return not (sys.stderr.isatty() if progress is None else progress)
