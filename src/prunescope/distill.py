@@ -1,0 +1,67 @@
+"""Knowledge distillation (Hinton, Vinyals & Dean 2015) for any training or fine-tuning run.
+
+The student minimises ``(1 - w) * CE(student, y) + w * T^2 * KL(softmax(t / T) || softmax(s / T))``
+with ``t`` the teacher's logits, temperature ``T`` and weight ``w``; the ``T^2`` keeps the soft
+term's gradients on the scale of the hard term's. Sparse fine-tuning with a dense teacher is the
+recipe of the sparse-transfer work this project builds on (e.g. Kurtic et al. 2022).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunescope import checkpoint
+from prunescope.errors import ConfigError
+
+
+class DistillationLoss:
+    """``loss(logits, targets, inputs)`` mixing cross-entropy with the teacher's soft targets."""
+
+    def __init__(self, teacher: nn.Module, *, temperature: float = 4.0, weight: float = 0.5,
+                 label_smoothing: float = 0.0) -> None:
+        if not temperature > 0:
+            raise ConfigError(f"distill.temperature must be > 0, got {temperature}")
+        if not 0 <= weight <= 1:
+            raise ConfigError(f"distill.weight must be in [0, 1], got {weight}")
+        self.teacher = teacher.eval()
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+        self.temperature, self.weight, self.label_smoothing = temperature, weight, label_smoothing
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor,
+                 inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(inputs)
+        return distillation_loss(logits, teacher_logits, targets, self.temperature, self.weight,
+                                 self.label_smoothing)
+
+
+def distillation_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                      temperature: float, weight: float, label_smoothing: float = 0.0
+                      ) -> torch.Tensor:
+    """Hinton et al.'s loss for one batch (see the module docstring)."""
+    hard = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    soft = F.kl_div(F.log_softmax(logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean", log_target=True)
+    return (1.0 - weight) * hard + weight * temperature ** 2 * soft
+
+
+def load_teacher(path: str | Path, num_classes: int) -> nn.Module:
+    """The teacher model of a prunescope checkpoint, frozen, in eval mode.
+
+    Raises ConfigError when it predicts a different number of classes than the data has.
+    """
+    state = checkpoint.load(path)
+    teacher = checkpoint.build_model(state, path)
+    classes = state.meta["model"]["num_classes"]
+    if classes != num_classes:
+        raise ConfigError(
+            f"teacher {path} predicts {classes} classes but the data has {num_classes}; "
+            "use a teacher trained on the same dataset"
+        )
+    return teacher.eval()

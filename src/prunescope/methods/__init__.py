@@ -1,0 +1,21 @@
+"""Pruning and sparse-training methods, selected in a recipe by ``method:``.
+
+Each method is a frozen config dataclass (its recipe keys) with a ``run(context, sparsities)``
+that produces one result per sparsity (more for methods with controls) and skips work whose
+``result.json`` exists. Methods combine the core pieces (criteria, allocations, patterns,
+schedules, the mask hooks, the training loop) and add only their own mechanics:
+
+- ``one_shot``: prune the trained dense model, fine-tune with the mask held.
+- ``gmp``: gradual magnitude pruning (Zhu & Gupta 2017).
+- ``acdc``: alternating compressed / decompressed training (Peste et al. 2021).
+- ``rigl`` and ``set``: dynamic sparse training (Evci et al. 2020; Mocanu et al. 2018).
+- ``lottery``: iterative magnitude pruning with rewinding (Frankle & Carbin 2019; Frankle et al.
+  2020) and its random re-initialisation control.
+- ``cram``: compression-aware training, then one-shot pruning to many sparsities (Peste et al.
+  2023).
+"""
+
+from prunescope.methods.base import METHODS, Context, Method
+from prunescope.methods import acdc, cram, gmp, lottery, one_shot, rigl  # noqa: E402, F401, I001
+
+__all__ = ["METHODS", "Context", "Method"]

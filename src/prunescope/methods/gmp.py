@@ -1,0 +1,80 @@
+"""Gradual magnitude pruning (Zhu & Gupta 2017, "To prune, or not to prune").
+
+Training starts dense from the initialisation; between ``start`` and ``end`` the mask is
+recomputed every ``every`` steps by magnitude with the chosen allocation, the sparsity following
+the cubic ramp ``s_t = s_f + (s_i - s_f)(1 - (t - t_0)/(t_1 - t_0))^3``; pruned weights never
+return, and training continues to the end with the final mask held.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from prunescope.allocation import ALLOCATIONS, check_sparsity
+from prunescope.errors import ConfigError
+from prunescope.methods.base import Context, Method, check_unit, register, run_dir
+from prunescope.schedules import Gradual
+from prunescope.sparsifier import ScheduledPruning
+
+
+@register("gmp")
+@dataclass(frozen=True)
+class GMP(Method):
+    """``start``/``end`` in ``unit`` (epochs or steps) of the (budget-scaled) training;
+    ``every`` in steps."""
+
+    method: str = "gmp"
+    allocation: str = "global"
+    initial_sparsity: float = 0.0
+    start: float = 1.0
+    end: float = 6.0
+    every: int = 100
+    unit: str = "epochs"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        ALLOCATIONS.get(self.allocation)
+        check_unit("gmp", self.unit)
+        check_sparsity(self.initial_sparsity, "gmp: initial_sparsity")
+        if not 0 <= self.start < self.end or self.every < 1:
+            raise ConfigError(
+                f"gmp: need 0 <= start < end and every >= 1 (got start={self.start}, "
+                f"end={self.end}, every={self.every})"
+            )
+
+    def default_label(self) -> str:
+        return "gmp" if self.allocation == "global" else f"gmp+{self.allocation}"
+
+    def schedule(self, context: Context, sparsity: float) -> Gradual:
+        """The cubic schedule in optimizer steps; it must end within the training."""
+        total = context.train_config(self.budget).epochs * context.steps_per_epoch
+        start = context.steps(self.start, self.unit, self.budget)
+        end = context.steps(self.end, self.unit, self.budget)
+        if end > total:
+            raise ConfigError(
+                f"gmp: the pruning schedule ends at step {end}, after the training's {total} "
+                "steps; lower gmp.end or raise train.epochs"
+            )
+        return Gradual(final=sparsity, start=start, end=end, every=self.every,
+                       initial=min(self.initial_sparsity, sparsity))
+
+    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
+        for sparsity in sparsities:  # fail on a schedule that does not fit before training
+            self.schedule(context, sparsity)
+        return [self.run_one(context, sparsity) for sparsity in sparsities]
+
+    def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
+        directory = run_dir(context, self.label, sparsity)
+        if (done := context.cached(directory)) is not None:
+            return done
+        started = time.perf_counter()
+        model = context.fresh_model()
+        prune = context.recipe.prune
+        hook = ScheduledPruning(self.schedule(context, sparsity), "magnitude", self.allocation,
+                                include=prune.include, exclude=prune.exclude)
+        fields = {"method": self.label, "sparsity": sparsity}
+        context.fit(model, directory, context.train_config(self.budget), hook=hook,
+                    desc=f"{self.label} s={sparsity:g}", method=fields)
+        return context.finish(directory, model, hook.mask, started, **fields)

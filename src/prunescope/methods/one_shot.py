@@ -1,0 +1,80 @@
+"""One-shot pruning of the trained dense model, then fine-tuning with the mask held."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunescope import checkpoint
+from prunescope.methods.base import Context, Method, register, run_dir
+from prunescope.allocation import ALLOCATIONS
+from prunescope.criteria import CRITERIA
+from prunescope.patterns import parse_pattern
+from prunescope.sparsifier import MaskHold, prune
+from prunescope.train import FINAL
+
+
+@register("one_shot")
+@dataclass(frozen=True)
+class OneShot(Method):
+    """Criterion x allocation under a pattern, applied once to the trained dense model (or to
+    its initialisation with ``start: init``: pruning at initialisation, then training the
+    sparse network with ``finetune``)."""
+
+    method: str = "one_shot"
+    criterion: str = "magnitude"
+    allocation: str = "global"
+    pattern: str = "unstructured"
+    rounds: int | None = None
+    overrides: dict[str, float] = field(default_factory=dict)
+    effective: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        CRITERIA.get(self.criterion)
+        ALLOCATIONS.get(self.allocation)
+        parse_pattern(self.pattern)
+
+    def default_label(self) -> str:
+        """E.g. ``magnitude+global`` or ``magnitude+global+2:4+effective``."""
+        parts = [self.criterion, self.allocation]
+        if self.pattern != "unstructured":
+            parts.append(self.pattern)
+        if self.effective:
+            parts.append("effective")
+        return "+".join(parts)
+
+    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
+        return [self.run_one(context, sparsity) for sparsity in sparsities]
+
+    def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
+        """Prune, fine-tune (if the recipe has ``finetune``), evaluate; cached in result.json."""
+        directory = run_dir(context, self.label, sparsity)
+        if (done := context.cached(directory)) is not None:
+            return done
+        recipe, started = context.recipe, time.perf_counter()
+        source = "model.safetensors" if recipe.prune.start == "trained" else "init.safetensors"
+        model = context.load(context.out / "dense" / source)
+        mask = prune(model, self.criterion, self.allocation, sparsity,
+                     data=context.scoring_batches(), pattern=self.pattern,
+                     include=recipe.prune.include, exclude=recipe.prune.exclude,
+                     overrides=self.overrides, rounds=self.rounds, effective=self.effective,
+                     seed=recipe.seed)
+        directory.mkdir(parents=True, exist_ok=True)
+        mask.save(directory / "mask.safetensors")
+        before = context.scores(model)["accuracy"]
+        fields = self.fields(sparsity)
+        finetune = recipe.finetune
+        if finetune is not None and finetune.epochs > 0:
+            context.fit(model, directory, context.train_config(self.budget, finetune),
+                        hook=MaskHold(mask), desc=f"{self.label} s={sparsity:g}", method=fields)
+        else:
+            checkpoint.save(directory / FINAL, model, meta=context.meta(model, method=fields),
+                            mask=mask)
+        return context.finish(directory, model, mask, started, **fields,
+                              accuracy_before_finetune=before)
+
+    def fields(self, sparsity: float) -> dict[str, Any]:
+        return {"method": self.label, "criterion": self.criterion,
+                "allocation": self.allocation, "pattern": self.pattern, "sparsity": sparsity}
