@@ -19,6 +19,8 @@ from prunescope.allocation import ALLOCATIONS
 from prunescope.cli import main
 from prunescope.criteria import CRITERIA
 from prunescope.mask import Mask
+from prunescope.methods import base as methods_base
+from prunescope.methods import one_shot
 from prunescope.schedules import SCHEDULES
 
 RUN_FILES = ("config.yaml", "results.json", "accuracy_vs_sparsity.png")
@@ -80,8 +82,7 @@ def test_run_writes_every_stage_to_its_directory(finished):
 
 def test_pruned_models_hold_their_masks_with_exact_zeros(finished):
     for run in finished["results"]["runs"]:
-        run_dir = finished["out"] / experiment.run_name(
-            recipe.MethodConfig(run["criterion"], run["allocation"]), run["sparsity"])
+        run_dir = finished["out"] / run["method"] / f"s{run['sparsity']:g}"
         mask = Mask.load(run_dir / "mask.safetensors")
         weights = checkpoint.load(run_dir / "model.safetensors").model
         assert mask.sparsity == pytest.approx(run["actual_sparsity"])
@@ -104,9 +105,9 @@ def test_run_prints_a_table_row_per_run(finished):
     assert f"dense test accuracy {finished['results']['dense']['accuracy']:.4f}" in stdout
     rows = [line.split() for line in stdout.splitlines()
             if line.startswith(("magnitude+global", "random+erk"))]
-    expected = [(r["method"], f"{r['sparsity']:.2f}", f"{r['accuracy']:.4f}")
-                for r in finished["results"]["runs"]]
-    assert [(row[0], row[1], row[-1]) for row in rows] == expected
+    expected = [(r["method"], r["sparsity"], f"{r['accuracy']:.4f}", "-")
+                for r in finished["results"]["runs"]]  # one-shot runs have no own dense model
+    assert [(row[0], float(row[1]), row[4], row[5]) for row in rows] == expected
     assert "results.json" in stdout and "accuracy_vs_sparsity.png" in stdout
 
 
@@ -120,8 +121,9 @@ def test_running_the_same_recipe_again_reuses_every_finished_stage(finished, cap
     def no_work(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(experiment, "fit", no_work)
-    monkeypatch.setattr(experiment, "prune", no_work)
+    monkeypatch.setattr(experiment, "fit", no_work)  # the dense stage
+    monkeypatch.setattr(methods_base, "fit", no_work)  # every method's training
+    monkeypatch.setattr(one_shot, "prune", no_work)
     out = finished["out"]
     stamp = (out / "dense" / "model.safetensors").stat().st_mtime_ns
     code, stdout, err = cli(capsys, "run", finished["recipe"], "--out", out, "--no-progress")

@@ -13,7 +13,8 @@ from prunescope import data, models, recipe
 from prunescope.allocation import ALLOCATIONS
 from prunescope.criteria import CRITERIA
 from prunescope.errors import ConfigError, UnknownNameError
-from prunescope.recipe import DataConfig, MethodConfig, PruneConfig, Recipe
+from prunescope.methods.one_shot import OneShot
+from prunescope.recipe import DataConfig, PruneConfig, Recipe
 from prunescope.train import TrainConfig
 
 
@@ -86,7 +87,7 @@ def test_a_negative_exponent_float_is_refused_as_a_number():
 
 
 def test_label_names_pattern_and_effective():
-    method = MethodConfig("magnitude", "global", pattern="2:4", effective=True)
+    method = OneShot(criterion="magnitude", allocation="global", pattern="2:4", effective=True)
     assert method.label == "magnitude+global+2:4+effective"
 
 
@@ -111,7 +112,7 @@ def test_unknown_key_inside_a_method_is_reported():
     raw["prune"]["methods"][1]["sparsity"] = 0.5
     message = _error(raw)
     assert "prune.methods[1].sparsity" in message
-    for name in _field_names(MethodConfig):
+    for name in _field_names(OneShot):
         assert name in message
 
 
@@ -180,7 +181,7 @@ def test_override_parses_its_value_as_yaml():
     loaded = recipe.from_dict(recipe_dict(), ["prune.sparsities=[0.5, 0.9]", "seed=3",
                                              "prune.methods=[{criterion: snip, allocation: igq}]"])
     assert loaded.prune.sparsities == (0.5, 0.9) and loaded.seed == 3
-    assert loaded.prune.methods == (MethodConfig("snip", "igq"),)
+    assert loaded.prune.methods == (OneShot(criterion="snip", allocation="igq"),)
 
 
 def test_override_adds_a_new_key_to_an_existing_section():

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from prunescope.files import atomic_write_bytes  # noqa: E402
 
-PANELS = (("accuracy", "test accuracy after fine-tuning"),
+PANELS = (("accuracy", "test accuracy (after fine-tuning or sparse training)"),
           ("accuracy_before_finetune", "test accuracy before fine-tuning (one-shot)"),
           ("effective_sparsity", "effective vs direct compression"))
 
@@ -24,9 +24,10 @@ def _compression(sparsity: float) -> float:
 
 
 def plot_accuracy_vs_sparsity(results: dict[str, Any], path: str | Path) -> None:
-    """Three panels against sparsity (log-compression axis): test accuracy after fine-tuning,
-    before fine-tuning, and effective compression (log scale, so weights cut off from every
-    input-output path show as a rise above the diagonal); one line per method.
+    """Three panels against sparsity (log-compression axis): final test accuracy, one-shot
+    accuracy before fine-tuning (one-shot methods only), and effective compression (log scale,
+    so weights cut off from every input-output path show as a rise above the diagonal); one
+    line per method.
 
     The fine-tuned panel is zoomed to the methods that still learn; a run below its floor is
     drawn on the floor with a downward triangle.
@@ -41,7 +42,12 @@ def plot_accuracy_vs_sparsity(results: dict[str, Any], path: str | Path) -> None
     for axis, (key, title) in zip(axes, PANELS, strict=True):
         low = floor if key == "accuracy" else None
         for method, runs in by_method.items():
-            _plot_method(axis, sorted(runs, key=lambda r: r["sparsity"]), key, method, low)
+            runs = sorted((r for r in runs if r.get(key) is not None), key=lambda r: r["sparsity"])
+            if runs:
+                _plot_method(axis, runs, key, method, low)
+        if not axis.lines:
+            axis.text(0.5, 0.5, "no one-shot runs", ha="center", va="center",
+                      transform=axis.transAxes, color="gray")
         _sparsity_axis(axis, sparsities, title)
     for axis in axes[:2]:
         axis.axhline(dense, color="black", linestyle="--", linewidth=1, label=f"dense {dense:.4f}")
@@ -53,8 +59,8 @@ def plot_accuracy_vs_sparsity(results: dict[str, Any], path: str | Path) -> None
     axes[2].set_ylabel("effective compression 1/(1-s), log scale")
     axes[0].legend(fontsize=8, loc="lower left")
     axes[2].legend(fontsize=8, loc="upper left")
-    figure.suptitle(f"{results['model']} on {results['dataset']}: one-shot pruning, then "
-                    "fine-tuning with the mask held")
+    figure.suptitle(f"{results['model']} on {results['dataset']}: accuracy and connectivity "
+                    "against sparsity")
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
@@ -81,6 +87,8 @@ def _plot_method(axis, runs: list[dict], key: str, label: str, floor: float | No
 def _sparsity_axis(axis, sparsities: list[float], title: str) -> None:
     axis.set_title(title)
     axis.set_xscale("log")
+    low, high = _compression(min(sparsities)), _compression(max(sparsities))
+    axis.set_xlim(low / 1.25, high * 1.25)
     axis.set_xticks([_compression(s) for s in sparsities])
     axis.set_xticklabels([f"{s:g}" for s in sparsities])
     axis.minorticks_off()

@@ -15,16 +15,16 @@ import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from prunescope.allocation import ALLOCATIONS, check_sparsity
-from prunescope.criteria import CRITERIA
+from prunescope.allocation import check_sparsity
 from prunescope.errors import ConfigError
-from prunescope.patterns import parse_pattern
+from prunescope.methods import METHODS, Method
+from prunescope.methods.one_shot import OneShot
 from prunescope.train import TrainConfig
 
 START_POINTS = ("trained", "init")
@@ -49,33 +49,14 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """One pruning method: criterion x allocation under a pattern."""
-
-    criterion: str = "magnitude"
-    allocation: str = "global"
-    pattern: str = "unstructured"
-    rounds: int | None = None
-    overrides: dict[str, float] = field(default_factory=dict)
-    effective: bool = False
-
-    @property
-    def label(self) -> str:
-        """A short name, e.g. ``magnitude+global`` or ``magnitude+global+2:4+effective``."""
-        parts = [self.criterion, self.allocation]
-        if self.pattern != "unstructured":
-            parts.append(self.pattern)
-        if self.effective:
-            parts.append("effective")
-        return "+".join(parts)
-
-
-@dataclass(frozen=True)
 class PruneConfig:
     """Methods x sparsities to run; ``batches`` of ``batch_size`` training examples feed the
-    data-driven criteria; ``start`` prunes the trained dense weights or its initialisation."""
+    data-driven criteria; ``start`` prunes the trained dense weights or its initialisation.
 
-    methods: tuple[MethodConfig, ...] = (MethodConfig(),)
+    Each entry of ``methods`` picks a method with its ``method:`` key (default ``one_shot``;
+    see :mod:`prunescope.methods`) and takes that method's keys."""
+
+    methods: tuple[Method, ...] = (OneShot(),)
     sparsities: tuple[float, ...] = (0.9,)
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
@@ -85,8 +66,59 @@ class PruneConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a teacher checkpoint (Hinton et al. 2015), used by every
+    training run of the recipe except the dense baseline."""
+
+    teacher: str = ""
+    temperature: float = 4.0
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise ConfigError("distill.teacher must name a checkpoint (a model.safetensors)")
+        if not self.temperature > 0 or not 0 <= self.weight <= 1:
+            raise ConfigError("distill needs temperature > 0 and weight in [0, 1]")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The torch.distributed backend used when launched with torchrun (gloo on CPU)."""
+
+    backend: str = "gloo"
+
+
+AUDIT_SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The compression audit run after the sweep (see :mod:`prunescope.audit`): populations of
+    ``seeds`` dense models and, for each of ``methods`` x ``sparsities``, ``seeds`` compressed
+    ones (seed 0 is the sweep's own run; seed k trains with the recipe's seed + k), audited on
+    ``split`` with ``bootstrap`` resamples for the confidence intervals; writes
+    ``OUT/audit.json`` and ``OUT/report.html``."""
+
+    seeds: int = 5
+    methods: tuple[Method, ...] = (OneShot(),)
+    sparsities: tuple[float, ...] = (0.9, 0.98)
+    split: str = "test"
+    bootstrap: int = 100
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1 or self.bootstrap < 0:
+            raise ConfigError("audit.seeds must be >= 1 and audit.bootstrap >= 0")
+        if not self.methods or not self.sparsities:
+            raise ConfigError("audit.methods and audit.sparsities must not be empty")
+        for value in self.sparsities:
+            check_sparsity(value, "each of audit.sparsities")
+        if self.split not in AUDIT_SPLITS:
+            raise ConfigError(f"audit.split must be one of {AUDIT_SPLITS}, got {self.split!r}")
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """A whole experiment: dense training, then every method at every sparsity, fine-tuned."""
+    """A whole experiment: dense training, then every method at every sparsity."""
 
     name: str = "experiment"
     seed: int = 0
@@ -96,6 +128,9 @@ class Recipe:
     train: TrainConfig = TrainConfig()
     prune: PruneConfig | None = None
     finetune: TrainConfig | None = None
+    distill: DistillConfig | None = None
+    distributed: DistributedConfig = DistributedConfig()
+    audit: AuditConfig | None = None
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -149,12 +184,6 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError("prune.methods and prune.sparsities must not be empty")
     for value in prune.sparsities:
         check_sparsity(value, "each of prune.sparsities")
-    for method in prune.methods:
-        CRITERIA.get(method.criterion)
-        ALLOCATIONS.get(method.allocation)
-        parse_pattern(method.pattern)
-        for glob, value in method.overrides.items():
-            check_sparsity(value, f"override {glob!r}")
     if prune.start not in START_POINTS:
         raise ConfigError(f"prune.start must be one of {START_POINTS}, got {prune.start!r}")
     if prune.batches < 1 or prune.batch_size < 1:
@@ -190,6 +219,8 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
             return None
         inner = [o for o in options if o is not type(None)]
         return _convert(value, inner[0], where)
+    if isinstance(annotation, type) and issubclass(annotation, Method):
+        return _method(value, where)
     if dataclasses.is_dataclass(annotation):
         return _dataclass(value, annotation, where)
     if origin is tuple:
@@ -206,6 +237,17 @@ def _convert(value: Any, annotation: Any, where: str) -> Any:
     return _scalar(value, annotation, where)
 
 
+def _method(value: Any, where: str) -> Method:
+    """A method config: its ``method:`` key (default ``one_shot``) picks the dataclass."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where} must be a mapping with a 'method' key, got {value!r}")
+    name = value.get("method", "one_shot")
+    if name not in METHODS:
+        raise ConfigError(f"{where}.method: unknown method {name!r}; choose one of: "
+                          f"{', '.join(METHODS.names())}")
+    return _dataclass({**value, "method": name}, METHODS.get(name), where)
+
+
 def _dataclass(value: Any, cls: type, where: str) -> Any:
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where or 'the recipe'} must be a mapping, got {value!r}")
@@ -219,8 +261,8 @@ def _dataclass(value: Any, cls: type, where: str) -> Any:
     kwargs = {k: _convert(v, hints[k], _join(where, k)) for k, v in value.items()}
     try:
         return cls(**kwargs)
-    except ConfigError as exc:
-        raise ConfigError(f"{where or 'recipe'}: {exc}") from None
+    except ConfigError as exc:  # keep the class (UnknownNameError stays one), add the place
+        raise type(exc)(f"{where or 'recipe'}: {exc}") from None
 
 
 def _scalar(value: Any, annotation: Any, where: str) -> Any:

@@ -253,5 +253,15 @@ class ScheduledPruning(MaskHold):
             return
         mask = prune(model, self.criterion, self.allocation, target, self.data,
                      mask=self.mask, rounds=1, **self.prune_options)
-        self.mask = Mask(distributed.broadcast_bool(mask.state()))
-        self.mask.apply_(model)
+        self.mask = agree(model, mask)
+
+
+def agree(model: nn.Module, mask: Mask) -> Mask:
+    """Every process's copy of ``mask`` made rank 0's and applied (a no-op in one process).
+
+    Processes compute masks from identical weights, so they agree already; this makes it
+    certain against floating-point ties.
+    """
+    shared = Mask(distributed.broadcast_bool(mask.state()))
+    shared.apply_(model)
+    return shared

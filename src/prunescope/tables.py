@@ -11,11 +11,21 @@ def format_results(results: dict[str, Any]) -> str:
              f"{results['dense']['accuracy']:.4f}"]
     if not results["runs"]:
         return lines[0]
-    header = f"{'method':28s} {'sparsity':>8s} {'effective':>9s} {'one-shot':>8s} {'finetuned':>9s}"
+    header = (f"{'method':28s} {'sparsity':>8s} {'effective':>9s} {'one-shot':>8s} "
+              f"{'accuracy':>9s} {'dense':>7s}")
     lines += ["", header, "-" * len(header)]
     for run in results["runs"]:
         lines.append(
-            f"{run['method']:28s} {run['sparsity']:8.2f} {run['effective_sparsity']:9.4f} "
-            f"{run['accuracy_before_finetune']:8.4f} {run['accuracy']:9.4f}"
+            f"{run['method']:28s} {run['sparsity']:8.3g} {_cell(run, 'effective_sparsity', 9)} "
+            f"{_cell(run, 'accuracy_before_finetune', 8)} {run['accuracy']:9.4f} "
+            f"{_cell(run, 'dense_accuracy', 7)}"
         )
-    return "\n".join(lines)
+    notes = ["one-shot: accuracy right after one-shot pruning, before fine-tuning",
+             "accuracy: final test accuracy",
+             "dense: the method's own dense model (AC/DC's co-trained one, CrAM's before pruning)"]
+    return "\n".join([*lines, "", *notes])
+
+
+def _cell(run: dict[str, Any], key: str, width: int) -> str:
+    value = run.get(key)
+    return f"{value:{width}.4f}" if value is not None else f"{'-':>{width}s}"

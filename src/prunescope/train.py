@@ -53,7 +53,8 @@ class Hook(Protocol):
     - ``on_step(model, step, optimizer)``: before the forward pass of ``step``;
     - ``before_optimizer_step(model, step, optimizer, closure)``: after the backward pass, with
       the dense gradients in ``.grad``; ``closure()`` re-runs the forward and backward pass on
-      the same batch and returns ``(loss, logits)`` (CrAM's second gradient);
+      the same batch and returns ``(loss, logits)`` (CrAM's second gradient); returning
+      ``False`` skips this step's optimizer update (RigL's mask-update steps);
     - ``after_optimizer_step(model, step, optimizer)``;
     - ``state_dict()`` / ``load_state_dict(state)``: any other JSON-able state to checkpoint.
     """
@@ -258,8 +259,11 @@ class _Loop:
             return loss.detach(), logits.detach()
 
         loss, logits = closure()
-        call("before_optimizer_step", self.model, self.step, self.optimizer, closure)
-        self.optimizer.step()
+        method = getattr(self.hook, "before_optimizer_step", None)
+        skip = method is not None and method(self.model, self.step, self.optimizer,
+                                             closure) is False
+        if not skip:
+            self.optimizer.step()
         call("after_optimizer_step", self.model, self.step, self.optimizer)
         self.step += 1
         hits = int((logits.argmax(1) == local_targets).sum())

@@ -15,7 +15,7 @@ schedules, the mask hooks, the training loop) and add only their own mechanics:
   2023).
 """
 
-from prunescope.methods.base import METHODS, Context, Method
 from prunescope.methods import acdc, cram, gmp, lottery, one_shot, rigl  # noqa: E402, F401, I001
+from prunescope.methods.base import METHODS, Context, Method
 
 __all__ = ["METHODS", "Context", "Method"]

@@ -132,8 +132,10 @@ class ACDC(Method):
         total = context.train_config(self.budget).epochs * context.steps_per_epoch
         return Phases(*steps, total=total)
 
+    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+        self.phases(context)
+
     def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        self.phases(context)  # fail before training when the phases do not fit
         return [self.run_one(context, sparsity) for sparsity in sparsities]
 
     def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:

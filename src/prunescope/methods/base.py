@@ -63,7 +63,14 @@ class Method:
     def default_label(self) -> str:
         return self.method
 
+    results_per_sparsity = 1  # entries ``run`` returns per sparsity (controls add some)
+
+    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+        """Raise the error this method would meet, before anything trains (default: none)."""
+
     def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
+        """One result per sparsity (more for methods with controls); finished stages are read
+        back from their ``result.json``."""
         raise NotImplementedError
 
 

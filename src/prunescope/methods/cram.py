@@ -36,7 +36,7 @@ from prunescope.methods.base import (
     run_dir,
 )
 from prunescope.patterns import parse_pattern
-from prunescope.sparsifier import prune
+from prunescope.sparsifier import check, prune
 
 SGD_BASELINE = "sgd-one-shot"
 
@@ -130,6 +130,17 @@ class CrAM(Method):
     def default_label(self) -> str:
         return ("cram+" if self.plus else "cram") + (
             "-multi" if len(self.train_sparsities) > 1 else "")
+
+    results_per_sparsity = 2  # CrAM and the SGD baseline, side by side
+
+    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+        prune_config = context.recipe.prune
+        model = context.fresh_model()
+        for sparsity in {*sparsities, *self.train_sparsities}:
+            nm = parse_pattern(self.pattern).kind == "nm"
+            check(model, "magnitude", self.allocation, None if nm else sparsity,
+                  pattern=self.pattern, include=prune_config.include,
+                  exclude=prune_config.exclude)
 
     def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
         dense_dir = run_dir(context, self.label, None) / "dense"

@@ -60,9 +60,11 @@ class GMP(Method):
         return Gradual(final=sparsity, start=start, end=end, every=self.every,
                        initial=min(self.initial_sparsity, sparsity))
 
-    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        for sparsity in sparsities:  # fail on a schedule that does not fit before training
+    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+        for sparsity in sparsities:
             self.schedule(context, sparsity)
+
+    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
         return [self.run_one(context, sparsity) for sparsity in sparsities]
 
     def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:

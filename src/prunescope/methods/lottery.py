@@ -95,6 +95,17 @@ class Lottery(Method):
         if self.rewind < 0:
             raise ConfigError(f"lottery: rewind must be >= 0, got {self.rewind}")
 
+    @property
+    def results_per_sparsity(self) -> int:
+        return 2 if self.control else 1
+
+    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+        total = context.train_config(self.budget).epochs * context.steps_per_epoch
+        if context.steps(self.rewind, self.unit) >= total:
+            raise ConfigError(f"lottery: the rewind point (step "
+                              f"{context.steps(self.rewind, self.unit)}) is past the end of "
+                              f"training ({total} steps)")
+
     def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
         base = run_dir(context, self.label)
         model, mask = self.round_zero(context, base)
@@ -134,8 +145,6 @@ class Lottery(Method):
             context.fit(model, directory, context.train_config(self.budget), hook=hook,
                         desc=f"{self.label} round 0")
             context.finish(directory, model, None, time.perf_counter(), round=0)
-        if not (base / REWIND).exists():
-            raise ConfigError(f"lottery: rewind step {rewind_step} is past the end of training")
         return context.load(directory / "model.safetensors"), Mask.ones(model, names)
 
     def train_round(self, context: Context, base: Path, number: int, mask: Mask

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prunescope import checkpoint
-from prunescope.methods.base import Context, Method, register, run_dir
-from prunescope.allocation import ALLOCATIONS
+from prunescope.allocation import ALLOCATIONS, check_sparsity
 from prunescope.criteria import CRITERIA
+from prunescope.methods.base import Context, Method, register, run_dir
 from prunescope.patterns import parse_pattern
-from prunescope.sparsifier import MaskHold, prune
+from prunescope.sparsifier import MaskHold, check, prune
 from prunescope.train import FINAL
 
 
@@ -35,6 +35,8 @@ class OneShot(Method):
         CRITERIA.get(self.criterion)
         ALLOCATIONS.get(self.allocation)
         parse_pattern(self.pattern)
+        for glob, value in self.overrides.items():
+            check_sparsity(value, f"override {glob!r}")
 
     def default_label(self) -> str:
         """E.g. ``magnitude+global`` or ``magnitude+global+2:4+effective``."""
@@ -44,6 +46,14 @@ class OneShot(Method):
         if self.effective:
             parts.append("effective")
         return "+".join(parts)
+
+    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+        prune_config = context.recipe.prune
+        model = context.fresh_model()
+        for sparsity in sparsities:
+            check(model, self.criterion, self.allocation, sparsity, pattern=self.pattern,
+                  include=prune_config.include, exclude=prune_config.exclude,
+                  overrides=self.overrides)
 
     def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
         return [self.run_one(context, sparsity) for sparsity in sparsities]

@@ -136,8 +136,10 @@ class RigL(Method):
                               f"got step {end}")
         return DropGrow(self.every, end, self.alpha)
 
+    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+        self.schedule(context)
+
     def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        self.schedule(context)  # fail before training
         return [self.run_one(context, sparsity) for sparsity in sparsities]
 
     def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
