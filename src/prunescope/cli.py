@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -31,15 +32,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args) or 0
     except PrunescopeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        _error(str(exc))
         return EXIT_USAGE
     except OSError as exc:  # e.g. --out names a file, no permission, disk full
-        print(f"error: {exc}; check the paths and their permissions", file=sys.stderr)
+        _error(f"{exc}; check the paths and their permissions")
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume from the last checkpoint",
               file=sys.stderr)
         return 130
+
+
+def _error(message: str) -> None:
+    """One ``error:`` line; under torchrun, once per machine (every process meets the same
+    recipe error)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -139,10 +147,15 @@ def _train(args) -> int:
 
 
 def _run_recipe(loaded, out: Path, progress: bool | None) -> int:
-    from prunescope import experiment
+    from prunescope import distributed, experiment
     from prunescope.tables import format_results
 
-    results = experiment.run(loaded, out, progress=progress)
+    try:
+        results = experiment.run(loaded, out, progress=progress)
+    finally:
+        distributed.teardown()
+    if not distributed.is_writer():
+        return 0
     print(format_results(results))
     print(f"\nresults: {out / 'results.json'}")
     if results["runs"]:

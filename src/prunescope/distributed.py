@@ -38,8 +38,11 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+_FINISHED_RANK = 0  # this process's rank after teardown()
+
+
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return dist.get_rank() if active() else _FINISHED_RANK
 
 
 def world_size() -> int:
@@ -69,6 +72,15 @@ def setup(backend: str = "gloo") -> None:
             "(--set distributed.backend=gloo)"
         )
     dist.init_process_group(backend=backend)
+
+
+def teardown() -> None:
+    """Leave the process group (no-op when there is none); rank and world size are kept for
+    the rest of the process, so rank 0 alone still prints the results."""
+    global _FINISHED_RANK
+    if active():
+        _FINISHED_RANK = dist.get_rank()
+        dist.destroy_process_group()
 
 
 def barrier() -> None:
