@@ -393,8 +393,9 @@ def test_random_crop_flip_is_a_padded_crop() -> None:
 
 
 def test_names_and_unknown_dataset() -> None:
-    assert data.names() == ["cifar10", "cifar100", "digits", "mnist"]
-    with pytest.raises(UnknownNameError, match="choose one of: cifar10, cifar100, digits, mnist"):
+    assert data.names() == ["cifar10", "cifar100", "colored_mnist", "digits", "mnist", "mnist_lt"]
+    with pytest.raises(UnknownNameError, match="choose one of: cifar10, cifar100, colored_mnist, "
+                       "digits, mnist, mnist_lt"):
         data.load("imagenet")
 
 

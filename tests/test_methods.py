@@ -123,7 +123,8 @@ def test_acdc_yields_a_sparse_and_a_co_trained_dense_model(tmp_path):
 # -- GMP ---------------------------------------------------------------------------------------
 
 def test_gmp_masks_only_shrink_and_reach_the_target(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "gmp", "start": 0.5, "end": 1.5, "every": 5}])
+    context = tiny_context(tmp_path, [{"method": "gmp", "start": 0.5, "end": 1.5, "every": 5,
+                                       "unit": "epochs"}])
     method = context.recipe.prune.methods[0]
     (result,) = method.run(context, (0.9,))
     assert result["actual_sparsity"] == pytest.approx(0.9, abs=1e-4)
@@ -133,7 +134,7 @@ def test_gmp_masks_only_shrink_and_reach_the_target(tmp_path):
 
 
 def test_gmp_schedule_past_the_training_is_refused(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "gmp", "start": 1, "end": 5}], epochs=2)
+    context = tiny_context(tmp_path, [{"method": "gmp", "start": 1, "end": 5, "unit": "epochs"}], epochs=2)
     with pytest.raises(ConfigError, match="gmp.end"):
         context.recipe.prune.methods[0].check(context, (0.9,))
 

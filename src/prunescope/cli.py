@@ -1,4 +1,4 @@
-"""The ``prunescope`` command line: demo, run, train, prune, evaluate, list.
+"""The ``prunescope`` command line: demo, run, train, prune, evaluate, list, audit, report.
 
 Every user error ends in one line ``error: <what is wrong and how to fix it>`` on stderr and
 exit code 2; an interrupted run says how to resume.
@@ -97,6 +97,27 @@ def _build_parser() -> argparse.ArgumentParser:
 
     listing = commands.add_parser("list", help="registered models, datasets, criteria, ...")
     listing.set_defaults(handler=_list)
+
+    audit = commands.add_parser("audit", help="who pays for sparsity: compare dense and "
+                                "compressed runs, write audit.json and report.html")
+    audit.add_argument("--dense", nargs="+", required=True, metavar="RUN",
+                       help="dense run directories (each holding a model.safetensors); several "
+                       "seeds form a population")
+    audit.add_argument("--compressed", nargs="+", required=True, metavar="RUN",
+                       help="compressed run directories; runs of one method and sparsity form "
+                       "a population")
+    audit.add_argument("--out", required=True, help="directory for audit.json and report.html")
+    audit.add_argument("--split", choices=("train", "val", "test"), default="test")
+    audit.add_argument("--bootstrap", type=int, default=100,
+                       help="bootstrap resamples for the confidence intervals (0: none)")
+    audit.add_argument("--data-root", help="dataset directory, if the dataset needs one")
+    audit.set_defaults(handler=_audit)
+
+    report = commands.add_parser("report", help="re-render report.html from an audit.json "
+                                 "(needs no torch)")
+    report.add_argument("audit_json", metavar="audit.json")
+    report.add_argument("--out", help="HTML file (default: report.html beside the JSON)")
+    report.set_defaults(handler=_report)
     return parser
 
 
@@ -160,6 +181,27 @@ def _run_recipe(loaded, out: Path, progress: bool | None) -> int:
     print(f"\nresults: {out / 'results.json'}")
     if results["runs"]:
         print(f"plot:    {out / 'accuracy_vs_sparsity.png'}")
+    if (out / "report.html").is_file():
+        print(f"report:  {out / 'report.html'}")
+    return 0
+
+
+def _audit(args) -> int:
+    from prunescope.audit import run_audit
+    from prunescope.errors import ConfigError
+
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    run_audit(args.dense, args.compressed, Path(args.out), split=args.split,
+              n_boot=args.bootstrap, data_root=args.data_root)
+    print(f"audit:  {Path(args.out) / 'audit.json'}\nreport: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _report(args) -> int:
+    from prunescope.report import rerender
+
+    print(f"report: {rerender(args.audit_json, args.out)}")
     return 0
 
 

@@ -68,7 +68,8 @@ class PruneConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """Knowledge distillation from a teacher checkpoint (Hinton et al. 2015), used by every
-    training run of the recipe except the dense baseline."""
+    training run of the recipe except the dense baseline; ``teacher: dense`` is this run's own
+    trained dense model."""
 
     teacher: str = ""
     temperature: float = 4.0

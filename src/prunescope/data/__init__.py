@@ -6,10 +6,11 @@
 >>> loader = data.Loader(splits.train, 64, shuffle=True, generator=torch.Generator())
 
 Every dataset is registered in :data:`DATASETS`; importing this package registers the built-in
-ones (``mnist``, ``digits``, ``cifar10``, ``cifar100``).
+ones (``mnist``, ``digits``, ``cifar10``, ``cifar100``, and the group datasets ``mnist_lt`` and
+``colored_mnist`` of :mod:`prunescope.data.groups`).
 """
 
-from prunescope.data import cifar, digits, mnist  # noqa: F401  (register the datasets)
+from prunescope.data import cifar, digits, groups, mnist  # noqa: F401  (register the datasets)
 from prunescope.data.base import DATASETS, Splits, Subset, load, names
 from prunescope.data.loader import AUGMENTATIONS, Loader, random_crop_flip
 from prunescope.data.splits import stratified_split

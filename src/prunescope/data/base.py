@@ -30,20 +30,24 @@ class Subset:
 
     ``x``: float32 ``[N, C, H, W]``, already normalised; ``y``: int64 ``[N]`` class labels;
     ``index``: int64 ``[N]``, each example's position in its source file/split, so it can be
-    traced back. Inconsistent shapes or dtypes raise :class:`DataError`.
+    traced back. ``groups``: optional int64 ``[N]`` group label of each example (e.g. a colour
+    or a class-frequency tier, named by :attr:`Splits.group_names`), ``None`` for datasets
+    without groups (the default, so existing code is unaffected). Inconsistent shapes or dtypes
+    raise :class:`DataError`.
     """
 
     x: torch.Tensor
     y: torch.Tensor
     index: torch.Tensor
+    groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.float32 or self.x.dim() != 4:
             raise DataError(f"Subset.x must be float32 [N, C, H, W], got {self.x.dtype} "
                             f"{list(self.x.shape)}; convert the images before building a Subset")
         n = self.x.shape[0]
-        for field, t in (("y", self.y), ("index", self.index)):
-            if t.dtype != torch.int64 or tuple(t.shape) != (n,):
+        for field, t in (("y", self.y), ("index", self.index), ("groups", self.groups)):
+            if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != (n,)):
                 raise DataError(f"Subset.{field} must be int64 [{n}] to match x, got {t.dtype} "
                                 f"{list(t.shape)}; fix the dataset loader")
 
@@ -52,7 +56,8 @@ class Subset:
 
     def select(self, idx: torch.Tensor) -> Subset:
         """The examples at positions ``idx`` (a new Subset; ``index`` keeps the source ids)."""
-        return Subset(self.x[idx], self.y[idx], self.index[idx])
+        groups = None if self.groups is None else self.groups[idx]
+        return Subset(self.x[idx], self.y[idx], self.index[idx], groups)
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,7 +67,8 @@ class Splits:
     ``mean``/``std`` are the per-channel constants the images were normalised with
     (``x = (pixel - mean) / std``, pixels in ``[0, 1]``); :meth:`unnormalise` inverts it for
     display. ``augment`` names the training augmentation (``"crop_flip"``, see
-    :data:`prunescope.data.AUGMENTATIONS`) or is ``None``.
+    :data:`prunescope.data.AUGMENTATIONS`) or is ``None``. ``group_names`` names the values of
+    :attr:`Subset.groups` for datasets that have groups (empty otherwise).
     """
 
     name: str
@@ -75,6 +81,7 @@ class Splits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: str | None = None
+    group_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         channels = self.input_shape[0]

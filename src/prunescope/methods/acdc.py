@@ -110,15 +110,17 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 @register("acdc")
 @dataclass(frozen=True)
 class ACDC(Method):
-    """Phase lengths in ``unit`` (epochs or steps) of the (budget-scaled) training."""
+    """Phase lengths in ``unit``: epochs, steps, or (the default) fractions of the
+    budget-scaled training, by default the paper's ImageNet proportions (10 warm-up epochs,
+    5-epoch phases, final 15 of 100)."""
 
     method: str = "acdc"
     allocation: str = "global"
-    warmup: float = 2.0
-    compressed: float = 2.0
-    decompressed: float = 2.0
-    final: float = 4.0
-    unit: str = "epochs"
+    warmup: float = 0.1
+    compressed: float = 0.05
+    decompressed: float = 0.05
+    final: float = 0.15
+    unit: str = "fraction"
     reset_momentum: bool = False
 
     def __post_init__(self) -> None:
@@ -129,7 +131,7 @@ class ACDC(Method):
     def phases(self, context: Context) -> Phases:
         steps = [context.steps(v, self.unit, self.budget)
                  for v in (self.warmup, self.compressed, self.decompressed, self.final)]
-        total = context.train_config(self.budget).epochs * context.steps_per_epoch
+        total = context.total_steps(self.budget)
         return Phases(*steps, total=total)
 
     def check(self, context: Context, sparsities: tuple[float, ...]) -> None:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from prunescope.recipe import Recipe
 
 RESULT = "result.json"
-UNITS = ("epochs", "steps")
+UNITS = ("epochs", "steps", "fraction")  # fraction: of the (budget-scaled) training length
 METHODS: Registry[type[Method]] = Registry("method")
 
 
@@ -94,8 +94,15 @@ class Context:
     def steps_per_epoch(self) -> int:
         return math.ceil(len(self.splits.train) / self.recipe.train.batch_size)
 
+    def total_steps(self, budget: float = 1.0) -> int:
+        """Optimizer steps of the recipe's training scaled by ``budget``."""
+        return self.train_config(budget).epochs * self.steps_per_epoch
+
     def steps(self, value: float, unit: str, budget: float = 1.0) -> int:
-        """``value`` epochs or steps as optimizer steps, scaled by ``budget``."""
+        """``value`` in ``unit`` as optimizer steps: epochs and steps are scaled by ``budget``;
+        a fraction is of the budget-scaled training length."""
+        if unit == "fraction":
+            return round(value * self.total_steps(budget))
         per = self.steps_per_epoch if unit == "epochs" else 1
         return round(value * per * budget)
 
@@ -139,13 +146,15 @@ class Context:
 
     # -- training -----------------------------------------------------------------------------
     def loss_fn(self) -> LossFn | None:
-        """Distillation from the recipe's teacher, if it names one."""
+        """Distillation from the recipe's teacher, if it names one (``dense``: this run's own
+        dense model)."""
         config = self.recipe.distill
         if config is None:
             return None
         from prunescope.distill import DistillationLoss, load_teacher
 
-        teacher = load_teacher(config.teacher, self.splits.num_classes)
+        path = self.out / "dense" / FINAL if config.teacher == "dense" else config.teacher
+        teacher = load_teacher(path, self.splits.num_classes)
         return DistillationLoss(teacher, temperature=config.temperature, weight=config.weight,
                                 label_smoothing=self.recipe.train.label_smoothing)
 

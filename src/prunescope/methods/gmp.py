@@ -22,16 +22,16 @@ from prunescope.sparsifier import ScheduledPruning
 @register("gmp")
 @dataclass(frozen=True)
 class GMP(Method):
-    """``start``/``end`` in ``unit`` (epochs or steps) of the (budget-scaled) training;
-    ``every`` in steps."""
+    """``start``/``end`` in ``unit``: epochs, steps, or (the default) a fraction of the
+    budget-scaled training; ``every`` in steps."""
 
     method: str = "gmp"
     allocation: str = "global"
     initial_sparsity: float = 0.0
-    start: float = 1.0
-    end: float = 6.0
+    start: float = 0.1
+    end: float = 0.7
     every: int = 100
-    unit: str = "epochs"
+    unit: str = "fraction"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -49,7 +49,7 @@ class GMP(Method):
 
     def schedule(self, context: Context, sparsity: float) -> Gradual:
         """The cubic schedule in optimizer steps; it must end within the training."""
-        total = context.train_config(self.budget).epochs * context.steps_per_epoch
+        total = context.total_steps(self.budget)
         start = context.steps(self.start, self.unit, self.budget)
         end = context.steps(self.end, self.unit, self.budget)
         if end > total:

@@ -76,7 +76,8 @@ def scale_for(mask: Mask, rates: dict[str, float], target: float) -> float:
 @dataclass(frozen=True)
 class Lottery(Method):
     """``rate`` of the remaining weights pruned per round, ``rates`` per-tensor overrides by
-    glob; ``rewind`` in ``unit`` (0: the initialisation); ``control`` adds the random
+    glob; ``rewind`` in ``unit`` (steps, epochs or a fraction of training; 0: the
+    initialisation); ``control`` adds the random
     re-initialisation control for every target."""
 
     method: str = "lottery"
@@ -100,7 +101,7 @@ class Lottery(Method):
         return 2 if self.control else 1
 
     def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
-        total = context.train_config(self.budget).epochs * context.steps_per_epoch
+        total = context.total_steps(self.budget)
         if context.steps(self.rewind, self.unit) >= total:
             raise ConfigError(f"lottery: the rewind point (step "
                               f"{context.steps(self.rewind, self.unit)}) is past the end of "

@@ -105,15 +105,15 @@ def reset_state(optimizer: torch.optim.Optimizer, param: nn.Parameter,
 @register("rigl")
 @dataclass(frozen=True)
 class RigL(Method):
-    """``every`` in steps; ``end`` in ``unit`` of the (budget-scaled) training, default 75% of
-    it; ``alpha`` the initial drop fraction."""
+    """``every`` in steps; ``end`` in ``unit`` (epochs, steps, or by default a fraction of the
+    budget-scaled training: 75% as in the paper); ``alpha`` the initial drop fraction."""
 
     method: str = "rigl"
     allocation: str = "erk"
     alpha: float = 0.3
     every: int = 100
-    end: float | None = None
-    unit: str = "epochs"
+    end: float = 0.75
+    unit: str = "fraction"
 
     grow = "gradient"
 
@@ -128,9 +128,8 @@ class RigL(Method):
             raise ConfigError(f"{self.method}: alpha must be in (0, 1], got {self.alpha}")
 
     def schedule(self, context: Context) -> DropGrow:
-        total = context.train_config(self.budget).epochs * context.steps_per_epoch
-        end = (round(0.75 * total) if self.end is None
-               else context.steps(self.end, self.unit, self.budget))
+        total = context.total_steps(self.budget)
+        end = context.steps(self.end, self.unit, self.budget)
         if not 0 < end <= total:
             raise ConfigError(f"{self.method}: end must fall within the {total} training steps, "
                               f"got step {end}")

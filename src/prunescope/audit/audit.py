@@ -1,0 +1,375 @@
+"""The compression audit: dense and compressed runs in, ``audit.json`` and ``report.html`` out.
+
+:func:`run_audit` loads (or computes and caches) every run's predictions, checks that they fit
+together (one dataset, one label space, one split, the same examples in the same order), groups
+the compressed runs into populations by (method, sparsity) -- K runs that differ only in their
+seed form a population of K models -- and computes for the dense population and each compressed
+one: the per-model metrics of :mod:`~prunescope.audit.metrics`, the disaggregation by class and
+by group (:mod:`~prunescope.audit.disaggregation`), the compression-identified exemplars and
+Welch-tested classes (:mod:`~prunescope.audit.exemplars`), the risk signals of the dense models
+and how well they predict CIEs and flips (:mod:`~prunescope.audit.risk`), and the cost records
+(:mod:`~prunescope.audit.cost`). The JSON layout is described in ``docs/audit.md``; its
+``version`` is :data:`VERSION`.
+
+Focus populations (those with the most seeds, at most :data:`MAX_FOCUS`, ties to the most CIEs)
+get bootstrap intervals, ROC curves, CIE images and reliability diagrams in the report; the
+others get point estimates, so that an audit of a whole sweep stays fast.
+"""
+
+from __future__ import annotations
+
+import base64
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from prunescope.audit import disaggregation, exemplars, metrics, risk
+from prunescope.audit.errors import AuditError
+from prunescope.audit.predictions import CHECKPOINT, Predictions, load_or_compute, load_splits
+from prunescope.report import AUDIT_VERSION as VERSION
+
+MAX_FOCUS = 4
+IMAGES = 24
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out: str | Path, *,
+              split: str = "test", n_boot: int = 100, alpha: float = exemplars.ALPHA,
+              data_root: str | None = None, log: Log = _stderr) -> dict:
+    """Audit ``compressed`` runs against ``dense`` runs; write ``out/audit.json`` and
+    ``out/report.html`` (nothing is written to ``out`` unless the inputs fit together)."""
+    dense_dirs, compressed_dirs = _run_dirs(dense, "--dense"), _run_dirs(compressed, "--compressed")
+    seeds = _precheck(dense_dirs + compressed_dirs)
+    started = time.perf_counter()
+    loaded = _load_all(dense_dirs + compressed_dirs, seeds, split, data_root, log)
+    predicted = time.perf_counter()
+    result = build(loaded[:len(dense_dirs)], loaded[len(dense_dirs):], n_boot=n_boot, alpha=alpha)
+    result["images"] = cie_images(result, loaded[0], data_root)
+    result["seconds"] = {"predictions": predicted - started,
+                         "analysis": time.perf_counter() - predicted}
+    write(result, Path(out))
+    log(f"audit: {len(loaded)} models, {result['seconds']['analysis']:.1f} s beyond predictions "
+        f"({result['seconds']['predictions']:.1f} s loading/computing them)")
+    return result
+
+
+def write(result: dict, out: Path) -> None:
+    """``out/audit.json`` and ``out/report.html``, each written atomically."""
+    from prunescope.files import write_json
+    from prunescope.report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "audit.json", result)
+    write_report(result, out / "report.html")
+
+
+def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: int = 100,
+          alpha: float = exemplars.ALPHA, seed: int = 0) -> dict:
+    """The audit dictionary (without images and timings) from loaded predictions."""
+    if not dense or not compressed:
+        raise AuditError("an audit needs at least one dense and one compressed run; pass "
+                         "--dense RUN... and --compressed RUN...")
+    check_compatible(dense + compressed)
+    first = dense[0]
+    info = _dataset_info(first)
+    groups = _populations(compressed)
+    dense_block = population_block("dense", None, None, dense, info)
+    blocks = [population_block(label, method, sparsity, members, info, dense=dense)
+              for (label, method, sparsity), members in groups.items()]
+    focus = choose_focus(blocks)
+    risk_signals = risk.signals(np.stack([p.logits for p in dense]), first.labels)
+    add_disaggregation(dense_block, first, info, n_boot=n_boot, seed=seed)
+    for block in blocks:
+        add_disaggregation(block, first, info, n_boot=n_boot if block["label"] in focus else 0,
+                           seed=seed)
+    for block in blocks:
+        add_welch_and_risk(block, dense_block, risk_signals, alpha, keep_curves=block["label"]
+                           in focus)
+        if block["label"] not in focus:
+            for key in ("positions", "dense_modal", "compressed_modal"):
+                block["cie"].pop(key)
+    return metrics.clean({
+        "version": VERSION, "dataset": info, "settings": {"n_boot": n_boot, "alpha": alpha},
+        "dense": dense_block, "populations": blocks, "focus": focus,
+        "risk_signals": list(risk.SIGNALS),
+    })
+
+
+def check_compatible(loaded: list[Predictions]) -> None:
+    """One dataset, one label space, one split, the same examples: else a one-line AuditError."""
+    first = loaded[0]
+    for other in loaded[1:]:
+        a, b = first.meta.get("run", "?"), other.meta.get("run", "?")
+        for key, what in (("dataset", "datasets"), ("classes", "label spaces"),
+                          ("split", "splits")):
+            if first.meta.get(key) != other.meta.get(key):
+                raise AuditError(f"{a} and {b} come from different {what} ({first.meta.get(key)}"
+                                 f" vs {other.meta.get(key)}); audit models of one dataset, "
+                                 "label space and split together")
+        if first.logits.shape[1] != other.logits.shape[1]:
+            raise AuditError(f"{a} and {b} have different numbers of classes "
+                             f"({first.logits.shape[1]} vs {other.logits.shape[1]})")
+        if not (np.array_equal(first.index, other.index)
+                and np.array_equal(first.labels, other.labels)):
+            raise AuditError(f"{a} and {b} were evaluated on different examples (another split "
+                             "or order); recompute their predictions on the same split")
+        if (first.groups is None) != (other.groups is None) or (
+                first.groups is not None and not np.array_equal(first.groups, other.groups)):
+            raise AuditError(f"{a} and {b} carry different group labels; audit runs of one "
+                             "dataset together")
+
+
+def population_block(label: str, method: str | None, sparsity: float | None,
+                     members: list[Predictions], info: dict, *,
+                     dense: list[Predictions] | None = None) -> dict:
+    """Per-model metrics and population summary of one population (dense when ``dense`` is
+    None); ``_predictions [K, N]`` rides along for the group analysis and is removed there."""
+    labels, num_classes = members[0].labels, info["num_classes"]
+    predictions = np.stack([m.predicted for m in members])
+    models = [_model_entry(m, labels, num_classes, dense) for m in members]
+    recall = np.array([m["recall"] for m in models], dtype=np.float64)
+    accuracy = np.array([m["accuracy"] for m in models])
+    mean_recall = np.nanmean(recall, axis=0)
+    worst, worst_recall = metrics.worst_class(mean_recall)
+    block = {
+        "label": label, "method": method, "sparsity": sparsity, "k": len(members),
+        "models": models, "accuracy": _spread(accuracy, len(labels)),
+        "recall": mean_recall.tolist(), "worst_class": worst, "worst_class_recall": worst_recall,
+        "ece": float(np.mean([m["ece"] for m in models])),
+        "reliability": _pooled_reliability(members, labels),
+        "mean_entropy": float(np.mean([m["mean_entropy"] for m in models])),
+        "mean_max_prob": float(np.mean([m["mean_max_prob"] for m in models])),
+        "direct_sparsity": _mean_cost(models, "sparsity"),
+        "effective_sparsity": _mean_cost(models, "effective_sparsity"),
+        "_predictions": predictions,
+    }
+    if num_classes == 2:
+        block["uncertain_fraction"] = float(np.mean([m["uncertain_fraction"] for m in models]))
+    if dense is not None:
+        dense_predictions = np.stack([d.predicted for d in dense])
+        block["cie"] = exemplars.summary(dense_predictions, predictions, labels, num_classes)
+        block["flip_rate"] = float(np.mean([m["flip_rate"] for m in models]))
+    return block
+
+
+def add_disaggregation(block: dict, first: Predictions, info: dict, *, n_boot: int,
+                       seed: int) -> None:
+    """By class always; by group (with FPR/FNR for a binary task, and bias amplification for
+    two groups) where the dataset has groups. Consumes ``block["_predictions"]``."""
+    predictions, labels = block.pop("_predictions"), first.labels
+    block["by_class"] = disaggregation.population_disaggregation(
+        labels, predictions, labels, names=info["classes"], n_boot=n_boot, seed=seed)
+    block["interdependence"] = {"value": None, "reason": "single-label model: each prediction "
+                                "is one class, so the one-vs-rest predictions determine each "
+                                "other (R^2 = 1); it applies to multi-label outputs"}
+    if first.groups is None:
+        return
+    block["by_group"] = disaggregation.population_disaggregation(
+        labels, predictions, first.groups, names=info["group_names"],
+        binary=info["num_classes"] == 2, n_boot=n_boot, seed=seed)
+    prevalence = first.meta.get("train_prevalence")
+    if len(info["group_names"]) == 2 and prevalence:
+        block["bias_amplification"] = _bias_amplification(predictions, first, prevalence, info)
+
+
+def add_welch_and_risk(block: dict, dense_block: dict, risk_signals: dict, alpha: float, *,
+                       keep_curves: bool) -> None:
+    """Welch-tested classes, normalised recall change, and risk-signal scores for CIEs/flips."""
+    dense_recall = np.array([m["recall"] for m in dense_block["models"]], dtype=np.float64)
+    dense_acc = np.array([m["accuracy"] for m in dense_block["models"]])
+    recall = np.array([m["recall"] for m in block["models"]], dtype=np.float64)
+    acc = np.array([m["accuracy"] for m in block["models"]])
+    block["normalised_change"] = metrics.normalised_change(dense_recall, dense_acc, recall, acc)
+    block["welch"] = exemplars.welch_classes(dense_recall, dense_acc, recall, acc, alpha)
+    cie = np.zeros(len(risk_signals["margin"]), dtype=bool)
+    cie[block["cie"]["positions"]] = True
+    flipped = np.zeros_like(cie)
+    for model in block["models"]:
+        flipped[model.pop("flips")] = True
+    block["risk"] = {"cie": risk.evaluate_all(risk_signals, cie),
+                     "flip": risk.evaluate_all(risk_signals, flipped)}
+    if not keep_curves:
+        for target in block["risk"].values():
+            for entry in target.values():
+                entry["roc"] = None
+
+
+def choose_focus(blocks: list[dict]) -> list[str]:
+    """Labels of the populations with the most seeds, at most MAX_FOCUS, most CIEs first."""
+    most = max(b["k"] for b in blocks)
+    candidates = [b for b in blocks if b["k"] == most]
+    candidates.sort(key=lambda b: -b["cie"]["count"])
+    chosen = {b["label"] for b in candidates[:MAX_FOCUS]}
+    return [b["label"] for b in blocks if b["label"] in chosen]
+
+
+def cie_images(result: dict, first: Predictions, data_root: str | None,
+               limit: int = IMAGES) -> dict:
+    """Up to ``limit`` CIE images per focus population (those the dense population gets right
+    first), as base64 uint8 pixels ``[n, C, H, W]`` in [0, 255]; empty if the data is missing."""
+    from prunescope.errors import PrunescopeError
+
+    try:
+        splits = load_splits(first.meta.get("data") or {}, data_root, None, Path("?"))
+    except PrunescopeError:
+        return {}
+    subset = getattr(splits, first.meta["split"])
+    out = {}
+    for block in result["populations"]:
+        if block["label"] not in result["focus"] or not block["cie"].get("positions"):
+            continue
+        order = _image_order(block["cie"], first.labels)[:limit]
+        positions = [block["cie"]["positions"][i] for i in order]
+        pixels = splits.unnormalise(subset.x[positions]).clamp(0, 1).mul(255).round()
+        array = pixels.numpy().astype(np.uint8)
+        out[block["label"]] = {
+            "shape": list(array.shape), "pixels": base64.b64encode(array.tobytes()).decode(),
+            "labels": [int(first.labels[p]) for p in positions],
+            "dense_modal": [block["cie"]["dense_modal"][i] for i in order],
+            "compressed_modal": [block["cie"]["compressed_modal"][i] for i in order],
+            "index": [int(first.index[p]) for p in positions],
+        }
+    return out
+
+
+def _image_order(cie: dict, labels: np.ndarray) -> list[int]:
+    right = [i for i, p in enumerate(cie["positions"]) if cie["dense_modal"][i] == labels[p]]
+    wrong = [i for i, p in enumerate(cie["positions"]) if cie["dense_modal"][i] != labels[p]]
+    return right + wrong
+
+
+def _model_entry(member: Predictions, labels: np.ndarray, num_classes: int,
+                 dense: list[Predictions] | None) -> dict:
+    entry = {"run": member.meta.get("run"), "seed": member.meta.get("seed"),
+             **metrics.model_metrics(member.logits, labels, num_classes),
+             "cost": member.meta.get("cost")}
+    if dense is not None:
+        parent = next((d for d in dense if d.meta.get("seed") == member.meta.get("seed")),
+                      dense[0])
+        flipped = metrics.flips(parent.predicted, member.predicted)
+        entry["flips"] = np.flatnonzero(flipped)
+        entry["flip_count"], entry["flip_rate"] = int(flipped.sum()), float(flipped.mean())
+        entry["paired_dense"] = parent.meta.get("run")
+    return entry
+
+
+def _spread(accuracy: np.ndarray, n: int) -> dict:
+    """Mean, std, min, max over the models, and an interval: the range over seeds for K >= 2,
+    the Wilson 95% interval of the single model's accuracy (scipy) for K = 1."""
+    out = {"mean": float(accuracy.mean()), "std": float(accuracy.std()),
+           "min": float(accuracy.min()), "max": float(accuracy.max())}
+    if len(accuracy) >= 2:
+        out["interval"], out["interval_kind"] = [out["min"], out["max"]], "range over seeds"
+    else:
+        from scipy.stats import binomtest
+
+        ci = binomtest(int(round(accuracy[0] * n)), n).proportion_ci(method="wilson")
+        out["interval"], out["interval_kind"] = [ci.low, ci.high], "Wilson 95%"
+    return out
+
+
+def _pooled_reliability(members: list[Predictions], labels: np.ndarray) -> dict:
+    probs = [metrics.softmax(m.logits) for m in members]
+    confidence = np.concatenate([p.max(axis=1) for p in probs])
+    correct = np.concatenate([p.argmax(axis=1) == labels for p in probs])
+    return metrics.reliability_curve(confidence, correct)
+
+
+def _mean_cost(models: list[dict], key: str) -> float | None:
+    values = [m["cost"][key] for m in models if m.get("cost")]
+    return float(np.mean(values)) if values else None
+
+
+def _bias_amplification(predictions: np.ndarray, first: Predictions, prevalence: list,
+                        info: dict) -> dict:
+    """Per class (one-vs-rest attribute; the positive class for a binary task) w.r.t. the two
+    groups, averaged over the population's models; skipped attributes carry the reason."""
+    classes = [1] if info["num_classes"] == 2 else range(info["num_classes"])
+    out = {}
+    for c in classes:
+        values, reason = [], ""
+        for row in predictions:
+            value, reason = disaggregation.bias_amplification(
+                first.labels == c, row == c, first.groups,
+                (prevalence[0][c], prevalence[1][c]))
+            values.append(value)
+        defined = [v for v in values if v is not None]
+        out[info["classes"][c]] = ({"value": float(np.mean(defined)), "per_model": values}
+                                   if defined else {"value": None, "reason": reason})
+    return out
+
+
+def _dataset_info(first: Predictions) -> dict:
+    classes = first.meta.get("classes") or [str(c) for c in range(first.logits.shape[1])]
+    return {"name": first.meta.get("dataset"), "split": first.meta.get("split"),
+            "num_examples": len(first.labels), "num_classes": len(classes), "classes": classes,
+            "group_names": first.meta.get("group_names") or [],
+            "binary": len(classes) == 2}
+
+
+def _populations(compressed: list[Predictions]) -> dict[tuple, list[Predictions]]:
+    """Compressed predictions grouped by (label, method, sparsity), sorted by method then
+    sparsity."""
+    groups: dict[tuple, list[Predictions]] = {}
+    for member in compressed:
+        method = member.meta.get("method") or {}
+        name = method.get("label") or "compressed"
+        sparsity = method.get("sparsity")
+        if sparsity is None:
+            sparsity = round((member.meta.get("cost") or {}).get("sparsity", 0.0), 4)
+        key = (f"{name} s={sparsity:g}", name, float(sparsity))
+        groups.setdefault(key, []).append(member)
+    order = {name: i for i, name in enumerate(dict.fromkeys(k[1] for k in groups))}
+    return dict(sorted(groups.items(), key=lambda kv: (order[kv[0][1]], kv[0][2])))
+
+
+def _run_dirs(paths: Sequence[str | Path], flag: str) -> list[Path]:
+    if not paths:
+        raise AuditError(f"{flag} needs at least one run directory (a folder holding "
+                         f"{CHECKPOINT}); an empty population cannot be audited")
+    dirs = [Path(p) for p in paths]
+    for d in dirs:
+        if not (d / CHECKPOINT).is_file():
+            raise AuditError(f"{d} holds no {CHECKPOINT}; pass run directories of finished "
+                             "prunescope runs (e.g. runs/demo/dense)")
+    return dirs
+
+
+def _precheck(dirs: list[Path]) -> dict[Path, int]:
+    """Refuse runs of different datasets or label spaces before computing any prediction;
+    returns each run's data seed."""
+    from prunescope import checkpoint
+
+    seen, seeds = None, {}
+    for d in dirs:
+        meta = checkpoint.load(d / CHECKPOINT).meta
+        data = meta.get("data") or {}
+        key = (data.get("name"), (meta.get("model") or {}).get("num_classes"))
+        if seen is not None and key != seen[1]:
+            raise AuditError(f"{seen[0]} and {d} were trained on different datasets or label "
+                             f"spaces ({seen[1][0]}, {seen[1][1]} classes vs {key[0]}, {key[1]} "
+                             "classes); audit models of one dataset together")
+        seen = seen or (d, key)
+        seeds[d] = int(data.get("seed") or 0)
+    return seeds
+
+
+def _load_all(dirs: list[Path], seeds: dict[Path, int], split: str, data_root: str | None,
+              log: Log) -> list[Predictions]:
+    splits_cache: dict = {}
+    loaded: dict[Path, Predictions] = {}
+    computed = 0
+    for d in sorted(dirs, key=lambda d: seeds[d]):  # one dataset load per seed
+        loaded[d], fresh = load_or_compute(d, split, data_root=data_root,
+                                           splits_cache=splits_cache)
+        computed += fresh
+    if computed:
+        log(f"audit: computed and cached the predictions of {computed} of {len(dirs)} runs")
+    return [loaded[d] for d in dirs]

@@ -1,0 +1,187 @@
+"""Predictions of a run's model on one split, computed once and cached in the run directory.
+
+``RUN/predictions/<split>.safetensors`` holds ``logits`` (float32 ``[N, C]``), ``labels``,
+``index`` (each example's id in its source, :attr:`prunescope.data.Subset.index`) and, where the
+dataset has them, ``groups`` (int64 ``[N]``), with JSON metadata: the dataset and split, class
+and group names, the run's seed and pruning method, the training prevalence of each class in
+each group (for bias amplification), the checkpoint's sha256, and the cost record of
+:mod:`prunescope.audit.cost`. The cache is reused while the checkpoint's sha256 is unchanged.
+Reading a cache needs numpy only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from prunescope.audit.errors import AuditError
+
+FORMAT = "prunescope.predictions/1"
+CHECKPOINT = "model.safetensors"
+META_KEY = "prunescope"
+
+
+@dataclass(frozen=True, eq=False)
+class Predictions:
+    """One model's outputs on one split (numpy arrays) and their metadata (see module doc)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    index: np.ndarray
+    groups: np.ndarray | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.logits.ndim != 2 or len(self.logits) != n or len(self.index) != n:
+            raise AuditError(f"predictions of {self.meta.get('run', 'a run')} are inconsistent "
+                             f"(logits {list(self.logits.shape)}, {n} labels, "
+                             f"{len(self.index)} ids); delete its predictions/ folder to redo them")
+        if self.groups is not None and len(self.groups) != n:
+            raise AuditError(f"the group array of {self.meta.get('run', 'a run')} has "
+                             f"{len(self.groups)} entries for {n} examples; delete its "
+                             "predictions/ folder, or fix the dataset's groups")
+
+    @property
+    def predicted(self) -> np.ndarray:
+        """The predicted class of each example (first maximum of the logits)."""
+        return self.logits.argmax(axis=1)
+
+
+def cache_path(run_dir: Path, split: str) -> Path:
+    """Where the predictions of ``run_dir`` on ``split`` are cached."""
+    return Path(run_dir) / "predictions" / f"{split}.safetensors"
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 of a file (the checkpoint a cache belongs to)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_cached(run_dir: Path, split: str) -> Predictions | None:
+    """The cached predictions of ``run_dir`` on ``split`` if they exist and belong to its current
+    checkpoint, else None."""
+    path = cache_path(run_dir, split)
+    checkpoint = Path(run_dir) / CHECKPOINT
+    if not path.is_file() or not checkpoint.is_file():
+        return None
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            meta = json.loads((handle.metadata() or {}).get(META_KEY, "{}"))
+            arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError):
+        return None
+    if meta.get("format") != FORMAT or meta.get("checkpoint_sha256") != fingerprint(checkpoint):
+        return None
+    return Predictions(arrays["logits"], arrays["labels"], arrays["index"],
+                       arrays.get("groups"), meta)
+
+
+def save(predictions: Predictions, run_dir: Path, split: str) -> None:
+    """Write the cache atomically."""
+    from safetensors.numpy import save as safetensors_bytes
+
+    from prunescope.files import atomic_write_bytes
+
+    arrays = {"logits": predictions.logits, "labels": predictions.labels,
+              "index": predictions.index}
+    if predictions.groups is not None:
+        arrays["groups"] = predictions.groups
+    meta = {**predictions.meta, "format": FORMAT}
+    data = safetensors_bytes({k: np.ascontiguousarray(v) for k, v in arrays.items()},
+                             metadata={META_KEY: json.dumps(meta)})
+    atomic_write_bytes(cache_path(run_dir, split), data)
+
+
+def compute(run_dir: Path, split: str, *, data_root: str | None = None,
+            splits_cache: dict | None = None) -> Predictions:
+    """Run the checkpoint of ``run_dir`` on ``split`` of its dataset (torch), with its cost."""
+    from prunescope import checkpoint
+    from prunescope.audit.cost import model_cost
+    from prunescope.mask import Mask
+    from prunescope.train import predict
+
+    path = Path(run_dir) / CHECKPOINT
+    state = checkpoint.load(path)
+    model = checkpoint.build_model(state, path)
+    mask = state.mask if state.mask is not None else Mask.from_weights(model)
+    source = state.meta.get("data") or {}
+    splits = load_splits(source, data_root, splits_cache, path)
+    subset = _split(splits, split)
+    logits = predict(model, subset).numpy().astype(np.float32)
+    meta = {
+        "run": str(run_dir), "split": split, "dataset": splits.name, "data": source,
+        "classes": list(splits.classes), "group_names": list(splits.group_names),
+        "seed": source.get("seed"), "method": method_of(state.meta),
+        "train_prevalence": _prevalence(splits), "checkpoint_sha256": fingerprint(path),
+        "cost": model_cost(model, mask, checkpoint_path=path),
+    }
+    groups = None if subset.groups is None else subset.groups.numpy()
+    return Predictions(logits, subset.y.numpy(), subset.index.numpy(), groups, meta)
+
+
+def load_or_compute(run_dir: Path, split: str = "test", *, data_root: str | None = None,
+                    splits_cache: dict | None = None) -> tuple[Predictions, bool]:
+    """``(predictions, computed)``: the cache when valid, else computed and cached."""
+    cached = load_cached(run_dir, split)
+    if cached is not None:
+        return cached, False
+    predictions = compute(run_dir, split, data_root=data_root, splits_cache=splits_cache)
+    save(predictions, run_dir, split)
+    return predictions, True
+
+
+def load_splits(source: dict, data_root: str | None, cache: dict | None, path: Path):
+    """The dataset a checkpoint names (``meta["data"]``), memoised in ``cache``."""
+    from prunescope import data
+    from prunescope.errors import CheckpointError
+
+    if not source.get("name"):
+        raise CheckpointError(f"{path} does not say which dataset it was trained on")
+    key = (source["name"], data_root or source.get("root"), source.get("val_size"),
+           source.get("seed", 0))
+    if cache is not None and key in cache:
+        return cache[key]
+    splits = data.load(key[0], root=key[1], val_size=key[2], seed=key[3])
+    if cache is not None:
+        cache.clear()  # one dataset at a time: they can be large
+        cache[key] = splits
+    return splits
+
+
+def method_of(meta: dict) -> dict | None:
+    """``{"label", "sparsity"}`` of a pruned checkpoint's metadata; None for a dense one."""
+    method = meta.get("method")
+    if not method:
+        return None
+    label = method.get("method") or "+".join(
+        part for part in (method.get("criterion"), method.get("allocation"),
+                          None if method.get("pattern") in (None, "unstructured")
+                          else method.get("pattern")) if part)
+    return {"label": label or "compressed", "sparsity": method.get("sparsity")}
+
+
+def _split(splits, split: str):
+    if split not in ("train", "val", "test"):
+        raise AuditError(f"unknown split {split!r}; choose train, val or test")
+    return getattr(splits, split)
+
+
+def _prevalence(splits) -> list[list[float]] | None:
+    """``[g][c]``: fraction of class ``c`` among the training examples of group ``g``."""
+    groups = splits.train.groups
+    if groups is None:
+        return None
+    out = []
+    for g in range(len(splits.group_names)):
+        labels = splits.train.y[groups == g].numpy()
+        counts = np.bincount(labels, minlength=splits.num_classes)
+        out.append((counts / max(len(labels), 1)).tolist())
+    return out

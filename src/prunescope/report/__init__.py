@@ -1,0 +1,84 @@
+"""The audit report: ``audit.json`` -> one self-contained HTML page (no torch, no network).
+
+:func:`render` turns an audit dictionary (:func:`prunescope.audit.run_audit`) into HTML whose
+figures are PNG data URIs drawn with matplotlib's Agg backend; the page loads no script, style
+sheet, font or image from anywhere. :func:`rerender` reads an ``audit.json`` (refusing one of
+another version) and writes the page; ``prunescope report audit.json`` calls it. This package
+imports neither torch nor the audit code, so a report can be re-rendered on a machine without
+torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from prunescope.errors import PrunescopeError
+
+AUDIT_VERSION = "prunescope.audit/1"
+
+
+class ReportError(PrunescopeError):
+    """An audit file that cannot be rendered (missing, not JSON, another version)."""
+
+
+def render(audit: dict) -> str:
+    """The HTML page of an audit dictionary."""
+    check_version(audit, "the audit")
+    from prunescope.report.page import page
+
+    return page(audit)
+
+
+def write_report(audit: dict, path: str | os.PathLike) -> None:
+    """Render ``audit`` and write it to ``path`` atomically."""
+    _atomic_write(Path(path), render(audit).encode("utf-8"))
+
+
+def load_audit(path: str | os.PathLike) -> dict:
+    """An ``audit.json`` as a dictionary, or a one-line ReportError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ReportError(f"no such audit file: {path}; give the audit.json written by "
+                          "`prunescope audit`")
+    try:
+        audit = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ReportError(f"{path} is not JSON; give the audit.json written by "
+                          "`prunescope audit`") from None
+    check_version(audit, str(path))
+    return audit
+
+
+def rerender(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Re-render ``path`` (an audit.json) to ``out`` (default: report.html beside it)."""
+    audit = load_audit(path)
+    target = Path(out) if out is not None else Path(path).with_name("report.html")
+    write_report(audit, target)
+    return target
+
+
+def check_version(audit: object, where: str) -> None:
+    """ReportError unless ``audit`` is a mapping with ``version == AUDIT_VERSION``."""
+    version = audit.get("version") if isinstance(audit, dict) else None
+    if version != AUDIT_VERSION:
+        raise ReportError(f"{where} has version {version!r}, but this prunescope renders "
+                          f"{AUDIT_VERSION!r}; re-run `prunescope audit` to regenerate it")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temporary file in the same directory, then rename (as :mod:`prunescope.files` does;
+    that module needs torch for its tensor files, this package must not)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

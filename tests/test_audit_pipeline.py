@@ -1,0 +1,164 @@
+"""The audit end to end on a tiny digits experiment: populations, cached predictions, the audit
+file, the CLI, and the bad inputs of the issue (one line, exit code 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pipeline_helpers import assert_user_error, cli, files_under
+from test_audit_fixtures import synthetic_predictions, tiny_experiment
+
+from prunescope import checkpoint
+from prunescope.audit import AuditError, build
+from prunescope.audit.predictions import load_cached, load_or_compute
+from prunescope.report import AUDIT_VERSION
+
+
+@pytest.fixture(scope="module")
+def run() -> Path:
+    return tiny_experiment()
+
+
+def _audit(run: Path) -> dict:
+    return json.loads((run / "audit.json").read_text())
+
+
+def test_experiment_writes_populations_audit_and_report(run):
+    assert (run / "populations" / "seed1" / "dense" / "model.safetensors").is_file()
+    assert (run / "populations" / "seed1" / "magnitude+global" / "s0.9").is_dir()
+    audit = _audit(run)
+    assert audit["version"] == AUDIT_VERSION
+    assert audit["dense"]["k"] == 2
+    labels = [b["label"] for b in audit["populations"]]
+    assert labels == ["magnitude+global s=0.5", "magnitude+global s=0.9"]
+    assert [b["k"] for b in audit["populations"]] == [1, 2]
+    assert audit["focus"] == ["magnitude+global s=0.9"]
+    html = (run / "report.html").read_text()
+    assert "Compression audit: digits" in html
+
+
+def test_population_of_one_degrades_to_flips(run):
+    dense, _ = load_or_compute(run / "dense")
+    single, _ = load_or_compute(run / "magnitude+global" / "s0.5")
+    block = build([dense], [single], n_boot=0)["populations"][0]
+    assert block["welch"] is None
+    flipped = np.flatnonzero(dense.predicted != single.predicted).tolist()
+    assert block["cie"]["positions"] == flipped and block["models"][0]["flip_count"] > 0
+
+
+def test_cie_block_is_consistent(run):
+    focus = _audit(run)["populations"][1]
+    cie = focus["cie"]
+    assert sum(cie["per_class"]) == cie["count"] == len(cie["positions"])
+    assert len(focus["welch"]) == 10 and len(focus["normalised_change"]) == 10
+    assert set(focus["risk"]["cie"]) == set(_audit(run)["risk_signals"])
+
+
+def test_predictions_are_cached_and_tied_to_the_checkpoint(run, tmp_path):
+    copy = tmp_path / "dense"
+    shutil.copytree(run / "dense", copy)
+    cached, computed = load_or_compute(copy)
+    assert not computed and cached.logits.shape == (359, 10)
+    assert cached.meta["cost"]["params"] > 0
+    state = checkpoint.load(copy / "model.safetensors")
+    state.model["classifier.0.bias"] += 1.0  # a different checkpoint: the cache is stale
+    model = checkpoint.build_model(state, copy / "model.safetensors")
+    checkpoint.save(copy / "model.safetensors", model, meta=state.meta)
+    assert load_cached(copy, "test") is None
+    fresh, computed = load_or_compute(copy)
+    assert computed and not np.array_equal(fresh.logits, cached.logits)
+
+
+def test_cli_audit_writes_both_files(run, tmp_path, capsys):
+    out = tmp_path / "audit"
+    code, stdout, err = cli(capsys, "audit", "--dense", run / "dense",
+                            run / "populations" / "seed1" / "dense", "--compressed",
+                            run / "magnitude+global" / "s0.9", "--out", out, "--bootstrap", "0")
+    assert code == 0, err
+    assert files_under(out) == ["audit.json", "report.html"]
+    assert "report.html" in stdout
+    assert json.loads((out / "audit.json").read_text())["settings"]["n_boot"] == 0
+
+
+def test_cli_report_rerenders(run, tmp_path, capsys):
+    shutil.copy(run / "audit.json", tmp_path / "audit.json")
+    code, _, err = cli(capsys, "report", tmp_path / "audit.json")
+    assert code == 0, err
+    assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_empty_population_is_one_line_error(run, tmp_path, capsys):
+    out = tmp_path / "audit"
+    code, _, err = cli(capsys, "audit", "--dense", "--compressed", run / "dense", "--out", out)
+    assert_user_error(code, err)
+    code, _, err = cli(capsys, "audit", "--dense", tmp_path, "--compressed", run / "dense",
+                       "--out", out)
+    assert "holds no model.safetensors" in assert_user_error(code, err)
+    assert not out.exists()
+
+
+def test_runs_of_different_datasets_are_refused_before_any_work(run, tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    state = checkpoint.load(run / "dense" / "model.safetensors")
+    model = checkpoint.build_model(state, run / "dense" / "model.safetensors")
+    checkpoint.save(other / "model.safetensors", model,
+                    meta={**state.meta, "data": {**state.meta["data"], "name": "mnist"}})
+    out = tmp_path / "audit"
+    code, _, err = cli(capsys, "audit", "--dense", run / "dense", "--compressed", other,
+                       "--out", out)
+    assert "different datasets or label spaces" in assert_user_error(code, err)
+    assert not out.exists() and not (other / "predictions").exists()
+
+
+def test_report_json_of_another_version_is_refused(tmp_path, capsys):
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps({"version": "prunescope.audit/0"}))
+    code, _, err = cli(capsys, "report", path)
+    assert "version 'prunescope.audit/0'" in assert_user_error(code, err)
+    assert files_under(tmp_path) == ["audit.json"]
+    path.write_text("not json")
+    code, _, err = cli(capsys, "report", path)
+    assert "is not JSON" in assert_user_error(code, err)
+
+
+def test_predictions_from_another_split_or_label_space_are_refused():
+    dense = synthetic_predictions(seed=0, accuracy=0.9)
+    with pytest.raises(AuditError, match="different splits"):
+        build([dense], [synthetic_predictions(seed=1, accuracy=0.9, split="val")])
+    other = synthetic_predictions(seed=1, accuracy=0.9)
+    other.meta["classes"] = ["a", "b"]
+    with pytest.raises(AuditError, match="different label spaces"):
+        build([dense], [other])
+    shuffled = synthetic_predictions(seed=1, accuracy=0.9)
+    shuffled.index[:] = shuffled.index[::-1].copy()
+    with pytest.raises(AuditError, match="different examples"):
+        build([dense], [shuffled])
+    with pytest.raises(AuditError, match="at least one dense and one compressed"):
+        build([dense], [])
+
+
+def test_a_group_array_of_the_wrong_length_is_refused():
+    good = synthetic_predictions(seed=0, accuracy=0.9)
+    with pytest.raises(AuditError, match="group array .* has 399 entries for 400 examples"):
+        type(good)(good.logits, good.labels, good.index, good.groups[:-1], good.meta)
+
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"seeds": 0}, "audit.seeds must be >= 1"),
+    ({"sparsities": [1.0]}, "audit.sparsities"),
+    ({"split": "dev"}, "audit.split must be one of"),
+    ({"colour": 1}, "valid keys here: seeds, methods, sparsities, split, bootstrap"),
+])
+def test_bad_audit_sections_are_config_errors(section, message):
+    from test_audit_fixtures import TINY_AUDIT_RECIPE
+
+    from prunescope import recipe
+    from prunescope.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        recipe.from_dict({**TINY_AUDIT_RECIPE, "audit": section})
