@@ -82,6 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--effective", action="store_true",
                        help="reach the sparsity as effective sparsity")
     prune.add_argument("--finetune-epochs", type=int, default=0)
+    prune.add_argument("--bn-recalibration", type=int, default=0, metavar="BATCHES",
+                       help="re-estimate batch-norm statistics on this many batches of 100")
     prune.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
     prune.add_argument("--data-root",
                        help="dataset directory, if the checkpoint's dataset needs one")
@@ -212,6 +214,7 @@ def _prune(args) -> int:
         Path(args.checkpoint), Path(args.out), criterion=args.criterion,
         allocation=args.allocation, sparsity=args.sparsity, pattern=args.pattern,
         effective=args.effective, finetune_epochs=args.finetune_epochs, lr=args.lr,
+        bn_recalibration=args.bn_recalibration,
         data_root=args.data_root, progress=args.progress,
     )
     print(json.dumps(result, indent=2))

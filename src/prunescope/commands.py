@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 from prunescope import checkpoint, data
-from prunescope.connectivity import effective_mask
+from prunescope.bn import recalibrate_bn
 from prunescope.errors import CheckpointError, ConfigError
 from prunescope.files import write_json
 from prunescope.mask import Mask
+from prunescope.methods.base import sparsity_report
 from prunescope.sparsifier import MaskHold, prune
 from prunescope.train import FINAL, TrainConfig, evaluate, fit
 
@@ -35,14 +36,9 @@ def load_checkpoint(path: Path, data_root: str | None = None
 
 
 def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
-    """Direct and effective sparsity, globally and per tensor."""
-    effective = effective_mask(model, mask)
-    per_layer = effective.sparsities()
-    return {
-        "sparsity": mask.sparsity, "effective_sparsity": effective.sparsity,
-        "layers": {n: {"direct": s, "effective": per_layer[n]}
-                   for n, s in mask.sparsities().items()},
-    }
+    """Direct (``sparsity``) and effective sparsity, globally and per tensor."""
+    report = sparsity_report(model, mask)
+    return {"sparsity": report.pop("actual_sparsity"), **report}
 
 
 def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None = None
@@ -56,20 +52,24 @@ def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None =
 def prune_checkpoint(path: Path, out: Path, *, criterion: str, allocation: str,
                      sparsity: float | None, pattern: str = "unstructured",
                      effective: bool = False, finetune_epochs: int = 0, lr: float = 0.01,
-                     data_root: str | None = None, progress: bool | None = None,
-                     seed: int = 0) -> dict[str, Any]:
-    """Prune a checkpoint (weights it already pruned stay pruned), optionally fine-tune with the
-    mask held, and write ``out/{mask,model}.safetensors`` and ``out/result.json``."""
-    if finetune_epochs < 0:
-        raise ConfigError(f"--finetune-epochs must be >= 0, got {finetune_epochs}")
+                     bn_recalibration: int = 0, data_root: str | None = None,
+                     progress: bool | None = None, seed: int = 0) -> dict[str, Any]:
+    """Prune a checkpoint (weights it already pruned stay pruned), optionally recalibrate
+    batch norm on ``bn_recalibration`` batches and fine-tune with the mask held, and write
+    ``out/{mask,model}.safetensors`` and ``out/result.json``."""
+    if finetune_epochs < 0 or bn_recalibration < 0:
+        raise ConfigError("--finetune-epochs and --bn-recalibration must be >= 0")
     config = TrainConfig(epochs=finetune_epochs, lr=lr)
     model, start, meta, splits = load_checkpoint(path, data_root)
     generator_seed = meta.get("data", {}).get("seed", seed)
     loader = data.Loader(splits.train, SCORING_BATCH_SIZE, shuffle=True,
                          generator=torch.Generator().manual_seed(generator_seed))
-    batches = [b for b, _ in zip(loader, range(SCORING_BATCHES), strict=False)]
-    mask = prune(model, criterion, allocation, sparsity, batches, pattern=pattern,
-                 mask=start if start.sparsity > 0 else None, effective=effective, seed=seed)
+    batches = [b for b, _ in zip(loader, range(max(SCORING_BATCHES, bn_recalibration)),
+                                 strict=False)]
+    mask = prune(model, criterion, allocation, sparsity, batches[:SCORING_BATCHES],
+                 pattern=pattern, mask=start if start.sparsity > 0 else None,
+                 effective=effective, seed=seed)
+    recalibrate_bn(model, batches[:bn_recalibration])
     before = evaluate(model, splits.test)["accuracy"]
     run_meta = {"model": meta.get("model"), "data": meta.get("data"),
                 "method": {"criterion": criterion, "allocation": allocation, "pattern": pattern,

@@ -8,7 +8,9 @@ from typing import Any
 
 from prunescope import checkpoint
 from prunescope.allocation import ALLOCATIONS, check_sparsity
+from prunescope.bn import recalibrate_bn
 from prunescope.criteria import CRITERIA
+from prunescope.errors import ConfigError
 from prunescope.methods.base import Context, Method, register, run_dir
 from prunescope.patterns import parse_pattern
 from prunescope.sparsifier import MaskHold, check, prune
@@ -20,7 +22,8 @@ from prunescope.train import FINAL
 class OneShot(Method):
     """Criterion x allocation under a pattern, applied once to the trained dense model (or to
     its initialisation with ``start: init``: pruning at initialisation, then training the
-    sparse network with ``finetune``)."""
+    sparse network with ``finetune``); ``bn_recalibration`` batches of 100 training examples
+    re-estimate batch-norm statistics right after pruning (:mod:`prunescope.bn`)."""
 
     method: str = "one_shot"
     criterion: str = "magnitude"
@@ -29,9 +32,12 @@ class OneShot(Method):
     rounds: int | None = None
     overrides: dict[str, float] = field(default_factory=dict)
     effective: bool = False
+    bn_recalibration: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.bn_recalibration < 0:
+            raise ConfigError("one_shot: bn_recalibration (batches) must be >= 0")
         CRITERIA.get(self.criterion)
         ALLOCATIONS.get(self.allocation)
         parse_pattern(self.pattern)
@@ -71,6 +77,8 @@ class OneShot(Method):
                      include=recipe.prune.include, exclude=recipe.prune.exclude,
                      overrides=self.overrides, rounds=self.rounds, effective=self.effective,
                      seed=recipe.seed)
+        if self.bn_recalibration:
+            recalibrate_bn(model, context.batches(self.bn_recalibration, 100, seed_offset=1))
         directory.mkdir(parents=True, exist_ok=True)
         mask.save(directory / "mask.safetensors")
         before = context.scores(model)["accuracy"]
