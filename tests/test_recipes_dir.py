@@ -41,7 +41,7 @@ def test_demo_recipe_is_the_documented_main_job():
     assert demo.prune.sparsities == (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
     assert [m.label for m in demo.prune.methods] == [
         "magnitude+global", "magnitude+uniform", "random+uniform", "random+erk", "random+igq",
-        "snip+global", "grasp+global", "synflow+global",
+        "snip+global", "grasp+global", "synflow+global", "woodfisher+global", "obc+global",
     ]
 
 
@@ -56,7 +56,8 @@ def test_recipe_runs_on_tiny_data(path, tmp_path, capsys):
     assert main(args) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     methods = recipe.load(path).prune.methods
-    assert len(results["runs"]) == sum(m.results_per_sparsity for m in methods)
+    assert len(results["runs"]) == sum(len(m.sparsities or [sparsities[-1]])
+                                       * m.results_per_sparsity for m in methods)
     for run in results["runs"]:
         effective = "effective" in run["method"]
         reached = run["effective_sparsity"] if effective else run["actual_sparsity"]
