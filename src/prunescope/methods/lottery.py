@@ -142,10 +142,11 @@ class Lottery(Method):
         rewind_step = context.steps(self.rewind, self.unit)
         directory = base / "round00"
         if context.cached(directory) is None:
+            started = time.perf_counter()
             hook = Snapshot(rewind_step, base / REWIND, context.meta(model))
             context.fit(model, directory, context.train_config(self.budget), hook=hook,
                         desc=f"{self.label} round 0")
-            context.finish(directory, model, None, time.perf_counter(), round=0)
+            context.finish(directory, model, None, started, round=0)
         return context.load(directory / "model.safetensors"), Mask.ones(model, names)
 
     def train_round(self, context: Context, base: Path, number: int, mask: Mask
