@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench bench-pruning lint clean
+.PHONY: demo test bench bench-pruning bench-spade lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,10 +26,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-bench: bench-pruning
+bench: bench-pruning bench-spade
 
 bench-pruning: $(STAMP)
 	$(BIN)/python benchmarks/pruning.py
+
+# SPADE: backdoor-trigger localisation AUC of saliency maps with and without SPADE
+bench-spade: $(STAMP)
+	$(BIN)/python benchmarks/spade.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

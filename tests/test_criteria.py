@@ -35,8 +35,10 @@ def mse_gradient(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 
 def test_registered_criteria() -> None:
-    assert set(CRITERIA.names()) == {"magnitude", "random", "snip", "grasp", "synflow", "taylor"}
-    assert {n for n in CRITERIA if CRITERIA.get(n).needs_data} == {"snip", "grasp", "taylor"}
+    assert set(CRITERIA.names()) == {"magnitude", "random", "snip", "grasp", "synflow", "taylor",
+                                     "woodfisher", "obc"}
+    assert {n for n in CRITERIA if CRITERIA.get(n).needs_data} == {"snip", "grasp", "taylor",
+                                                                   "woodfisher", "obc"}
     assert [n for n in CRITERIA if CRITERIA.get(n).signed] == ["grasp"]
     assert CRITERIA.get("synflow").rounds == 100
 

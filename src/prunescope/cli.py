@@ -1,4 +1,5 @@
-"""The ``prunescope`` command line: demo, run, train, prune, evaluate, list, audit, report.
+"""The ``prunescope`` command line: demo, run, train, prune, evaluate, list, audit, report,
+explain.
 
 Every user error ends in one line ``error: <what is wrong and how to fix it>`` on stderr and
 exit code 2; an interrupted run says how to resume.
@@ -55,7 +56,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      description="Make PyTorch networks sparse and show what the sparsity costs.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = commands.add_parser("demo", help="the main job: LeNet-300-100 on MNIST, 8 methods x "
+    demo = commands.add_parser("demo", help="the main job: LeNet-300-100 on MNIST, 10 methods x "
                                "6 sparsities, table and plot")
     demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
     _add_common(demo)
@@ -120,6 +121,22 @@ def _build_parser() -> argparse.ArgumentParser:
     report.add_argument("audit_json", metavar="audit.json")
     report.add_argument("--out", help="HTML file (default: report.html beside the JSON)")
     report.set_defaults(handler=_report)
+
+    explain = commands.add_parser("explain", help="SPADE: saliency maps of one input on the "
+                                  "network and on a copy pruned for that input; PNGs + HTML")
+    explain.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
+    explain.add_argument("--input", required=True,
+                         help="test:N / val:N / train:N (the checkpoint's dataset), or a .png, "
+                         ".jpg or .npy image with pixels in [0, 1]")
+    explain.add_argument("--out", default="runs/explain", help="directory (default: runs/explain)")
+    explain.add_argument("--methods", nargs="+", help="saliency methods (default: all)")
+    explain.add_argument("--target", type=int, help="class to explain (default: the prediction)")
+    explain.add_argument("--sparsity", type=float, help="sparsity of the pruned copy")
+    explain.add_argument("--augmentations", type=int, help="size of the augmentation batch")
+    explain.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
+                         help="feed each layer the pruned layers' outputs")
+    explain.add_argument("--data-root", help="dataset directory, if the dataset needs one")
+    explain.set_defaults(handler=_explain)
     return parser
 
 
@@ -204,6 +221,18 @@ def _report(args) -> int:
     from prunescope.report import rerender
 
     print(f"report: {rerender(args.audit_json, args.out)}")
+    return 0
+
+
+def _explain(args) -> int:
+    from prunescope.spade import DEFAULT_METHODS
+    from prunescope.spade.command import config_from, explain_checkpoint
+
+    result = explain_checkpoint(
+        Path(args.checkpoint), args.input, Path(args.out),
+        config=config_from(args.sparsity, args.augmentations, args.sequential),
+        methods=args.methods or DEFAULT_METHODS, target=args.target, data_root=args.data_root)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -42,12 +42,17 @@ Scores = dict[str, torch.Tensor]
 
 @dataclass
 class Context:
-    """What a criterion may use besides the model: data batches, loss, randomness, input shape."""
+    """What a criterion may use besides the model: data batches, loss, randomness, input shape.
+
+    ``cache`` is scratch space: a criterion's ``score`` may leave work there (a Fisher inverse,
+    layer Hessians) for its ``solve`` in the same pruning round.
+    """
 
     batches: Sequence[Batch] = ()
     loss_fn: LossFn = F.cross_entropy
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
     input_shape: tuple[int, ...] | None = None
+    cache: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,11 @@ class Criterion:
 
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
+
+
+def resolve(criterion: str | Criterion) -> Criterion:
+    """A registered criterion by name, or a :class:`Criterion` built by the caller as it is."""
+    return criterion if isinstance(criterion, Criterion) else CRITERIA.get(criterion)
 
 
 def register(name: str, *, needs_data: bool = False, rounds: int = 1, signed: bool = False,
@@ -210,3 +220,8 @@ def synflow(model: nn.Module, names: Sequence[str], context: Context) -> Scores:
     output = linear(torch.ones((1, *shape), dtype=torch.float64, device=device))
     grads = torch.autograd.grad(output.sum(), params)
     return {n: (g * p).detach().abs() for n, g, p in zip(names, grads, params, strict=True)}
+
+
+# Second-order criteria (woodfisher, obc) register themselves; imported last, as they build on
+# this module.
+from prunescope import second_order  # noqa: E402, F401

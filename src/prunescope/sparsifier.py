@@ -16,7 +16,7 @@ from torch import nn
 
 from prunescope import distributed
 from prunescope.allocation import ALLOCATIONS, allocate, check_sparsity
-from prunescope.criteria import CRITERIA, Batch, Context, Criterion
+from prunescope.criteria import Batch, Context, Criterion, resolve
 from prunescope.errors import PruningError
 from prunescope.mask import Mask
 from prunescope.patterns import Pattern, parse_pattern
@@ -25,7 +25,7 @@ from prunescope.targets import select
 
 def prune(
     model: nn.Module,
-    criterion: str = "magnitude",
+    criterion: str | Criterion = "magnitude",
     allocation: str = "global",
     sparsity: float | None = 0.9,
     data: Iterable[Batch] | None = None,
@@ -44,7 +44,9 @@ def prune(
     """Prune ``model`` in place to ``sparsity`` and return the :class:`Mask`.
 
     Pruned weights become exactly zero. ``criterion`` and ``allocation`` are registered names
-    (see ``prunescope.criteria.CRITERIA`` and ``prunescope.allocation.ALLOCATIONS``); ``data``
+    (see ``prunescope.criteria.CRITERIA`` and ``prunescope.allocation.ALLOCATIONS``), or the
+    criterion is a :class:`~prunescope.criteria.Criterion` (e.g. a configured second-order one,
+    ``prunescope.second_order.WoodFisher(block_size=100).criterion()``); ``data``
     is an iterable of ``(inputs, targets)`` batches for data-driven criteria (snip, grasp,
     taylor). ``rounds`` > 1 prunes iteratively, re-scoring between rounds, with the density
     shrinking geometrically from the starting mask (SynFlow defaults to its paper's 100 rounds).
@@ -59,7 +61,7 @@ def prune(
         mask = prunescope.prune(model, "magnitude", "global", sparsity=0.9)
         print(mask.sparsity)  # 0.9
     """
-    spec = CRITERIA.get(criterion)
+    spec = resolve(criterion)
     ALLOCATIONS.get(allocation)
     parsed = parse_pattern(pattern)
     sparsity = _target_sparsity(sparsity, parsed)
@@ -80,7 +82,7 @@ def prune(
 
 def check(
     model: nn.Module,
-    criterion: str = "magnitude",
+    criterion: str | Criterion = "magnitude",
     allocation: str = "global",
     sparsity: float | None = 0.9,
     *,
@@ -94,7 +96,7 @@ def check(
     Checks the names, the targets, the sparsity against the pattern, that the pattern fits every
     target and that the overrides can be reconciled: so a long run can fail before it starts.
     """
-    CRITERIA.get(criterion)
+    resolve(criterion)
     parsed = parse_pattern(pattern)
     sparsity = _target_sparsity(sparsity, parsed)
     params = dict(model.named_parameters())

@@ -1,0 +1,32 @@
+"""Second-order pruning: criteria that choose the mask AND correct the weights they keep.
+
+- ``woodfisher`` (:mod:`~prunescope.second_order.woodfisher`): global Optimal Brain Surgeon with
+  a block-diagonal empirical Fisher (Hassibi & Stork 1993; Singh & Alistarh 2020).
+- ``obc`` (:mod:`~prunescope.second_order.obc`): layer-wise reconstruction, column by column
+  (Frantar & Alistarh 2022, OBC; 2023, SparseGPT).
+
+Both are registered in :data:`prunescope.criteria.CRITERIA` with their defaults, so they work
+with every allocation, pattern, the CLI and recipes. Other settings are a :class:`Criterion` to
+pass to :func:`prunescope.prune`::
+
+    from prunescope.second_order import OBC, WoodFisher
+    prunescope.prune(model, WoodFisher(block_size=100, dampening=1e-4).criterion(), "global",
+                     0.9, batches, rounds=4)
+"""
+
+from prunescope.criteria import CRITERIA
+from prunescope.second_order.obc import OBC, hessians, prune_layers, reconstruct
+from prunescope.second_order.woodfisher import WoodFisher, obs_scores, obs_update
+
+CRITERIA.register("woodfisher")(WoodFisher().criterion())
+CRITERIA.register("obc")(OBC().criterion())
+
+__all__ = [
+    "OBC",
+    "WoodFisher",
+    "hessians",
+    "obs_scores",
+    "obs_update",
+    "prune_layers",
+    "reconstruct",
+]
