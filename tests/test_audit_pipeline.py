@@ -101,6 +101,14 @@ def test_empty_population_is_one_line_error(run, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_run_given_twice_is_refused(run, tmp_path, capsys):
+    out = tmp_path / "audit"
+    code, _, err = cli(capsys, "audit", "--dense", run / "dense", run / "dense" / ".",
+                       "--compressed", run / "dense", "--out", out)
+    assert "given twice" in assert_user_error(code, err)
+    assert not out.exists()
+
+
 def test_runs_of_different_datasets_are_refused_before_any_work(run, tmp_path, capsys):
     other = tmp_path / "other"
     other.mkdir()

@@ -62,6 +62,23 @@ def test_rerender_writes_beside_the_json_and_refuses_other_versions(audit, tmp_p
         load_audit(tmp_path / "missing.json")
 
 
+def test_an_audit_of_the_right_version_with_missing_parts_is_one_line(tmp_path):
+    path = tmp_path / "audit.json"
+    path.write_text(json.dumps({"version": "prunescope.audit/1"}))
+    with pytest.raises(ReportError, match="incomplete or malformed") as exc:
+        rerender(path)
+    assert "\n" not in str(exc.value) and not (tmp_path / "report.html").exists()
+
+
+def test_a_failed_render_leaves_no_audit_files(audit, tmp_path, monkeypatch):
+    from prunescope.audit import audit as audit_module
+
+    broken = {**audit, "populations": "not a list"}
+    with pytest.raises(ReportError):
+        audit_module.write(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 POISON = """
 import sys
 sys.modules["torch"] = None  # any `import torch` now raises ImportError

@@ -146,3 +146,21 @@ def test_explain_command_bad_input_is_one_line_and_exit_2(digits_checkpoint, tmp
     code = main(args + (["--sparsity", sparsity] if sparsity else []))
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
+def test_image_inputs_are_mapped_to_the_model_channels():
+    from prunescope.spade.command import _match_channels
+
+    rgba = torch.rand(4, 5, 5)
+    assert torch.equal(_match_channels(rgba, 3), rgba[:3])  # alpha dropped, colour kept
+    rgb = torch.rand(3, 5, 5)
+    assert torch.equal(_match_channels(rgb, 2), rgb[:2])  # Colored MNIST: red and green
+    assert torch.allclose(_match_channels(rgb, 1), rgb.mean(0, keepdim=True))
+    assert _match_channels(torch.rand(1, 5, 5), 3).shape == (3, 5, 5)
+
+
+def test_two_channel_pictures_are_drawable():
+    from prunescope.spade.report import _picture
+
+    picture = _picture(torch.rand(2, 6, 6), lambda x: x)
+    assert picture.shape == (6, 6, 3) and torch.all(picture[..., 2] == 0)

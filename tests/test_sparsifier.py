@@ -323,3 +323,22 @@ def test_scheduled_pruning_follows_a_gradual_schedule(mlp8: nn.Module) -> None:
     assert hook.mask.num_kept == keep_count(96, 0.8)
     distinct = {m.num_kept for m in masks}
     assert distinct == {keep_count(96, schedule.sparsity_at(s)) for s in (2, 7, 12, 17, 20)}
+
+
+def test_effective_target_with_a_weight_correcting_criterion_returns_the_model_it_leaves() -> None:
+    """Every bisection attempt starts from the original weights and biases (OBC corrects both),
+    and the returned mask is the one the model's weights were pruned with."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 16), nn.ReLU(), nn.Linear(16, 12), nn.ReLU(),
+                          nn.Linear(12, 4))
+    model.input_shape = (20,)
+    data = [(torch.randn(64, 20), torch.randint(0, 4, (64,)))]
+    reference = copy.deepcopy(model)
+    mask = prune(model, "obc", "uniform", 0.6, data, effective=True)
+    for name, keep in mask.items():
+        assert torch.all(model.get_parameter(name)[~keep] == 0), name
+    direct = prune(reference, "obc", "uniform", 1 - mask.num_kept / mask.num_total, data)
+    assert direct.equal(mask)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, msg=name)

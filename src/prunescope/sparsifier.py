@@ -191,30 +191,27 @@ def _prune_to_effective(model: nn.Module, start: Mask, target: float, rounds: in
     """
     from prunescope.connectivity import effective_sparsity
 
-    saved = {n: p.detach().clone() for n, p in model.named_parameters() if n in start}
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     seed = plan.context.generator.initial_seed()
 
     def attempt(kept: int) -> Mask:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if name in saved:
-                    param.copy_(saved[name])
+        """Prune the original model (every tensor restored: weight-correcting criteria also
+        change biases) with the criterion's generator and scratch space reset."""
+        model.load_state_dict(saved)
         plan.context.generator.manual_seed(seed)
+        plan.context.cache.clear()
         return plan.run(model, start, 1.0 - kept / start.num_total, rounds)
 
     # keeps this many (rounded down): direct, hence effective, sparsity >= target
     low = math.floor((1.0 - target) * start.num_total + 1e-9)
     high = start.num_kept + 1  # the starting mask itself may reach the target
-    best = attempt(low)
     while high - low > 1:
         middle = (low + high) // 2
-        candidate = attempt(middle)
-        if effective_sparsity(model, candidate) >= target - 1e-12:
-            low, best = middle, candidate
+        if effective_sparsity(model, attempt(middle)) >= target - 1e-12:
+            low = middle
         else:
             high = middle
-    attempt(low)
-    return best
+    return attempt(low)  # the model's weights are exactly this mask's
 
 
 class MaskHold:

@@ -46,6 +46,7 @@ def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out
     """Audit ``compressed`` runs against ``dense`` runs; write ``out/audit.json`` and
     ``out/report.html`` (nothing is written to ``out`` unless the inputs fit together)."""
     dense_dirs, compressed_dirs = _run_dirs(dense, "--dense"), _run_dirs(compressed, "--compressed")
+    _distinct(dense_dirs + compressed_dirs)
     seeds = _precheck(dense_dirs + compressed_dirs)
     started = time.perf_counter()
     loaded = _load_all(dense_dirs + compressed_dirs, seeds, split, data_root, log)
@@ -61,13 +62,15 @@ def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out
 
 
 def write(result: dict, out: Path) -> None:
-    """``out/audit.json`` and ``out/report.html``, each written atomically."""
-    from prunescope.files import write_json
-    from prunescope.report import write_report
+    """``out/audit.json`` and ``out/report.html``, each written atomically; the page is
+    rendered first, so a rendering failure leaves neither file behind."""
+    from prunescope.files import atomic_write_bytes, write_json
+    from prunescope.report import render
 
+    html = render(result)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "audit.json", result)
-    write_report(result, out / "report.html")
+    atomic_write_bytes(out / "report.html", html.encode("utf-8"))
 
 
 def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: int = 100,
@@ -340,6 +343,17 @@ def _run_dirs(paths: Sequence[str | Path], flag: str) -> list[Path]:
             raise AuditError(f"{d} holds no {CHECKPOINT}; pass run directories of finished "
                              "prunescope runs (e.g. runs/demo/dense)")
     return dirs
+
+
+def _distinct(dirs: list[Path]) -> None:
+    """Refuse a run given twice (it would pose as two members of a population)."""
+    seen: set[Path] = set()
+    for d in dirs:
+        resolved = d.resolve()
+        if resolved in seen:
+            raise AuditError(f"{d} is given twice; every population member must be a different "
+                             "run (different seeds)")
+        seen.add(resolved)
 
 
 def _precheck(dirs: list[Path]) -> dict[Path, int]:

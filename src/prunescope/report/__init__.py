@@ -25,11 +25,17 @@ class ReportError(PrunescopeError):
 
 
 def render(audit: dict) -> str:
-    """The HTML page of an audit dictionary."""
+    """The HTML page of an audit dictionary; ReportError when its content is incomplete."""
     check_version(audit, "the audit")
     from prunescope.report.page import page
 
-    return page(audit)
+    try:
+        return page(audit)
+    except (KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ReportError(
+            f"the audit is incomplete or malformed ({type(exc).__name__}: {exc}); re-run "
+            "`prunescope audit` to regenerate it"
+        ) from None
 
 
 def write_report(audit: dict, path: str | os.PathLike) -> None:

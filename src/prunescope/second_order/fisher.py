@@ -28,6 +28,7 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AUTO_BLOCK_CAP = 128
 _FLOOR = 1e-12
+PER_SAMPLE_CHUNK = 128  # examples per vmap call of per_sample_gradients
 
 
 def block_size_for(name: str, numel: int, block_size: int | None) -> int:
@@ -61,27 +62,32 @@ def available_memory() -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_memory(sizes: dict[str, tuple[int, int]], limit: int | None = None) -> None:
-    """Raise PruningError, before allocating anything, when the Fisher blocks would not fit.
+def check_memory(sizes: dict[str, tuple[int, int]], limit: int | None = None, *,
+                 chunk: int | None = None) -> None:
+    """Raise PruningError, before allocating anything, when the Fisher work would not fit.
 
-    ``sizes`` maps tensor names to ``(numel, block_size)``. Every tensor's Fisher blocks (float32)
-    and inverse blocks (float64) coexist until the weights are updated, and the largest tensor
-    needs a float64 factorisation besides.
+    ``sizes`` maps tensor names to ``(numel, block_size)``. Counted: every tensor's Fisher
+    blocks (float32) and inverse blocks (float64), which coexist until the weights are updated;
+    the largest tensor's float64 factorisation work space (a copy, the Cholesky factor and a
+    solve's output); and one chunk of per-sample gradients of all targets with its masked copy.
     """
     limit = available_memory() if limit is None else limit
+    chunk = PER_SAMPLE_CHUNK if chunk is None else chunk
     kept = sum(n * b * 12 for n, b in sizes.values())
-    workspace = max(n * b * 8 for n, b in sizes.values())
-    if kept + workspace > limit:
+    workspace = max(n * b * 24 for n, b in sizes.values())
+    gradients = 2 * chunk * sum(n for n, _ in sizes.values()) * 4
+    needed = kept + workspace + gradients
+    if needed > limit:
         largest = max(b for _, b in sizes.values())
         raise PruningError(
-            f"woodfisher with block size {largest} needs {(kept + workspace) / 2**30:.2f} GiB "
-            f"for its Fisher blocks but {limit / 2**30:.2f} GiB is available; choose a smaller "
-            "block size"
+            f"woodfisher with block size {largest} needs {needed / 2**30:.2f} GiB but "
+            f"{limit / 2**30:.2f} GiB is available; choose a smaller block size or prune fewer "
+            "tensors at once"
         )
 
 
 def per_sample_gradients(model: nn.Module, names: Sequence[str], batches: Sequence[Batch],
-                         loss_fn: LossFn, *, chunk: int = 128
+                         loss_fn: LossFn, *, chunk: int | None = None
                          ) -> Iterator[dict[str, torch.Tensor]]:
     """Per-example loss gradients ``{name: [n, *shape]}``, ``chunk`` examples at a time.
 
@@ -100,6 +106,7 @@ def per_sample_gradients(model: nn.Module, names: Sequence[str], batches: Sequen
         return loss_fn(functional_call(model, state, (x.unsqueeze(0),)), y.unsqueeze(0))
 
     per_example = vmap(grad(loss), in_dims=(None, 0, 0))
+    chunk = PER_SAMPLE_CHUNK if chunk is None else chunk
     try:
         for inputs, targets in batches:
             for start in range(0, len(inputs), chunk):

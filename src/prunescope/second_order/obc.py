@@ -156,6 +156,8 @@ def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, *, live: torch.Tens
     the exact OBS solution for the chosen mask (least squares on the row's support, the optimum
     the column pass approximates). Returns ``(weight, keep-mask, bias)``; pruned weights are 0.
     """
+    if sum(x is not None for x in (keep, nm, fixed)) != 1:
+        raise PruningError("layer-wise reconstruction needs exactly one of keep, nm or fixed")
     rows, cols = weight.shape
     w = weight.detach().double().clone()
     if bias is not None:
@@ -299,6 +301,9 @@ def prune_layers(model: nn.Module, current: Mask, pattern: Pattern, inputs: Sequ
     ``bias`` the layers' biases take part in the reconstruction (and are corrected). Returns the
     new mask, a subset of ``current``.
     """
+    if counts is None and pattern.kind != "nm":
+        raise PruningError(f"layer-wise reconstruction under the {pattern} pattern needs the "
+                           "kept count of every tensor (counts=)")
     layers = {n: layer_of(model, n) for n in current}
     known = dict(known or {})
     if not sequential and any(n not in known for n in layers):

@@ -36,25 +36,40 @@ def read_input(spec: str, splits: Splits) -> tuple[torch.Tensor, str]:
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"--input {spec!r} is neither a file nor 'test:N' / 'val:N' / 'train:N'")
-    pixels = _read_pixels(path)
     channels = splits.input_shape[0]
-    if pixels.shape[0] != channels:
-        pixels = (pixels[:3].mean(0, keepdim=True) if channels == 1
-                  else pixels[:1].expand(channels, -1, -1))
+    pixels = _match_channels(_read_pixels(path, channels), channels)
     mean = torch.tensor(splits.mean).view(-1, 1, 1)
     std = torch.tensor(splits.std).view(-1, 1, 1)
     return ((pixels - mean) / std).float(), path.name
 
 
-def _read_pixels(path: Path) -> torch.Tensor:
-    """Pixels in [0, 1] as ``[C, H, W]`` from an image or ``.npy`` file."""
+def _match_channels(pixels: torch.Tensor, channels: int) -> torch.Tensor:
+    """The image's colour channels as the model's: alpha dropped, grey repeated, colour averaged
+    for a grey model, extra colour channels dropped (2-channel Colored MNIST keeps red, green)."""
+    if pixels.shape[0] in (2, 4) and pixels.shape[0] != channels:
+        pixels = pixels[:-1]  # luminance+alpha or RGBA: drop alpha
+    if pixels.shape[0] == channels:
+        return pixels
+    if channels == 1:
+        return pixels.mean(0, keepdim=True)
+    if pixels.shape[0] == 1:
+        return pixels.expand(channels, -1, -1)
+    if pixels.shape[0] > channels:
+        return pixels[:channels]
+    raise ConfigError(f"the input has {pixels.shape[0]} channels but the model takes {channels}")
+
+
+def _read_pixels(path: Path, channels: int) -> torch.Tensor:
+    """Pixels in [0, 1] as ``[C, H, W]`` from an image or ``.npy`` file (a 3-d array is
+    channels-first when its first dimension is the model's channel count, else HWC)."""
     if path.suffix.lower() == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise ConfigError(f"{path} is not a plain numpy array: {exc}") from None
         pixels = torch.from_numpy(np.asarray(array, dtype=np.float32))
-        if pixels.dim() == 3 and pixels.shape[0] not in (1, 3, 4):
+        if pixels.dim() == 3 and pixels.shape[0] != channels and pixels.shape[-1] in (
+                channels, 1, 3, 4):
             pixels = pixels.permute(2, 0, 1)
     elif path.suffix.lower() in (".png", ".jpg", ".jpeg"):
         from matplotlib import image

@@ -34,9 +34,13 @@ def _png(figure) -> bytes:
 
 
 def _picture(image: torch.Tensor, display: Display) -> torch.Tensor:
-    """``[H, W]`` or ``[H, W, 3]`` in [0, 1] for imshow."""
+    """``[H, W]`` or ``[H, W, 3]`` in [0, 1] for imshow (2 channels: red and green, blue 0)."""
     pixels = display(image).clamp(0, 1)
-    return pixels[0] if pixels.shape[0] == 1 else pixels.permute(1, 2, 0)
+    if pixels.shape[0] == 1:
+        return pixels[0]
+    rgb = torch.zeros((3, *pixels.shape[1:]), dtype=pixels.dtype)
+    rgb[:min(3, pixels.shape[0])] = pixels[:3]
+    return rgb.permute(1, 2, 0)
 
 
 def _heat(saliency: torch.Tensor) -> torch.Tensor:
