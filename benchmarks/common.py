@@ -58,6 +58,14 @@ def write_results(name: str, records: list[dict]) -> Path:
     return path
 
 
+def write_json_file(path: Path, obj: object) -> Path:
+    """Write ``obj`` as JSON to ``path`` (atomically) and return the path."""
+    from prunescope.files import write_json
+
+    write_json(path, obj)
+    return path
+
+
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
     """Rows as a markdown table, floats with 3 significant digits."""
     def cell(value: object) -> str:

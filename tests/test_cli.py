@@ -228,6 +228,36 @@ def test_prune_command_writes_mask_model_and_result(finished, tmp_path, capsys, 
         assert result["finetune"] is None
 
 
+def test_prune_and_evaluate_on_sparse_kernels_match_the_dense_path(finished, tmp_path, capsys,
+                                                                    monkeypatch):
+    from prunescope.kernels import backend, swap
+
+    if not backend().fast:
+        pytest.skip("no fast kernels on this machine")
+    monkeypatch.setattr(swap, "_time_pair", lambda *args: (1.0, 0.1))  # every layer "faster"
+    source = finished["out"] / "dense" / "model.safetensors"
+    results = {}
+    for flags in ((), ("--sparse-kernels",)):
+        out = tmp_path / ("sparse" if flags else "dense")
+        code, stdout, err = cli(capsys, "prune", "--checkpoint", source, "--criterion",
+                                "magnitude", "--sparsity", "0.9", "--out", out,
+                                "--finetune-epochs", "1", "--no-progress", *flags)
+        assert code == 0, err
+        results[bool(flags)] = checkpoint.load(out / "model.safetensors").model
+    assert "sparse (faster)" in err  # the choice per layer is shown
+    for key, value in results[False].items():
+        scale = max(value.abs().max().item(), 1e-12)
+        assert (results[True][key] - value).abs().max().item() <= 1e-5 * scale
+    path = tmp_path / "sparse" / "model.safetensors"
+    code, stdout, err = cli(capsys, "evaluate", "--checkpoint", path)
+    plain = json.loads(stdout)
+    code, stdout, err = cli(capsys, "evaluate", "--checkpoint", path, "--sparse-kernels")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["accuracy"] == pytest.approx(plain["accuracy"], abs=1e-4)
+    assert report["sparse_layers"] and report["seconds"] > 0 and "inference" in err
+
+
 def test_pruning_a_pruned_checkpoint_keeps_its_pruned_weights(finished, tmp_path, capsys):
     source = finished["out"] / "random+erk" / "s0.5"
     code, _, err = cli(capsys, "prune", "--checkpoint", source / "model.safetensors",

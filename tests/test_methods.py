@@ -134,7 +134,8 @@ def test_gmp_masks_only_shrink_and_reach_the_target(tmp_path):
 
 
 def test_gmp_schedule_past_the_training_is_refused(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "gmp", "start": 1, "end": 5, "unit": "epochs"}], epochs=2)
+    context = tiny_context(tmp_path, [{"method": "gmp", "start": 1, "end": 5, "unit": "epochs"}],
+                           epochs=2)
     with pytest.raises(ConfigError, match="gmp.end"):
         context.recipe.prune.methods[0].check(context, (0.9,))
 

@@ -86,6 +86,9 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--bn-recalibration", type=int, default=0, metavar="BATCHES",
                        help="re-estimate batch-norm statistics on this many batches of 100")
     prune.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    prune.add_argument("--sparse-kernels", action="store_true",
+                       help="fine-tune on the sparse kernels where measured faster (prints the "
+                       "choice per layer; see docs/kernels.md)")
     prune.add_argument("--data-root",
                        help="dataset directory, if the checkpoint's dataset needs one")
     prune.add_argument("--out", required=True, help="output directory")
@@ -96,6 +99,9 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", required=True)
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
     evaluate.add_argument("--data-root", help="dataset directory, if the dataset needs one")
+    evaluate.add_argument("--sparse-kernels", action="store_true",
+                          help="infer on the sparse kernels where measured faster (prints the "
+                          "choice per layer and the time of the pass)")
     evaluate.set_defaults(handler=_evaluate)
 
     listing = commands.add_parser("list", help="registered models, datasets, criteria, ...")
@@ -243,6 +249,7 @@ def _prune(args) -> int:
         Path(args.checkpoint), Path(args.out), criterion=args.criterion,
         allocation=args.allocation, sparsity=args.sparsity, pattern=args.pattern,
         effective=args.effective, finetune_epochs=args.finetune_epochs, lr=args.lr,
+        sparse_kernels=args.sparse_kernels,
         bn_recalibration=args.bn_recalibration,
         data_root=args.data_root, progress=args.progress,
     )
@@ -254,7 +261,8 @@ def _evaluate(args) -> int:
     from prunescope import commands
 
     print(json.dumps(commands.evaluate_checkpoint(Path(args.checkpoint), args.split,
-                                                  args.data_root), indent=2))
+                                                  args.data_root,
+                                                  sparse_kernels=args.sparse_kernels), indent=2))
     return 0
 
 

@@ -178,6 +178,9 @@ def validate(recipe: Recipe) -> None:
 
     data.DATASETS.get(recipe.data.name)
     models.MODELS.get(recipe.model.name)
+    if recipe.train.sparse_kernels:
+        raise ConfigError("train.sparse_kernels: sparse kernels need a fixed mask; set "
+                          "finetune.sparse_kernels (fine-tuning after one-shot pruning) instead")
     if recipe.prune is None:
         return
     prune = recipe.prune

@@ -56,6 +56,7 @@ class Hook(Protocol):
       the same batch and returns ``(loss, logits)`` (CrAM's second gradient); returning
       ``False`` skips this step's optimizer update (RigL's mask-update steps);
     - ``after_optimizer_step(model, step, optimizer)``;
+    - ``hold_(model)``: zero the held weights before training starts (default ``mask.apply_``);
     - ``state_dict()`` / ``load_state_dict(state)``: any other JSON-able state to checkpoint.
     """
 
@@ -64,7 +65,9 @@ class Hook(Protocol):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How to train. ``milestones`` are epochs (for the step schedule); lr is the peak rate."""
+    """How to train. ``milestones`` are epochs (for the step schedule); lr is the peak rate.
+    ``sparse_kernels`` runs the layers of a fixed mask on :mod:`prunescope.kernels` where they are
+    measured faster (fixed-mask fine-tuning only; see :mod:`prunescope.kernels.training`)."""
 
     epochs: int = 8
     batch_size: int = 128
@@ -78,6 +81,7 @@ class TrainConfig:
     gamma: float = 0.1
     label_smoothing: float = 0.0
     eval_batch_size: int = 1000
+    sparse_kernels: bool = False
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -119,12 +123,16 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (with momentum / Nesterov) or AdamW over all parameters."""
+    """SGD (with momentum / Nesterov) or AdamW over all parameters, in the multi-tensor
+    (``foreach``) form: one call per operation for all parameters, which on the CPU is what
+    keeps a small model's step from being mostly Python overhead."""
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        return torch.optim.AdamW(model.parameters(), lr=config.lr,
+                                 weight_decay=config.weight_decay, foreach=True)
     return torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum,
         nesterov=config.nesterov and config.momentum > 0, weight_decay=config.weight_decay,
+        foreach=True,
     )
 
 
@@ -164,6 +172,19 @@ def fit(model: nn.Module, splits: Splits, config: TrainConfig, run_dir: str | Pa
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.sparse_kernels:
+        from prunescope.kernels.training import sparse_layers
+
+        example = splits.train.x[:config.batch_size]
+        with sparse_layers(model, hook, example, run_dir,
+                           resuming=(run_dir / LAST).exists()) as held:
+            return _train(model, splits, config, run_dir, held, seed, meta, loss_fn, progress,
+                          desc)
+    return _train(model, splits, config, run_dir, hook, seed, meta, loss_fn, progress, desc)
+
+
+def _train(model, splits, config, run_dir, hook, seed, meta, loss_fn, progress, desc
+           ) -> dict[str, Any]:
     loop = _Loop(model, splits, config, run_dir, hook, seed, meta or {}, loss_fn)
     loop.resume()
     for epoch in range(loop.epoch, config.epochs):
@@ -187,7 +208,9 @@ class _Loop:
         if len(self.loader) == 0:
             raise ConfigError("the training set is empty; check the dataset and val_size")
         self.epoch, self.step, self.last = 0, 0, None
-        if hook is not None and hook.mask is not None:
+        if hasattr(hook, "hold_"):
+            hook.hold_(model)
+        elif hook is not None and hook.mask is not None:
             hook.mask.apply_(model)
 
     def resume(self) -> None:

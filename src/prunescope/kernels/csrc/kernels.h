@@ -1,0 +1,317 @@
+// The sparse kernels, written once over the vector type of vec.h and compiled once per
+// instruction set. Everything here has internal linkage (anonymous namespace): template code
+// compiled with -mavx2 must never be merged by the linker into the baseline translation unit.
+//
+// Layout: the batch (and, for convolutions, the output columns) is the innermost, contiguous
+// dimension, so every kept weight contributes one AXPY over a contiguous run of lanes: no gathers,
+// no scatters, full-width vector loads. See docs/kernels.md.
+#pragma once
+
+#include <cstdint>
+
+#include "table.h"
+#include "vec.h"
+
+namespace ps {
+namespace {
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// ---- gather: y = W x over the kept taps of each row ---------------------------------------------
+// One output tile (NV full vectors and an optional masked tail) per row, accumulated in registers
+// over the row's taps; U independent accumulator sets when the tile is too narrow to hide the FMA
+// latency. The row loop is inside the instantiation, so a row costs no call.
+template <class V, int NV, bool TAIL, int U>
+void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y, int64_t y_k,
+                 const int64_t* __restrict ptr, const int32_t* __restrict idx, int64_t ld,
+                 const typename V::T* __restrict vals, const typename V::T* __restrict bias,
+                 int64_t r0, int64_t r1, typename V::M m) {
+  using R = typename V::R;
+  using T = typename V::T;
+  constexpr int W = V::W;
+  constexpr int NT = NV + (TAIL ? 1 : 0);
+  for (int64_t k = r0; k < r1; ++k) {
+    R acc[U][NT];
+    const R init = V::set1(bias ? bias[k] : T(0));
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < NT; ++v) acc[u][v] = u == 0 ? init : V::zero();
+    int64_t j = ptr[k];
+    const int64_t j1 = ptr[k + 1];
+    for (; j + U <= j1; j += U) {
+      for (int u = 0; u < U; ++u) {
+        const T* xp = x + static_cast<int64_t>(idx[j + u]) * ld;
+        const R w = V::set1(vals[j + u]);
+        for (int v = 0; v < NV; ++v) acc[u][v] = V::fma(w, V::load(xp + v * W), acc[u][v]);
+        if (TAIL) acc[u][NT - 1] = V::fma(w, V::loadm(xp + NV * W, m), acc[u][NT - 1]);
+      }
+    }
+    for (; j < j1; ++j) {
+      const T* xp = x + static_cast<int64_t>(idx[j]) * ld;
+      const R w = V::set1(vals[j]);
+      for (int v = 0; v < NV; ++v) acc[0][v] = V::fma(w, V::load(xp + v * W), acc[0][v]);
+      if (TAIL) acc[0][NT - 1] = V::fma(w, V::loadm(xp + NV * W, m), acc[0][NT - 1]);
+    }
+    for (int u = 1; u < U; ++u)
+      for (int v = 0; v < NT; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
+    T* yk = y + k * y_k;
+    for (int v = 0; v < NV; ++v) V::store(yk + v * W, acc[0][v]);
+    if (TAIL) V::storem(yk + NV * W, acc[0][NT - 1], m);
+  }
+}
+
+template <class V>
+using GatherRows = void (*)(const typename V::T*, typename V::T*, int64_t, const int64_t*,
+                            const int32_t*, int64_t, const typename V::T*, const typename V::T*,
+                            int64_t, int64_t, typename V::M);
+
+// Independent accumulator streams: enough that NT * U >= 8 chains hide the FMA latency.
+constexpr int streams(int nt) { return nt >= 6 ? 1 : nt >= 3 ? 2 : 4; }
+
+template <class V, int NV, bool TAIL>
+constexpr GatherRows<V> gather_entry() {
+  return &gather_rows<V, NV, TAIL, streams(NV + (TAIL ? 1 : 0))>;
+}
+
+template <class V>
+GatherRows<V> pick_gather(int nv, bool tail) {
+  static constexpr GatherRows<V> full[9] = {
+      gather_entry<V, 0, false>(), gather_entry<V, 1, false>(), gather_entry<V, 2, false>(),
+      gather_entry<V, 3, false>(), gather_entry<V, 4, false>(), gather_entry<V, 5, false>(),
+      gather_entry<V, 6, false>(), gather_entry<V, 7, false>(), gather_entry<V, 8, false>()};
+  static constexpr GatherRows<V> with_tail[8] = {
+      gather_entry<V, 0, true>(), gather_entry<V, 1, true>(), gather_entry<V, 2, true>(),
+      gather_entry<V, 3, true>(), gather_entry<V, 4, true>(), gather_entry<V, 5, true>(),
+      gather_entry<V, 6, true>(), gather_entry<V, 7, true>()};
+  return tail ? with_tail[nv] : full[nv];
+}
+
+template <class V>
+void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
+  constexpr int W = V::W;
+  constexpr int64_t TILE = 8 * W;
+  for (int64_t p = 0; p < a.P; ++p) {
+    const typename V::T* xp = a.x + p * a.x_p;
+    for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
+      const int64_t n = min64(TILE, a.L - t0);
+      const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
+      pick_gather<V>(nv, tail != 0)(xp + t0, a.y + p * a.y_p + t0, a.y_k, a.ptr, a.idx, a.ld,
+                                    a.vals, a.bias, r0, r1, V::mask(tail));
+    }
+  }
+}
+
+// ---- sddmm: dw[j] = <dy row, x tap> for the kept taps only -----------------------------------------
+// Short runs (Linear lane tiles, <= 4 vectors per call): the dy tile stays in registers and each
+// tap reads one contiguous stretch of x; eight taps are reduced together.
+template <class V, int NV, bool TAIL>
+void sddmm_tile(const typename V::T* __restrict g, const typename V::T* __restrict x,
+                const int32_t* __restrict idx, int64_t ld, int64_t j0, int64_t j1,
+                typename V::T* __restrict dw, typename V::M m) {
+  using R = typename V::R;
+  constexpr int W = V::W;
+  constexpr int NT = NV + (TAIL ? 1 : 0);
+  R gv[NT];
+  for (int v = 0; v < NV; ++v) gv[v] = V::load(g + v * W);
+  if (TAIL) gv[NT - 1] = V::loadm(g + NV * W, m);
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    R acc[8];
+    for (int t = 0; t < 8; ++t) {
+      const typename V::T* xp = x + static_cast<int64_t>(idx[j + t]) * ld;
+      acc[t] = V::mul(gv[0], NV > 0 ? V::load(xp) : V::loadm(xp, m));
+      for (int v = 1; v < NV; ++v) acc[t] = V::fma(gv[v], V::load(xp + v * W), acc[t]);
+      if (TAIL && NV > 0) acc[t] = V::fma(gv[NT - 1], V::loadm(xp + NV * W, m), acc[t]);
+    }
+    V::reduce8_add(acc, dw + j);
+  }
+  for (; j < j1; ++j) {
+    const typename V::T* xp = x + static_cast<int64_t>(idx[j]) * ld;
+    typename V::R acc = V::mul(gv[0], NV > 0 ? V::load(xp) : V::loadm(xp, m));
+    for (int v = 1; v < NV; ++v) acc = V::fma(gv[v], V::load(xp + v * W), acc);
+    if (TAIL && NV > 0) acc = V::fma(gv[NT - 1], V::loadm(xp + NV * W, m), acc);
+    dw[j] += V::hsum(acc);
+  }
+}
+
+template <class V>
+using SddmmTile = void (*)(const typename V::T*, const typename V::T*, const int32_t*, int64_t,
+                           int64_t, int64_t, typename V::T*, typename V::M);
+
+template <class V>
+SddmmTile<V> pick_sddmm(int nv, bool tail) {
+  static constexpr SddmmTile<V> full[5] = {nullptr, &sddmm_tile<V, 1, false>,
+                                           &sddmm_tile<V, 2, false>, &sddmm_tile<V, 3, false>,
+                                           &sddmm_tile<V, 4, false>};
+  static constexpr SddmmTile<V> with_tail[4] = {
+      &sddmm_tile<V, 0, true>, &sddmm_tile<V, 1, true>, &sddmm_tile<V, 2, true>,
+      &sddmm_tile<V, 3, true>};
+  return tail ? with_tail[nv] : full[nv];
+}
+
+template <class V>
+void sddmm_short(const SddmmArgs<typename V::T>& a, int64_t r0, int64_t r1) {
+  constexpr int W = V::W;
+  constexpr int64_t TILE = 4 * W;
+  if (!a.accumulate)
+    for (int64_t j = a.ptr[r0]; j < a.ptr[r1]; ++j) a.dw[j] = 0;
+  for (int64_t p = 0; p < a.P; ++p) {
+    const typename V::T* xp = a.x + p * a.x_p;
+    for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
+      const int64_t n = min64(TILE, a.L - t0);
+      const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
+      const typename V::M m = V::mask(tail);
+      SddmmTile<V> fn = pick_sddmm<V>(nv, tail != 0);
+      for (int64_t k = r0; k < r1; ++k) {
+        if (a.ptr[k] == a.ptr[k + 1]) continue;
+        fn(a.dy + k * a.dy_k + p * a.dy_p + t0, xp + t0, a.idx, a.ld, a.ptr[k], a.ptr[k + 1],
+           a.dw, m);
+      }
+    }
+  }
+}
+
+// Long runs (Conv2d output rows): eight taps at a time share each load of dy; their eight accumulators are reduced horizontally
+// once per chunk (after all S segments of up to 32 vectors), not once per vector.
+template <class V, int NT>
+void sddmm_chunk(const typename V::T* __restrict g, const typename V::T* __restrict x,
+                 const int32_t* __restrict idx, int64_t ld, int64_t j, int64_t S, int64_t x_s,
+                 int64_t dy_s, int64_t nv, int tail, typename V::M m,
+                 typename V::T* __restrict dw) {
+  using R = typename V::R;
+  using T = typename V::T;
+  constexpr int W = V::W;
+  R acc[8], odd[NT];  // odd: a second chain per tap, so that a few taps still fill the pipes
+  const T* xp[NT];
+  for (int t = 0; t < 8; ++t) acc[t] = V::zero();
+  for (int t = 0; t < NT; ++t) odd[t] = V::zero();
+  for (int t = 0; t < NT; ++t) xp[t] = x + static_cast<int64_t>(idx[j + t]) * ld;
+  for (int64_t s = 0; s < S; ++s) {
+    const T* gs = g + s * dy_s;
+    const int64_t xo = s * x_s;
+    int64_t v = 0;
+    if (NT <= 4) {
+      for (; v + 2 <= nv; v += 2) {
+        const R g0 = V::load(gs + v * W), g1 = V::load(gs + (v + 1) * W);
+        for (int t = 0; t < NT; ++t) {
+          acc[t] = V::fma(g0, V::load(xp[t] + xo + v * W), acc[t]);
+          odd[t] = V::fma(g1, V::load(xp[t] + xo + (v + 1) * W), odd[t]);
+        }
+      }
+    }
+    for (; v < nv; ++v) {
+      const R gv = V::load(gs + v * W);
+      for (int t = 0; t < NT; ++t) acc[t] = V::fma(gv, V::load(xp[t] + xo + v * W), acc[t]);
+    }
+    if (tail) {
+      const R gv = V::loadm(gs + nv * W, m);
+      for (int t = 0; t < NT; ++t)
+        acc[t] = V::fma(gv, V::loadm(xp[t] + xo + nv * W, m), acc[t]);
+    }
+  }
+  for (int t = 0; t < NT; ++t) acc[t] = V::add(acc[t], odd[t]);
+  if (NT == 8) {
+    V::reduce8_add(acc, dw + j);
+  } else {
+    alignas(64) T sums[8] = {};
+    V::reduce8_add(acc, sums);
+    for (int t = 0; t < NT; ++t) dw[j + t] += sums[t];
+  }
+}
+
+template <class V>
+using SddmmChunk = void (*)(const typename V::T*, const typename V::T*, const int32_t*, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, int, typename V::M,
+                            typename V::T*);
+
+template <class V>
+void sddmm_long(const SddmmArgs<typename V::T>& a, int64_t r0, int64_t r1) {
+  static constexpr SddmmChunk<V> rest[8] = {
+      nullptr, &sddmm_chunk<V, 1>, &sddmm_chunk<V, 2>, &sddmm_chunk<V, 3>,
+      &sddmm_chunk<V, 4>, &sddmm_chunk<V, 5>, &sddmm_chunk<V, 6>, &sddmm_chunk<V, 7>};
+  constexpr int W = V::W;
+  constexpr int64_t TILE = 32 * W;
+  if (!a.accumulate)
+    for (int64_t j = a.ptr[r0]; j < a.ptr[r1]; ++j) a.dw[j] = 0;
+  for (int64_t p = 0; p < a.P; ++p) {
+    for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
+      const int64_t n = min64(TILE, a.L - t0);
+      const int64_t nv = n / W;
+      const int tail = static_cast<int>(n % W);
+      const typename V::M m = V::mask(tail);
+      const typename V::T* x = a.x + p * a.x_p + t0;
+      for (int64_t k = r0; k < r1; ++k) {
+        const typename V::T* g = a.dy + k * a.dy_k + p * a.dy_p + t0;
+        int64_t j = a.ptr[k];
+        const int64_t end = a.ptr[k + 1];
+        for (; j + 8 <= end; j += 8)
+          sddmm_chunk<V, 8>(g, x, a.idx, a.ld, j, a.S, a.x_s, a.dy_s, nv, tail, m, a.dw);
+        if (j < end)
+          rest[end - j](g, x, a.idx, a.ld, j, a.S, a.x_s, a.dy_s, nv, tail, m, a.dw);
+      }
+    }
+  }
+}
+
+// ---- scatter: dx += w * dy over the taps of each input row (strided convolutions) -----------------
+template <class V>
+void axpy(int64_t n, typename V::T w, const typename V::T* __restrict x,
+          typename V::T* __restrict y) {
+  constexpr int W = V::W;
+  const typename V::R wv = V::set1(w);
+  int64_t t = 0;
+  for (; t + W <= n; t += W) V::store(y + t, V::fma(wv, V::load(x + t), V::load(y + t)));
+  if (t < n) {
+    const typename V::M m = V::mask(static_cast<int>(n - t));
+    V::storem(y + t, V::fma(wv, V::loadm(x + t, m), V::loadm(y + t, m)), m);
+  }
+}
+
+template <class V>
+void scatter(const ScatterArgs<typename V::T>& a, int64_t r0, int64_t r1) {
+  for (int64_t c = r0; c < r1; ++c) {
+    for (int64_t j = a.ptr[c]; j < a.ptr[c + 1]; ++j) {
+      const typename V::T w = a.vals[a.perm[j]];
+      const typename V::T* src = a.dy + a.src[j];
+      typename V::T* dst = a.dx + a.dst[j];
+      for (int64_t p = 0; p < a.P; ++p) axpy<V>(a.L, w, src + p * a.dy_p, dst + p * a.dx_p);
+    }
+  }
+}
+
+// ---- transpose: dst[c * drs + r] = src[r * srs + c] ------------------------------------------------
+// 8 x 8 register transposes, in blocks of up to 128 source rows swept 8 columns at a time: each
+// destination row then receives long contiguous runs while only 8 of them are written at once (the
+// destination rows of an NCHW tensor are often 2^k bytes apart and share one L1 set). Scalar at the
+// ragged edges.
+template <class V>
+void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_t drs, int64_t r0,
+               int64_t r1, int64_t C) {
+  constexpr int64_t BLOCK = 128;
+  const int64_t rfull = V::kBlockTranspose ? r0 + (r1 - r0) / 8 * 8 : r0;
+  const int64_t cfull = V::kBlockTranspose ? C / 8 * 8 : 0;
+  for (int64_t rb = r0; rb < rfull; rb += BLOCK) {
+    const int64_t re = min64(rb + BLOCK, rfull);
+    for (int64_t c = 0; c < cfull; c += 8)
+      for (int64_t r = rb; r < re; r += 8)
+        V::transpose8(src + r * srs + c, srs, dst + c * drs + r, drs);
+  }
+  // ragged edges: columns past cfull for the blocked rows, then all columns of the other rows
+  for (int64_t r = r0; r < rfull; ++r)
+    for (int64_t c = cfull; c < C; ++c) dst[c * drs + r] = src[r * srs + c];
+  for (int64_t rb = rfull; rb < r1; rb += 8) {
+    const int64_t re = min64(rb + 8, r1);
+    for (int64_t cb = 0; cb < C; cb += 64) {
+      const int64_t ce = min64(cb + 64, C);
+      for (int64_t c = cb; c < ce; ++c)
+        for (int64_t r = rb; r < re; ++r) dst[c * drs + r] = src[r * srs + c];
+    }
+  }
+}
+
+template <class V>
+Kernels<typename V::T> kernels() {
+  return {&gather<V>, &sddmm_short<V>, &sddmm_long<V>, &scatter<V>, &transpose<V>};
+}
+
+}  // namespace
+}  // namespace ps

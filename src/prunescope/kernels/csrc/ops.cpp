@@ -1,0 +1,699 @@
+// Torch glue for the sparse kernels: layout packing, threading, CPU-feature dispatch and the
+// operator registrations (torch.ops.prunescope_kernels.*). Compiled for the baseline ISA; the
+// arithmetic lives in kern_*.cpp, one translation unit per instruction set (see table.h).
+//
+// The batch is always the innermost (vector) dimension, so each kept weight is an AXPY or a dot
+// product over contiguous lanes. Linear: activations as [batch tiles][features][T lanes] (see
+// lane_tiles). Conv2d: the input packed as [C, Hp, sw, ceil(Wp / sw), N] (zero-padded, columns
+// split by stride phase, so every kept tap reads one contiguous run of Q * N lanes per output
+// row), the output computed as [K, P, Q, N] and transposed to [N, K, P, Q]. geom = [C, K, R, S, sh,
+// sw, pt, pb, pl, pr, dh, dw, groups]. Threads split the rows (output or input channels) into
+// ranges of equal work, with no synchronisation inside a range. See docs/kernels.md.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "table.h"
+
+namespace {
+
+bool has_avx2() {
+  __builtin_cpu_init();  // the CPU's own report (CPUID, and XGETBV for the OS saving AVX state)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+const ps::Table* best_table() { return has_avx2() ? ps_table_avx2() : ps_table_generic(); }
+
+const ps::Table*& active() {
+  static const ps::Table* table = best_table();
+  return table;
+}
+
+std::string variant() { return active()->name; }
+
+std::string set_variant(const std::string& name) {
+  if (name == "auto") {
+    active() = best_table();
+  } else if (name == "generic") {
+    active() = ps_table_generic();
+  } else if (name == "avx2") {
+    TORCH_CHECK(has_avx2(), "this CPU has no AVX2/FMA; use 'generic' or 'auto'");
+    active() = ps_table_avx2();
+  } else {
+    TORCH_CHECK(false, "unknown kernel variant '", name, "'; use auto, generic or avx2");
+  }
+  return active()->name;
+}
+
+template <class T>
+const ps::Kernels<T>& kernels();
+template <>
+const ps::Kernels<float>& kernels<float>() { return active()->f32; }
+template <>
+const ps::Kernels<double>& kernels<double>() { return active()->f64; }
+
+// ---- threading --------------------------------------------------------------------------------------
+// Split rows [0, rows) into one contiguous range per thread with equal cost, cost(row) = its taps +
+// a fixed per-row share; each range runs on one thread with no synchronisation inside.
+template <class F>
+void parallel_rows(const int64_t* ptr, int64_t rows, int64_t lanes, const F& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t taps = ptr[rows] - ptr[0];
+  // below ~2^18 multiply-adds (~20 us on one core) a second thread costs more than it saves
+  constexpr int64_t kRowCost = 2, kSerialWork = 1 << 18;
+  if (threads <= 1 || rows < 2 || (taps + rows) * lanes < kSerialWork) {
+    fn(0, rows);
+    return;
+  }
+  const int64_t total = taps + kRowCost * rows;
+  std::vector<int64_t> bounds(threads + 1, rows);
+  bounds[0] = 0;
+  int64_t row = 0;
+  for (int64_t t = 1; t < threads; ++t) {
+    const int64_t target = total * t / threads;
+    while (row < rows && (ptr[row] - ptr[0]) + kRowCost * row < target) ++row;
+    bounds[t] = row;
+  }
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      if (bounds[t] < bounds[t + 1]) fn(bounds[t], bounds[t + 1]);
+  });
+}
+
+// dst[c * drs + r] = src[r * srs + c] for r < R, c < C, on all threads (split over the longer side).
+template <class T>
+void transpose2d(const T* src, int64_t srs, T* dst, int64_t drs, int64_t R, int64_t C) {
+  if (R == 0 || C == 0) return;
+  constexpr int64_t kGrainElements = 1 << 16;
+  constexpr int64_t kBlock = 128;
+  if (R >= C) {
+    const int64_t blocks = (R + kBlock - 1) / kBlock;
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / (kBlock * C));
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      kernels<T>().transpose(src, srs, dst, drs, b0 * kBlock, std::min(b1 * kBlock, R), C);
+    });
+  } else {
+    const int64_t blocks = (C + kBlock - 1) / kBlock;
+    const int64_t grain = std::max<int64_t>(1, kGrainElements / (kBlock * R));
+    at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+      const int64_t c0 = b0 * kBlock, c1 = std::min(b1 * kBlock, C);
+      kernels<T>().transpose(src + c0, srs, dst + c0 * drs, drs, 0, R, c1 - c0);
+    });
+  }
+}
+
+// The weights in the transposed structure's order (input channel by input channel).
+template <class T>
+at::Tensor in_column_order(const at::Tensor& values, const at::Tensor& cperm) {
+  at::Tensor out = at::empty({values.numel()}, values.options());
+  const T* v = values.const_data_ptr<T>();
+  const int32_t* perm = cperm.const_data_ptr<int32_t>();
+  T* o = out.mutable_data_ptr<T>();
+  for (int64_t m = 0; m < values.numel(); ++m) o[m] = v[perm[m]];
+  return out;
+}
+
+// ---- Linear: lane tiles ------------------------------------------------------------------------------
+// The batch is cut into tiles of T lanes; a [rows, batch] operand is stored as one [rows, T] slab
+// per tile (the last one padded), so the rows a kernel reads for one tile are contiguous and, with
+// T chosen from the layer's size, fit in half of a typical 512 KiB L2 cache.
+struct Tiles {
+  int64_t B, T, full, rem;
+  int64_t count() const { return full + (rem > 0); }
+  int64_t width(int64_t t) const { return t < full ? T : rem; }
+};
+
+Tiles lane_tiles(int64_t B, int64_t in, int64_t out, int lanes) {
+  constexpr int64_t kSlabFloats = 1 << 16;
+  const int64_t rows = std::max<int64_t>({in, out, 1});
+  const int64_t vectors = std::clamp<int64_t>(kSlabFloats / (rows * lanes), 1, 8);
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(vectors * lanes, B));
+  return {B, T, B / T, B % T};
+}
+
+// src [B, C] (row stride srs) -> [tiles][C][T], the last tile's unused lanes zero. One parallel
+// region over (tile, block of 128 columns).
+template <class T>
+at::Tensor pack_tiles(const T* src, int64_t srs, int64_t C, const Tiles& t,
+                      const at::TensorOptions& options) {
+  at::Tensor out = at::empty({t.count() * C * t.T}, options);
+  T* dst = out.mutable_data_ptr<T>();
+  const int64_t blocks = (C + 127) / 128;
+  at::parallel_for(0, t.count() * blocks, std::max<int64_t>(1, (1 << 16) / (128 * t.T)),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b / blocks, c0 = (b % blocks) * 128, c1 = std::min(c0 + 128, C);
+      T* slab = dst + i * C * t.T;
+      kernels<T>().transpose(src + i * t.T * srs + c0, srs, slab + c0 * t.T, t.T, 0,
+                             t.width(i), c1 - c0);
+      if (t.width(i) < t.T)
+        for (int64_t c = c0; c < c1; ++c)
+          std::fill(slab + c * t.T + t.width(i), slab + (c + 1) * t.T, T(0));
+    }
+  });
+  return out;
+}
+
+// [tiles][C][T] -> [B, C], one parallel region over (tile, block of 128 columns of the output).
+template <class T>
+at::Tensor unpack_tiles(const at::Tensor& packed, int64_t C, const Tiles& t,
+                        const at::TensorOptions& options) {
+  at::Tensor out = at::empty({t.B, C}, options);
+  const T* src = packed.const_data_ptr<T>();
+  T* dst = out.mutable_data_ptr<T>();
+  const int64_t blocks = (C + 127) / 128;
+  at::parallel_for(0, t.count() * blocks, std::max<int64_t>(1, (1 << 16) / (128 * t.T)),
+                   [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i = b / blocks, c0 = (b % blocks) * 128, c1 = std::min(c0 + 128, C);
+      kernels<T>().transpose(src + i * C * t.T, t.T, dst + i * t.T * C, C, c0, c1, t.width(i));
+    }
+  });
+  return out;
+}
+
+// The full tiles as output rows p of one call, the remainder tile as a second call.
+template <class T>
+void gather_tiles(ps::GatherArgs<T> a, const Tiles& t, int64_t rows) {
+  ps::GatherArgs<T> r = a;
+  a.P = t.full, a.L = t.T;
+  r.x += t.full * a.x_p, r.y += t.full * a.y_p, r.P = 1, r.L = t.rem;
+  parallel_rows(a.ptr, rows, t.B, [&](int64_t r0, int64_t r1) {
+    if (a.P > 0) kernels<T>().gather(a, r0, r1);
+    if (r.L > 0) kernels<T>().gather(r, r0, r1);
+  });
+}
+
+// The weight gradient, tile by tile (every tile at full width: the padded lanes are zero).
+template <class T>
+void sddmm_tiles(ps::SddmmArgs<T> a, const Tiles& t, int64_t rows) {
+  a.P = t.count(), a.L = t.T, a.accumulate = false;
+  parallel_rows(a.ptr, rows, t.B, [&](int64_t r0, int64_t r1) {
+    kernels<T>().sddmm_short(a, r0, r1);
+  });
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor> linear_forward_impl(const at::Tensor& x,
+                                                       const at::Tensor& values,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       const at::Tensor& ptr,
+                                                       const at::Tensor& idx) {
+  const int64_t B = x.size(0), I = x.size(1), K = ptr.numel() - 1;
+  const Tiles t = lane_tiles(B, I, K, active()->lanes);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, x.options());
+  at::Tensor yt = at::empty({t.count() * K * t.T}, x.options());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  if (B > 0)
+    gather_tiles<T>({xt.const_data_ptr<T>(), I * t.T, yt.mutable_data_ptr<T>(), t.T, K * t.T,
+                     ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T,
+                     values.const_data_ptr<T>(), b.defined() ? b.const_data_ptr<T>() : nullptr,
+                     0, 0},
+                    t, K);
+  return {unpack_tiles<T>(yt, K, t, x.options()), xt};
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
+    const at::Tensor& dy, const at::Tensor& xt, int64_t I, const at::Tensor& values,
+    const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& cptr,
+    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+  const int64_t B = dy.size(0), K = dy.size(1);
+  const Tiles t = lane_tiles(B, I, K, active()->lanes);
+  const at::Tensor dyc = dy.contiguous();
+  at::Tensor dyt = pack_tiles<T>(dyc.const_data_ptr<T>(), K, K, t, dy.options());
+  at::Tensor dx, dw, db;
+  if (need_dw) {
+    dw = at::zeros({values.numel()}, values.options());  // stays zero for an empty batch
+    if (B > 0)
+      sddmm_tiles<T>({dyt.const_data_ptr<T>(), t.T, K * t.T, 0, xt.const_data_ptr<T>(), I * t.T,
+                      0, 0, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T,
+                      dw.mutable_data_ptr<T>(), 0, 0, false},
+                     t, K);
+  }
+  if (need_dx) {
+    at::Tensor dxt = at::empty({t.count() * I * t.T}, dy.options());
+    const at::Tensor cvals = in_column_order<T>(values, cperm);
+    if (B > 0)
+      gather_tiles<T>({dyt.const_data_ptr<T>(), K * t.T, dxt.mutable_data_ptr<T>(), t.T, I * t.T,
+                       cptr.const_data_ptr<int64_t>(), crow.const_data_ptr<int32_t>(), t.T,
+                       cvals.const_data_ptr<T>(), nullptr, 0, 0},
+                      t, I);
+    dx = unpack_tiles<T>(dxt, I, t, dy.options());
+  }
+  if (need_db) db = at::sum(dy, {0});
+  return {dx, dw, db};
+}
+
+// ---- Conv2d: geometry and packing ------------------------------------------------------------------
+struct Geom {
+  int64_t N, C, H, W, K, R, S, sh, sw, pt, pb, pl, pr, dh, dw, G;
+  int64_t P, Q, Hp, Wp, Wj;
+  int64_t cg() const { return C / G; }
+  int64_t kg() const { return K / G; }
+  int64_t L() const { return Q * N; }
+  int64_t plane() const { return Hp * sw * Wj * N; }  // one packed input channel
+  int64_t row() const { return sw * Wj * N; }         // one packed input row
+  int64_t phase() const { return Wj * N; }            // one stride phase of a row
+  bool plain() const { return pt == 0 && pb == 0 && pl == 0 && pr == 0 && sw == 1; }
+};
+
+Geom make_geom(at::IntArrayRef x, at::IntArrayRef g) {
+  TORCH_CHECK(g.size() == 13, "geom must have 13 entries");
+  TORCH_CHECK(x.size() == 4, "a Conv2d input must be 4-d [N, C, H, W]");
+  Geom o{};
+  o.N = x[0], o.H = x[2], o.W = x[3];
+  o.C = g[0], o.K = g[1], o.R = g[2], o.S = g[3], o.sh = g[4], o.sw = g[5];
+  o.pt = g[6], o.pb = g[7], o.pl = g[8], o.pr = g[9], o.dh = g[10], o.dw = g[11], o.G = g[12];
+  TORCH_CHECK(x[1] == o.C, "the input has ", x[1], " channels, the layer ", o.C);
+  TORCH_CHECK(o.G >= 1 && o.C % o.G == 0 && o.K % o.G == 0, "groups must divide both channels");
+  o.Hp = o.H + o.pt + o.pb;
+  o.Wp = o.W + o.pl + o.pr;
+  TORCH_CHECK(o.Hp - o.dh * (o.R - 1) >= 1 && o.Wp - o.dw * (o.S - 1) >= 1,
+              "the input (", o.H, " x ", o.W, ") is smaller than the dilated kernel");
+  o.P = (o.Hp - o.dh * (o.R - 1) - 1) / o.sh + 1;
+  o.Q = (o.Wp - o.dw * (o.S - 1) - 1) / o.sw + 1;
+  o.Wj = (o.Wp + o.sw - 1) / o.sw;
+  TORCH_CHECK(o.C * o.plane() < std::numeric_limits<int32_t>::max() &&
+                  o.K * (o.P + 2 * o.dh * o.R) * (o.Q + 2 * o.dw * o.S) * o.N <
+                      std::numeric_limits<int32_t>::max(),
+              "the layer's activations exceed 2^31 elements; the sparse kernels index with int32");
+  return o;
+}
+
+// src [N, C, H, W] -> [C, H + top + bottom, W + left + right, N] with zero margins (stride 1).
+template <class T>
+void pack_margins(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, int64_t top,
+                  int64_t bottom, int64_t left, int64_t right, T* dst) {
+  const int64_t chw = C * H * W;
+  if (top + bottom + left + right == 0) {
+    transpose2d<T>(src, chw, dst, N, N, chw);
+    return;
+  }
+  const int64_t rowlen = (W + left + right) * N, planelen = (H + top + bottom) * rowlen;
+  at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* plane = dst + c * planelen;
+      std::fill(plane, plane + top * rowlen, T(0));
+      std::fill(plane + (top + H) * rowlen, plane + planelen, T(0));
+      for (int64_t h = 0; h < H; ++h) {
+        T* row = plane + (top + h) * rowlen;
+        std::fill(row, row + left * N, T(0));
+        std::fill(row + (left + W) * N, row + rowlen, T(0));
+        kernels<T>().transpose(src + (c * H + h) * W, chw, row + left * N, N, 0, N, W);
+      }
+    }
+  });
+}
+
+// The input [N, C, H, W] packed as [C, Hp, sw, Wj, N]: zero-padded, columns split by stride phase.
+template <class T>
+at::Tensor pack_input(const at::Tensor& x, const Geom& g) {
+  const at::Tensor xc = x.contiguous();
+  const T* src = xc.const_data_ptr<T>();
+  if (g.sw == 1) {
+    at::Tensor out = at::empty({g.C * g.plane()}, x.options());
+    pack_margins<T>(src, g.N, g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr, out.mutable_data_ptr<T>());
+    return out;
+  }
+  at::Tensor out = at::zeros({g.C * g.plane()}, x.options());
+  T* dst = out.mutable_data_ptr<T>();
+  const int64_t chw = g.C * g.H * g.W;
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t col = w + g.pl;
+          T* d = dst + c * g.plane() + (h + g.pt) * g.row() + (col % g.sw) * g.phase() +
+                 (col / g.sw) * g.N;
+          const T* s = src + (c * g.H + h) * g.W + w;
+          for (int64_t n = 0; n < g.N; ++n) d[n] = s[n * chw];
+        }
+  });
+  return out;
+}
+
+// Offset of each kept tap's first lane in the packed input; taps = (c_in_group * R + r) * S + s.
+std::vector<int32_t> tap_offsets(const at::Tensor& ptr, const at::Tensor& taps, const Geom& g) {
+  const int64_t* p = ptr.const_data_ptr<int64_t>();
+  const int32_t* t = taps.const_data_ptr<int32_t>();
+  std::vector<int32_t> off(taps.numel());
+  for (int64_t k = 0; k < g.K; ++k) {
+    const int64_t c0 = (k / g.kg()) * g.cg();
+    for (int64_t j = p[k]; j < p[k + 1]; ++j) {
+      const int64_t c = c0 + t[j] / (g.R * g.S), r = (t[j] / g.S) % g.R, s = t[j] % g.S;
+      off[j] = static_cast<int32_t>(c * g.plane() + r * g.dh * g.row() +
+                                    ((s * g.dw) % g.sw) * g.phase() + ((s * g.dw) / g.sw) * g.N);
+    }
+  }
+  return off;
+}
+
+// [rows, N] -> [N, rows] as a tensor of `shape` (shape[0] == N).
+template <class T>
+at::Tensor unpack_rows(const at::Tensor& t, const at::TensorOptions& options,
+                       std::vector<int64_t> shape) {
+  const int64_t n = shape[0];
+  const int64_t rows = n == 0 ? 0 : t.numel() / n;
+  at::Tensor out = at::empty(shape, options);
+  transpose2d<T>(t.const_data_ptr<T>(), n, out.mutable_data_ptr<T>(), rows, rows, n);
+  return out;
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const at::Tensor& values,
+                                                     const std::optional<at::Tensor>& bias,
+                                                     const at::Tensor& ptr,
+                                                     const at::Tensor& taps,
+                                                     at::IntArrayRef geom) {
+  const Geom g = make_geom(x.sizes(), geom);
+  at::Tensor xt = pack_input<T>(x, g);
+  const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
+  at::Tensor yt = at::empty({g.K * g.P * g.L()}, x.options());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  ps::GatherArgs<T> a{xt.const_data_ptr<T>(), g.sh * g.row(), yt.mutable_data_ptr<T>(),
+                      g.P * g.L(), g.L(), ptr.const_data_ptr<int64_t>(), off.data(), 1,
+                      values.const_data_ptr<T>(), b.defined() ? b.const_data_ptr<T>() : nullptr,
+                      g.P, g.L()};
+  if (g.L() > 0)
+    parallel_rows(a.ptr, g.K, g.P * g.L(), [&](int64_t r0, int64_t r1) {
+      kernels<T>().gather(a, r0, r1);
+    });
+  return {unpack_rows<T>(yt, x.options(), {g.N, g.K, g.P, g.Q}), xt};
+}
+
+// Input gradient of a stride-1 convolution: the forward gather over the transposed structure
+// (rows = input channels, taps flipped), reading the output gradient packed with zero margins.
+template <class T>
+at::Tensor input_grad_gather(const T* dyb, const Geom& g, int64_t tm, int64_t lm, int64_t Pb,
+                             int64_t Qb, const at::Tensor& values, const at::Tensor& taps,
+                             const at::Tensor& cptr, const at::Tensor& cperm,
+                             const at::Tensor& crow, const at::TensorOptions& options) {
+  const int32_t* t = taps.const_data_ptr<int32_t>();
+  const int32_t* perm = cperm.const_data_ptr<int32_t>();
+  const int32_t* krow = crow.const_data_ptr<int32_t>();
+  std::vector<int32_t> off(taps.numel());
+  for (int64_t m = 0; m < taps.numel(); ++m) {
+    const int64_t tap = t[perm[m]], r = (tap / g.S) % g.R, s = tap % g.S;
+    off[m] = static_cast<int32_t>(((krow[m] * Pb + g.pt - r * g.dh + tm) * Qb +
+                                   (g.pl - s * g.dw + lm)) * g.N);
+  }
+  const int64_t lanes = g.W * g.N;
+  at::Tensor dxt = at::empty({g.C * g.H * lanes}, options);
+  const at::Tensor cvals = in_column_order<T>(values, cperm);
+  ps::GatherArgs<T> a{dyb, Qb * g.N, dxt.mutable_data_ptr<T>(), g.H * lanes, lanes,
+                      cptr.const_data_ptr<int64_t>(), off.data(), 1,
+                      cvals.const_data_ptr<T>(), nullptr, g.H, lanes};
+  if (lanes > 0)
+    parallel_rows(a.ptr, g.C, g.H * lanes, [&](int64_t r0, int64_t r1) {
+      kernels<T>().gather(a, r0, r1);
+    });
+  return unpack_rows<T>(dxt, options, {g.N, g.C, g.H, g.W});
+}
+
+// Input gradient of a strided convolution: scatter into the phase-split packed layout, unpack.
+template <class T>
+at::Tensor input_grad_scatter(const T* dyb, const Geom& g, const at::Tensor& values,
+                              const at::Tensor& ptr, const at::Tensor& taps,
+                              const at::Tensor& cptr, const at::Tensor& cperm,
+                              const at::Tensor& crow, const at::TensorOptions& options) {
+  const std::vector<int32_t> fwd = tap_offsets(ptr, taps, g);
+  const int32_t* perm = cperm.const_data_ptr<int32_t>();
+  const int32_t* krow = crow.const_data_ptr<int32_t>();
+  std::vector<int32_t> src(taps.numel()), dst(taps.numel());
+  for (int64_t m = 0; m < taps.numel(); ++m) {
+    src[m] = static_cast<int32_t>(krow[m] * g.P * g.L());
+    dst[m] = fwd[perm[m]];
+  }
+  at::Tensor packed = at::zeros({g.C * g.plane()}, options);
+  T* dxp = packed.mutable_data_ptr<T>();
+  ps::ScatterArgs<T> a{dyb, g.L(), dxp, g.sh * g.row(), cptr.const_data_ptr<int64_t>(),
+                       src.data(), dst.data(), values.const_data_ptr<T>(), perm, g.P, g.L()};
+  parallel_rows(a.ptr, g.C, g.P * g.L(), [&](int64_t r0, int64_t r1) {
+    kernels<T>().scatter(a, r0, r1);
+  });
+  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, options);
+  T* out = dx.mutable_data_ptr<T>();
+  const int64_t chw = g.C * g.H * g.W;
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t h = 0; h < g.H; ++h)
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t col = w + g.pl;
+          const T* s = dxp + c * g.plane() + (h + g.pt) * g.row() + (col % g.sw) * g.phase() +
+                       (col / g.sw) * g.N;
+          T* d = out + (c * g.H + h) * g.W + w;
+          for (int64_t n = 0; n < g.N; ++n) d[n * chw] = s[n];
+        }
+  });
+  return dx;
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
+    const at::Tensor& dy, const at::Tensor& xt, at::IntArrayRef x_shape,
+    const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& taps,
+    const at::Tensor& cptr, const at::Tensor& cperm, const at::Tensor& crow,
+    at::IntArrayRef geom, bool need_dx, bool need_dw, bool need_db) {
+  const Geom g = make_geom(x_shape, geom);
+  TORCH_CHECK(dy.dim() == 4 && dy.size(0) == g.N && dy.size(1) == g.K && dy.size(2) == g.P &&
+                  dy.size(3) == g.Q,
+              "the output gradient has the wrong shape");
+  TORCH_CHECK(xt.numel() == g.C * g.plane(), "the saved input does not fit the geometry");
+  // zero margins around the output gradient let the stride-1 input gradient read every tap
+  const bool gather_dx = need_dx && g.sh == 1 && g.sw == 1;
+  const int64_t tm = gather_dx ? std::max<int64_t>(0, (g.R - 1) * g.dh - g.pt) : 0;
+  const int64_t bm = gather_dx ? std::max<int64_t>(0, (g.R - 1) * g.dh - g.pb) : 0;
+  const int64_t lm = gather_dx ? std::max<int64_t>(0, (g.S - 1) * g.dw - g.pl) : 0;
+  const int64_t rm = gather_dx ? std::max<int64_t>(0, (g.S - 1) * g.dw - g.pr) : 0;
+  const int64_t Pb = g.P + tm + bm, Qb = g.Q + lm + rm;
+  const at::Tensor dyc = dy.contiguous();
+  at::Tensor dyb_t = at::empty({g.K * Pb * Qb * g.N}, dy.options());
+  pack_margins<T>(dyc.const_data_ptr<T>(), g.N, g.K, g.P, g.Q, tm, bm, lm, rm,
+                  dyb_t.mutable_data_ptr<T>());
+  const T* dyb = dyb_t.const_data_ptr<T>();
+  at::Tensor dx, dw, db;
+  if (need_dw) {
+    dw = at::empty({values.numel()}, values.options());
+    const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
+    ps::SddmmArgs<T> a{dyb + (tm * Qb + lm) * g.N, Pb * Qb * g.N, Qb * g.N, 0,
+                       xt.const_data_ptr<T>(), g.sh * g.row(), 0, 1, ptr.const_data_ptr<int64_t>(),
+                       off.data(), 1, dw.mutable_data_ptr<T>(), g.P, g.L(), false};
+    if (g.L() > 0) {
+      parallel_rows(a.ptr, g.K, g.P * g.L(), [&](int64_t r0, int64_t r1) {
+        kernels<T>().sddmm_long(a, r0, r1);
+      });
+    } else {
+      dw.zero_();
+    }
+  }
+  if (need_dx)
+    dx = gather_dx ? input_grad_gather<T>(dyb, g, tm, lm, Pb, Qb, values, taps, cptr, cperm,
+                                          crow, dy.options())
+                   : input_grad_scatter<T>(dyb, g, values, ptr, taps, cptr, cperm, crow,
+                                           dy.options());
+  // the packed gradient's margins are zero: each output channel's sum is one contiguous plane
+  if (need_db) db = at::sum(dyb_t.view({g.K, -1}), {1});
+  return {dx, dw, db};
+}
+
+// ---- operators ---------------------------------------------------------------------------------------
+void check_tensors(const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
+                   const at::Tensor& taps, int64_t rows) {
+  TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), "the sparse kernels are CPU-only");
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "input dtype ", x.scalar_type(),
+              " differs from the weights' ", values.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values must be contiguous and 1-d");
+  TORCH_CHECK(ptr.scalar_type() == at::kLong && ptr.is_contiguous() && ptr.numel() == rows + 1,
+              "row pointers must be a contiguous int64 tensor of rows + 1 entries");
+  TORCH_CHECK(taps.scalar_type() == at::kInt && taps.is_contiguous() &&
+                  taps.numel() == values.numel(),
+              "indices must be a contiguous int32 tensor with one entry per value");
+}
+
+void check_transpose(const at::Tensor& cptr, const at::Tensor& cperm, const at::Tensor& crow,
+                     int64_t rows, int64_t nnz) {
+  TORCH_CHECK(cptr.scalar_type() == at::kLong && cptr.is_contiguous() && cptr.numel() == rows + 1,
+              "column pointers must be a contiguous int64 tensor of columns + 1 entries");
+  TORCH_CHECK(cperm.scalar_type() == at::kInt && crow.scalar_type() == at::kInt &&
+                  cperm.is_contiguous() && crow.is_contiguous() && cperm.numel() == nnz &&
+                  crow.numel() == nnz,
+              "the transposed structure must be contiguous int32 tensors of nnz entries");
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& values,
+                                                  const std::optional<at::Tensor>& bias,
+                                                  const at::Tensor& ptr, const at::Tensor& idx) {
+  TORCH_CHECK(x.dim() == 2, "a Linear input must be 2-d here");
+  check_tensors(x, values, ptr, idx, ptr.numel() - 1);
+  if (x.scalar_type() == at::kDouble)
+    return linear_forward_impl<double>(x, values, bias, ptr, idx);
+  return linear_forward_impl<float>(x, values, bias, ptr, idx);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
+    const at::Tensor& dy, const at::Tensor& xt, int64_t in_features, const at::Tensor& values,
+    const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& cptr,
+    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+  TORCH_CHECK(dy.dim() == 2 && dy.size(1) == ptr.numel() - 1, "bad output gradient shape");
+  check_tensors(dy, values, ptr, idx, ptr.numel() - 1);
+  check_transpose(cptr, cperm, crow, in_features, values.numel());
+  if (dy.scalar_type() == at::kDouble)
+    return linear_backward_impl<double>(dy, xt, in_features, values, ptr, idx, cptr, cperm, crow,
+                                        need_dx, need_dw, need_db);
+  return linear_backward_impl<float>(dy, xt, in_features, values, ptr, idx, cptr, cperm, crow,
+                                     need_dx, need_dw, need_db);
+}
+
+std::tuple<at::Tensor, at::Tensor> conv_forward(const at::Tensor& x, const at::Tensor& values,
+                                                const std::optional<at::Tensor>& bias,
+                                                const at::Tensor& ptr, const at::Tensor& taps,
+                                                at::IntArrayRef geom) {
+  check_tensors(x, values, ptr, taps, geom.size() > 1 ? geom[1] : -1);
+  if (x.scalar_type() == at::kDouble)
+    return conv_forward_impl<double>(x, values, bias, ptr, taps, geom);
+  return conv_forward_impl<float>(x, values, bias, ptr, taps, geom);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
+    const at::Tensor& dy, const at::Tensor& xt, at::IntArrayRef x_shape,
+    const at::Tensor& values, const at::Tensor& ptr, const at::Tensor& taps,
+    const at::Tensor& cptr, const at::Tensor& cperm, const at::Tensor& crow,
+    at::IntArrayRef geom, bool need_dx, bool need_dw, bool need_db) {
+  check_tensors(dy, values, ptr, taps, geom.size() > 1 ? geom[1] : -1);
+  check_transpose(cptr, cperm, crow, geom.size() > 0 ? geom[0] : -1, values.numel());
+  if (dy.scalar_type() == at::kDouble)
+    return conv_backward_impl<double>(dy, xt, x_shape, values, ptr, taps, cptr, cperm, crow,
+                                      geom, need_dx, need_dw, need_db);
+  return conv_backward_impl<float>(dy, xt, x_shape, values, ptr, taps, cptr, cperm, crow, geom,
+                                   need_dx, need_dw, need_db);
+}
+
+// ---- autograd: the layers' single entry points ---------------------------------------------------
+// One operator per layer kind whose autograd node is C++: no Python runs per call beyond the
+// operator call itself. The weight gradient is on kept weights only; double backward is refused.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// autograd::Function inputs must be defined tensors: no bias is an empty one, flagged
+std::optional<at::Tensor> maybe(const at::Tensor& t, bool has) {
+  return has ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+at::Tensor or_empty(const std::optional<at::Tensor>& bias, const at::Tensor& like) {
+  return bias.has_value() ? *bias : at::empty({0}, like.options());
+}
+
+void refuse_double_backward() {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "the sparse kernels have no double backward; run with PRUNESCOPE_KERNELS=reference");
+}
+
+struct LinearFunction : public torch::autograd::Function<LinearFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
+                            const at::Tensor& bias, const at::Tensor& ptr, const at::Tensor& idx,
+                            const at::Tensor& cptr, const at::Tensor& cperm,
+                            const at::Tensor& crow, bool has_bias) {
+    auto [y, xt] = linear_forward(x, values, maybe(bias, has_bias), ptr, idx);
+    ctx->save_for_backward({values});
+    ctx->saved_data["xt"] = xt;
+    ctx->saved_data["structure"] = std::vector<at::Tensor>{ptr, idx, cptr, cperm, crow};
+    ctx->saved_data["in"] = x.size(1);
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward();
+    const at::Tensor values = ctx->get_saved_variables()[0];
+    const std::vector<at::Tensor> s = ctx->saved_data["structure"].toTensorVector();
+    auto [dx, dw, db] = linear_backward(
+        grads[0].contiguous(), ctx->saved_data["xt"].toTensor(), ctx->saved_data["in"].toInt(),
+        values, s[0], s[1], s[2], s[3], s[4], ctx->needs_input_grad(0),
+        ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    return {dx,          dw,          db,          at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+struct ConvFunction : public torch::autograd::Function<ConvFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
+                            const at::Tensor& bias, const at::Tensor& ptr, const at::Tensor& idx,
+                            const at::Tensor& cptr, const at::Tensor& cperm,
+                            const at::Tensor& crow, std::vector<int64_t> geom, bool has_bias) {
+    auto [y, xt] = conv_forward(x, values, maybe(bias, has_bias), ptr, idx, geom);
+    ctx->save_for_backward({values});
+    ctx->saved_data["xt"] = xt;
+    ctx->saved_data["structure"] = std::vector<at::Tensor>{ptr, idx, cptr, cperm, crow};
+    ctx->saved_data["x_shape"] = x.sizes().vec();
+    ctx->saved_data["geom"] = geom;
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    refuse_double_backward();
+    const at::Tensor values = ctx->get_saved_variables()[0];
+    const std::vector<at::Tensor> s = ctx->saved_data["structure"].toTensorVector();
+    auto [dx, dw, db] = conv_backward(
+        grads[0].contiguous(), ctx->saved_data["xt"].toTensor(),
+        ctx->saved_data["x_shape"].toIntVector(), values, s[0], s[1], s[2], s[3], s[4],
+        ctx->saved_data["geom"].toIntVector(), ctx->needs_input_grad(0),
+        ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    return {dx,          dw,          db,          at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                         const at::Tensor& idx, const at::Tensor& cptr, const at::Tensor& cperm,
+                         const at::Tensor& crow) {
+  return LinearFunction::apply(x, values, or_empty(bias, values), ptr, idx, cptr, cperm, crow,
+                               bias.has_value());
+}
+
+at::Tensor sparse_conv2d(const at::Tensor& x, const at::Tensor& values,
+                         const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                         const at::Tensor& idx, const at::Tensor& cptr, const at::Tensor& cperm,
+                         const at::Tensor& crow, at::IntArrayRef geom) {
+  return ConvFunction::apply(x, values, or_empty(bias, values), ptr, idx, cptr, cperm, crow,
+                             geom.vec(), bias.has_value());
+}
+
+}  // namespace
+
+TORCH_LIBRARY(prunescope_kernels, m) {
+  m.def("sparse_linear(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx,"
+        " Tensor cptr, Tensor cperm, Tensor crow) -> Tensor",
+        &sparse_linear);
+  m.def("sparse_conv2d(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx,"
+        " Tensor cptr, Tensor cperm, Tensor crow, int[] geom) -> Tensor",
+        &sparse_conv2d);
+  m.def("variant() -> str", &variant);
+  m.def("set_variant(str name) -> str", &set_variant);
+  m.def("linear_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx)"
+        " -> (Tensor, Tensor)",
+        &linear_forward);
+  m.def("linear_backward(Tensor dy, Tensor xt, int in_features, Tensor values, Tensor ptr,"
+        " Tensor idx, Tensor cptr, Tensor cperm, Tensor crow, bool need_dx, bool need_dw,"
+        " bool need_db) -> (Tensor, Tensor, Tensor)",
+        &linear_backward);
+  m.def("conv_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor taps, int[] geom)"
+        " -> (Tensor, Tensor)",
+        &conv_forward);
+  m.def("conv_backward(Tensor dy, Tensor xt, int[] x_shape, Tensor values, Tensor ptr,"
+        " Tensor taps, Tensor cptr, Tensor cperm, Tensor crow, int[] geom, bool need_dx,"
+        " bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)",
+        &conv_backward);
+}

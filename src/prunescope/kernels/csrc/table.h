@@ -1,0 +1,82 @@
+// The interface between the torch glue (ops.cpp, compiled for the baseline ISA) and the kernel
+// translation units (kern_*.cpp, one per instruction set). Plain structs and function pointers
+// only, so no inline function is shared between translation units compiled with different flags.
+#pragma once
+
+#include <cstdint>
+
+namespace ps {
+
+// y[k, p, t] = bias[k] + sum_j vals[j] * x[idx[j] * ld + p * x_p + t] over the taps j of row k,
+// for rows k in [r0, r1), output rows p < P and lanes t < L.
+template <class T>
+struct GatherArgs {
+  const T* x;
+  int64_t x_p;
+  T* y;
+  int64_t y_k, y_p;
+  const int64_t* ptr;
+  const int32_t* idx;
+  int64_t ld;
+  const T* vals;
+  const T* bias;  // nullable
+  int64_t P, L;
+};
+
+// dw[j] = sum_{p, s, t} dy[k * dy_k + p * dy_p + s * dy_s + t] * x[idx[j] * ld + p * x_p + s * x_s
+// + t] for the taps j of row k, s < S segments (the sampled dense-dense product: the weight
+// gradient on kept weights only).
+template <class T>
+struct SddmmArgs {
+  const T* dy;
+  int64_t dy_k, dy_p, dy_s;
+  const T* x;
+  int64_t x_p, x_s, S;
+  const int64_t* ptr;
+  const int32_t* idx;
+  int64_t ld;
+  T* dw;
+  int64_t P, L;
+  bool accumulate;  // add to dw instead of overwriting it
+};
+
+// dx[dst[j] + p * dx_p + t] += vals[perm[j]] * dy[src[j] + p * dy_p + t] for the taps j of row c
+// (the transposed product as a scatter; each row c owns the part of dx its taps write).
+template <class T>
+struct ScatterArgs {
+  const T* dy;
+  int64_t dy_p;
+  T* dx;
+  int64_t dx_p;
+  const int64_t* ptr;
+  const int32_t* src;
+  const int32_t* dst;
+  const T* vals;
+  const int32_t* perm;
+  int64_t P, L;
+};
+
+template <class T>
+struct Kernels {
+  void (*gather)(const GatherArgs<T>&, int64_t r0, int64_t r1);
+  void (*sddmm_short)(const SddmmArgs<T>&, int64_t r0, int64_t r1);  // runs of <= 64 lanes
+  void (*sddmm_long)(const SddmmArgs<T>&, int64_t r0, int64_t r1);   // long runs
+  void (*scatter)(const ScatterArgs<T>&, int64_t r0, int64_t r1);
+  // dst[c * drs + r] = src[r * srs + c] for r in [r0, r1), c < C
+  void (*transpose)(const T* src, int64_t srs, T* dst, int64_t drs, int64_t r0, int64_t r1,
+                    int64_t C);
+};
+
+struct Table {
+  const char* name;
+  int lanes;  // float32 lanes per vector
+  Kernels<float> f32;
+  Kernels<double> f64;
+};
+
+}  // namespace ps
+
+extern "C" {
+const ps::Table* ps_table_generic();
+const ps::Table* ps_table_avx2();
+}

@@ -1,0 +1,406 @@
+"""Tests of prunescope.kernels: every fast path against the reference (forward, input and weight
+gradient), every instruction-set variant this CPU runs, gradcheck in float64, the module contract
+(state dicts, optimizers), the swap rule and bad input. Build and fallback: test_kernels_build.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunescope.errors import PrunescopeError, PruningError
+from prunescope.kernels import (
+    KernelError,
+    SparseConv2d,
+    SparseLinear,
+    backend,
+    formats,
+    reference,
+    swap,
+    to_dense,
+    to_sparse,
+)
+from prunescope.mask import Mask
+from prunescope.sparsifier import MaskHold
+
+RTOL = 1e-5  # relative to the largest reference entry
+
+
+def variants() -> list[str]:
+    """The kernel variants this CPU can run (none when only the reference path is available)."""
+    chosen = backend()
+    if not chosen.fast:
+        return []
+    names = []
+    for name in ("generic", "avx2"):
+        try:
+            chosen.ops.set_variant(name)
+        except RuntimeError:
+            continue
+        names.append(name)
+    chosen.ops.set_variant(chosen.name)
+    return names
+
+
+@pytest.fixture(params=["generic", "avx2"])
+def variant(request):
+    """Run the test with one instruction-set variant forced (skipped if the CPU lacks it)."""
+    if request.param not in variants():
+        pytest.skip(f"{request.param} kernels not available on this machine")
+    ops = backend().ops
+    ops.set_variant(request.param)
+    yield request.param
+    ops.set_variant(backend().name)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
+    assert actual.shape == expected.shape
+    scale = max(expected.abs().max().item(), 1e-30) if expected.numel() else 1.0
+    error = (actual - expected).abs().max().item() / scale if expected.numel() else 0.0
+    assert error <= rtol, f"relative error {error:.2e} > {rtol:.0e}"
+
+
+def random_mask(shape, density: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(shape, generator=generator) < density
+
+
+def check_against_reference(layer: nn.Module, sparse: nn.Module, mask: torch.Tensor,
+                            x: torch.Tensor, rtol: float = RTOL) -> None:
+    """Forward, input gradient, weight gradient (kept entries) and bias gradient agree."""
+    dense = layer
+    with torch.no_grad():
+        dense.weight.mul_(mask)
+    x_ref = x.detach().clone().requires_grad_()
+    x_sp = x.detach().clone().requires_grad_()
+    expected, actual = dense(x_ref), sparse(x_sp)
+    assert_close(actual, expected, rtol)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    actual.backward(grad)
+    assert_close(x_sp.grad, x_ref.grad, rtol)
+    assert_close(sparse.values.grad, dense.weight.grad[mask], rtol)
+    if dense.bias is not None:
+        assert_close(sparse.bias.grad, dense.bias.grad, rtol)
+
+
+# -- formats --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape,groups", [((5, 7), 1), ((6, 4, 3, 3), 1), ((6, 2, 3, 1), 2)])
+def test_compress_round_trip_and_transposed_structure(shape, groups):
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(shape, generator=generator)
+    mask = random_mask(shape, 0.4, generator)
+    mask[0] = False  # an all-pruned row
+    c = formats.compress(weight, mask, groups)
+    assert torch.equal(formats.densify(c.values, mask), weight * mask)
+    assert c.ptr[0] == 0 and c.ptr[-1] == c.values.numel() and torch.all(c.ptr.diff() >= 0)
+    assert c.ptr[1] == 0
+    # the transposed structure lists every kept weight once, grouped by input channel
+    assert sorted(c.cperm.tolist()) == list(range(c.values.numel()))
+    rows = torch.repeat_interleave(torch.arange(shape[0]), c.ptr.diff())
+    assert torch.equal(rows[c.cperm.long()], c.crow.long())
+    per_channel = shape[1] * groups
+    assert c.cptr.numel() == per_channel + 1 and c.cptr[-1] == c.values.numel()
+
+
+# -- Linear ---------------------------------------------------------------------------------------
+LINEAR_CASES = [  # (batch, in, out, density)
+    (1, 7, 5, 0.5), (3, 1, 4, 1.0), (17, 40, 33, 0.3), (64, 64, 96, 0.1), (70, 33, 130, 0.05),
+    (129, 96, 40, 1.0), (200, 300, 20, 0.02), (5, 16, 16, 0.0),
+]
+
+
+@pytest.mark.parametrize("batch,n_in,n_out,density", LINEAR_CASES)
+def test_linear_matches_reference(variant, batch, n_in, n_out, density):
+    generator = torch.Generator().manual_seed(batch * 1000 + n_in)
+    layer = nn.Linear(n_in, n_out)
+    mask = random_mask(layer.weight.shape, density, generator)
+    if n_out > 2:
+        mask[1] = False  # an all-pruned output row
+        mask[:, 0] = False  # an all-pruned input column
+    sparse = SparseLinear.from_dense(layer, mask)
+    check_against_reference(layer, sparse, mask, torch.randn(batch, n_in, generator=generator))
+
+
+def test_linear_without_bias_and_with_leading_dims(variant):
+    generator = torch.Generator().manual_seed(3)
+    layer = nn.Linear(12, 9, bias=False)
+    mask = random_mask(layer.weight.shape, 0.4, generator)
+    sparse = SparseLinear.from_dense(layer, mask)
+    check_against_reference(layer, sparse, mask, torch.randn(2, 3, 12, generator=generator))
+
+
+def test_linear_float64_and_non_contiguous_input(variant):
+    generator = torch.Generator().manual_seed(4)
+    layer = nn.Linear(10, 6).double()
+    mask = random_mask(layer.weight.shape, 0.5, generator)
+    sparse = SparseLinear.from_dense(layer, mask)
+    x = torch.randn(10, 11, dtype=torch.float64, generator=generator).t()  # strided
+    check_against_reference(layer, sparse, mask, x, rtol=1e-12)
+
+
+# -- Conv2d ---------------------------------------------------------------------------------------
+CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, groups, batch, height, width)
+    (3, 4, 3, 1, 1, 1, 1, 2, 7, 6),
+    (4, 6, 3, 2, 1, 1, 1, 3, 9, 8),
+    (4, 4, (5, 3), (2, 1), (2, 1), 1, 1, 1, 11, 7),
+    (4, 6, 3, 1, 2, 2, 2, 2, 8, 9),
+    (6, 6, 3, 1, 1, 1, 6, 2, 6, 6),  # depthwise
+    (5, 7, 1, 1, 0, 1, 1, 4, 5, 5),
+    (4, 4, 3, 1, "same", 2, 1, 2, 7, 7),
+    (4, 4, 4, 1, "same", 1, 1, 2, 6, 5),  # asymmetric padding
+    (3, 5, 3, 3, 0, 1, 1, 2, 10, 11),
+    (3, 2, 2, 2, 3, 1, 1, 1, 4, 4),  # padding wider than the kernel reaches
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_conv2d_matches_reference(variant, case, density):
+    c_in, c_out, kernel, stride, padding, dilation, groups, batch, height, width = case
+    generator = torch.Generator().manual_seed(c_in * 100 + c_out)
+    layer = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups)
+    mask = random_mask(layer.weight.shape, density, generator)
+    mask[0] = False  # an all-pruned output channel
+    sparse = SparseConv2d.from_dense(layer, mask)
+    x = torch.randn(batch, c_in, height, width, generator=generator)
+    check_against_reference(layer, sparse, mask, x)
+
+
+def test_conv2d_unbatched_input_and_no_bias(variant):
+    generator = torch.Generator().manual_seed(5)
+    layer = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    mask = random_mask(layer.weight.shape, 0.5, generator)
+    sparse = SparseConv2d.from_dense(layer, mask)
+    check_against_reference(layer, sparse, mask, torch.randn(3, 5, 5, generator=generator))
+
+
+def test_gradcheck_float64():
+    generator = torch.Generator().manual_seed(6)
+    linear = SparseLinear.from_dense(nn.Linear(5, 4).double(), random_mask((4, 5), 0.6, generator))
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: _call(linear, x, v, b),
+                                    (x, linear.values, linear.bias))
+    conv = SparseConv2d.from_dense(nn.Conv2d(2, 3, 3, stride=2, padding=1).double(),
+                                   random_mask((3, 2, 3, 3), 0.6, generator))
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, v, b: _call(conv, x, v, b),
+                                    (x, conv.values, conv.bias))
+
+
+def test_double_backward_is_refused_not_wrong():
+    if not backend().fast:
+        pytest.skip("no fast kernels on this machine")
+    sparse = SparseLinear.from_dense(nn.Linear(4, 3), torch.ones(3, 4, dtype=torch.bool))
+    x = torch.randn(2, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(sparse(x).sum(), x, create_graph=True)
+
+
+def _call(layer, x, values, bias):
+    """Call ``layer`` with ``values``/``bias`` swapped in, so gradcheck can perturb them."""
+    saved = layer.values, layer.bias
+    layer._parameters["values"], layer._parameters["bias"] = values, bias
+    try:
+        return layer(x)
+    finally:
+        layer._parameters["values"], layer._parameters["bias"] = saved
+
+
+# -- the module contract --------------------------------------------------------------------------
+def lenet_like() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def model_mask(model: nn.Module, density: float = 0.3) -> Mask:
+    generator = torch.Generator().manual_seed(1)
+    return Mask({n: random_mask(p.shape, density, generator)
+                 for n, p in model.named_parameters() if n.endswith("weight")})
+
+
+def force_all(model: nn.Module, mask: Mask) -> swap.SwapPlan:
+    return to_sparse(model, mask, torch.randn(2, 1, 6, 6), min_speedup=0.0, verbose=False)
+
+
+def test_state_dict_has_dense_keys_and_round_trips():
+    dense = lenet_like()
+    mask = model_mask(dense)
+    mask.apply_(dense)
+    sparse = lenet_like()
+    force_all(sparse, mask)
+    assert all(isinstance(sparse[i], (SparseConv2d, SparseLinear)) for i in (0, 3, 5))
+    sparse.load_state_dict(dense.state_dict())  # dense -> sparse
+    state = sparse.state_dict()
+    assert state.keys() == dense.state_dict().keys()
+    fresh = lenet_like()
+    fresh.load_state_dict(state)  # sparse -> dense
+    for key, value in dense.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+    x = torch.randn(4, 1, 6, 6)
+    assert_close(sparse(x), dense(x))
+
+
+def test_loading_weights_outside_the_mask_is_an_error():
+    dense = lenet_like()
+    mask = model_mask(dense)
+    sparse = lenet_like()
+    force_all(sparse, mask)
+    with pytest.raises(RuntimeError, match="non-zero weights where the sparse layer's mask"):
+        sparse.load_state_dict(dense.state_dict())  # dense was never pruned
+
+
+def test_training_matches_dense_training_with_the_mask_held():
+    """SGD with momentum and weight decay: sparse layers follow the masked dense run."""
+    dense = lenet_like()
+    mask = model_mask(dense)
+    sparse = lenet_like()
+    force_all(sparse, mask)
+    hold = MaskHold(mask)
+    hold.mask.apply_(dense)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
+                  for m in (dense, sparse)]
+    generator = torch.Generator().manual_seed(2)
+    for step in range(4):
+        x, y = torch.randn(8, 1, 6, 6, generator=generator), torch.randint(0, 3, (8,),
+                                                                            generator=generator)
+        for model, optimizer in zip((dense, sparse), optimizers, strict=True):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if model is dense:
+                hold.before_optimizer_step(model, step)
+            optimizer.step()
+            if model is dense:
+                hold.after_optimizer_step(model, step)
+    for key, value in dense.state_dict().items():
+        assert_close(sparse.state_dict()[key], value, rtol=1e-5)
+
+
+def test_to_dense_restores_plain_layers_and_returns_the_mask():
+    model = lenet_like()
+    mask = model_mask(model)
+    mask.apply_(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    force_all(model, mask)
+    back = to_dense(model)
+    assert back.equal(mask)
+    assert [type(m) for m in model] == [type(m) for m in lenet_like()]
+    for key, value in before.items():
+        assert torch.equal(model.state_dict()[key], value)
+
+
+def test_bfloat16_runs_the_reference_path():
+    generator = torch.Generator().manual_seed(7)
+    layer = nn.Linear(8, 4).to(torch.bfloat16)
+    mask = random_mask((4, 8), 0.5, generator)
+    sparse = SparseLinear.from_dense(layer, mask)
+    x = torch.randn(3, 8, generator=generator).to(torch.bfloat16)
+    expected = reference.linear(x, sparse.values, sparse.mask, sparse.bias)
+    assert torch.equal(sparse(x), expected)
+
+
+# -- the swap rule --------------------------------------------------------------------------------
+def test_swap_rule_follows_the_measurement(monkeypatch):
+    model = lenet_like()
+    mask = model_mask(model)
+    timings = {0: (1.0, 0.5), 3: (1.0, 0.95), 5: (1.0, 2.0)}  # dense ms, sparse ms per layer
+
+    def fake(layer, kind, keep, input_shape, input_grad, training, repeats):
+        index = next(i for i, m in enumerate(model) if m is layer)
+        return timings[index]
+
+    monkeypatch.setattr(swap, "_time_pair", fake)
+    lines = []
+    plan = to_sparse(model, mask, torch.randn(2, 1, 6, 6), log=lines.append)
+    assert plan.swapped == ["0"]  # 2x: swapped; 1.05x: under min_speedup; 0.5x: slower
+    assert isinstance(model[0], SparseConv2d) and isinstance(model[3], nn.Linear)
+    assert set(plan.residual) == {"3.weight", "5.weight"}
+    assert "sparse (faster)" in lines[0] and "dense (not 1.1x faster)" in lines[0]
+
+
+def test_swap_rule_never_makes_a_synthetic_model_slower(request):
+    """Measured for real: a 99%-sparse layer is swapped, an unpruned one (where the dense
+    product wins by a wide margin) is not."""
+    if not backend().fast:
+        pytest.skip("no fast kernels on this machine")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: timings stay meaningful on a busy shared machine
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512))
+    mask = Mask({"0.weight": torch.rand(512, 512) < 0.01,
+                 "2.weight": torch.ones(512, 512, dtype=torch.bool)})
+    plan = to_sparse(model, mask, torch.randn(64, 512), verbose=False)
+    assert plan.swapped == ["0"]
+    for choice in plan.layers:
+        assert choice.sparse == (choice.sparse_ms * 1.1 <= choice.dense_ms)
+
+
+def test_swap_without_example_times_linear_layers_only(monkeypatch):
+    monkeypatch.setattr(swap, "_time_pair", lambda *args: (1.0, 0.1))
+    model = lenet_like()
+    plan = to_sparse(model, model_mask(model), verbose=False)
+    assert plan.swapped == ["3", "5"]
+    assert "give example=" in plan.layers[0].reason
+
+
+def test_inference_mode_and_repeated_swaps(monkeypatch):
+    monkeypatch.setattr(swap, "_time_pair", lambda *args: (1.0, 0.1))
+    model = lenet_like()
+    mask = model_mask(model)
+    to_sparse(model, mask, torch.randn(2, 1, 6, 6), verbose=False)
+    plan = to_sparse(model, mask, torch.randn(5, 1, 6, 6), training=False, verbose=False)
+    assert plan.swapped == ["0", "3", "5"] and plan.residual is None
+    assert "inference" in plan.table()
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_bad_input_is_a_clear_error():
+    layer = nn.Linear(4, 3)
+    with pytest.raises(KernelError, match="mask has shape"):
+        SparseLinear.from_dense(layer, torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(KernelError, match="bool tensor"):
+        SparseLinear.from_dense(layer, torch.ones(3, 4))
+    sparse = SparseLinear.from_dense(layer, torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(KernelError, match="float64 input but holds torch.float32"):
+        sparse(torch.randn(2, 4, dtype=torch.float64))
+    with pytest.raises(KernelError, match="expects 4 input features"):
+        sparse(torch.randn(2, 5))
+    reflect = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+    with pytest.raises(KernelError, match="padding_mode='reflect'"):
+        SparseConv2d.from_dense(reflect, torch.ones(2, 2, 3, 3, dtype=torch.bool))
+    conv = SparseConv2d.from_dense(nn.Conv2d(2, 2, 3), torch.ones(2, 2, 3, 3, dtype=torch.bool))
+    with pytest.raises(KernelError, match=r"expects \[N, 2, H, W\]"):
+        conv(torch.randn(1, 3, 5, 5))
+    assert issubclass(KernelError, PrunescopeError)
+
+
+def test_to_sparse_refuses_a_mask_that_does_not_fit_and_explains_dense_layers():
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), nn.Flatten(),
+                          nn.Linear(2 * 4 * 4, 3))
+    with pytest.raises(PruningError, match="shape"):
+        to_sparse(model, Mask({"2.weight": torch.ones(3, 3, dtype=torch.bool)}), verbose=False)
+    mask = Mask({"0.weight": torch.ones(2, 2, 3, 3, dtype=torch.bool),
+                 "2.bias": torch.ones(3, dtype=torch.bool)})
+    plan = to_sparse(model, mask, torch.randn(1, 2, 4, 4), verbose=False)
+    assert plan.swapped == []
+    reasons = [c.reason for c in plan.layers]
+    assert "padding_mode='reflect'" in reasons[0]
+    assert "no sparse kernel for Linear.bias" in reasons[1]
+
+
+def test_to_sparse_leaves_unsupported_layers_dtypes_and_devices_dense():
+    model = nn.Sequential(nn.Linear(8, 4).half(), nn.Linear(4, 4, device="meta"),
+                          nn.Conv1d(4, 4, 1))
+    mask = Mask({"0.weight": torch.ones(4, 8, dtype=torch.bool),
+                 "1.weight": torch.ones(4, 4, dtype=torch.bool),
+                 "2.weight": torch.ones(4, 4, 1, dtype=torch.bool)})
+    plan = to_sparse(model, mask, verbose=False)
+    assert plan.swapped == []
+    reasons = [c.reason for c in plan.layers]
+    assert "not torch.float16 on cpu" in reasons[0] and "on meta" in reasons[1]
+    assert "no sparse kernel for Conv1d.weight" in reasons[2]
+
