@@ -186,4 +186,4 @@ class CrAM(Method):
         mask.save(directory / "mask.safetensors")
         return context.finish(directory, model, mask, started, method=label, sparsity=sparsity,
                               dense_accuracy=dense_scores["accuracy"],
-                              bn_recalibration_batches=recalibrated)
+                              bn_recalibration_batches=recalibrated, finetuned=False)

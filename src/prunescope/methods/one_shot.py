@@ -91,7 +91,8 @@ class OneShot(Method):
             checkpoint.save(directory / FINAL, model, meta=context.meta(model, method=fields),
                             mask=mask)
         return context.finish(directory, model, mask, started, **fields,
-                              accuracy_before_finetune=before)
+                              accuracy_before_finetune=before,
+                              finetuned=finetune is not None and finetune.epochs > 0)
 
     def fields(self, sparsity: float) -> dict[str, Any]:
         return {"method": self.label, "criterion": self.criterion,
