@@ -13,9 +13,13 @@ from pipeline_helpers import write_recipe
 from prunescope import checkpoint
 
 RECIPE = {"train": {"epochs": 1, "batch_size": 64, "lr": 0.05},
-          "prune": {"methods": [{"method": "gmp", "start": 0.2, "end": 0.8, "every": 4}],
+          "prune": {"methods": [{"method": "gmp", "start": 0.2, "end": 0.8, "every": 4},
+                                {"criterion": "magnitude"}],
                     "sparsities": [0.8]},
-          "finetune": None}
+          # fine-tuning on the sparse kernels: rank 0 measures and decides for every rank
+          "finetune": {"epochs": 1, "batch_size": 64, "lr": 0.05, "sparse_kernels": True}}
+STAGES = ("dense/model.safetensors", "gmp/s0.8/model.safetensors",
+          "magnitude+global/s0.8/model.safetensors")
 
 
 def run(args: list[str], cwd) -> subprocess.CompletedProcess:
@@ -38,7 +42,7 @@ def both(tmp_path_factory):
 
 def test_two_processes_match_one_process(both):
     tmp, _ = both
-    for stage in ("dense/model.safetensors", "gmp/s0.8/model.safetensors"):
+    for stage in STAGES:
         one, two = checkpoint.load(tmp / "one" / stage), checkpoint.load(tmp / "two" / stage)
         for key, value in one.model.items():
             torch.testing.assert_close(two.model[key], value, rtol=1e-4, atol=1e-5)
@@ -53,6 +57,7 @@ def test_only_rank_zero_wrote_and_printed(both):
     tmp, double = both
     assert double.stdout.count("results:") == 1
     assert not list((tmp / "two").rglob("*.tmp"))
+    assert (tmp / "two" / "magnitude+global" / "s0.8" / "sparse_layers.json").is_file()
 
 
 def test_an_unavailable_backend_is_one_line_and_writes_nothing(tmp_path):
