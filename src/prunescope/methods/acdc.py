@@ -137,9 +137,6 @@ class ACDC(Method):
     def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
         self.phases(context)
 
-    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        return [self.run_one(context, sparsity) for sparsity in sparsities]
-
     def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
         directory = run_dir(context, self.label, sparsity)
         if (done := context.cached(directory)) is not None:

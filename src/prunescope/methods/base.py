@@ -70,8 +70,29 @@ class Method:
 
     def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
         """One result per sparsity (more for methods with controls); finished stages are read
-        back from their ``result.json``."""
+        back from their ``result.json``. By default :meth:`run_one` for each sparsity."""
+        return [self.run_one(context, sparsity) for sparsity in sparsities]
+
+    def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
+        """The result at one sparsity (methods that use the default :meth:`run`)."""
         raise NotImplementedError
+
+
+def train_from_scratch(context: Context, method: Method, sparsity: float,
+                       make_hook: Callable[[nn.Module], Any]) -> dict[str, Any]:
+    """The sparse-training stage: a fresh model trained on the method's budget under the hook
+    ``make_hook(model)`` builds, into ``OUT/<label>/s<sparsity>``, with the hook's final mask
+    in the result (read back when the stage has finished)."""
+    directory = run_dir(context, method.label, sparsity)
+    if (done := context.cached(directory)) is not None:
+        return done
+    started = time.perf_counter()
+    model = context.fresh_model()
+    hook = make_hook(model)
+    fields = {"method": method.label, "sparsity": sparsity}
+    context.fit(model, directory, context.train_config(method.budget), hook=hook,
+                desc=f"{method.label} s={sparsity:g}", method=fields)
+    return context.finish(directory, model, hook.mask, started, **fields)
 
 
 def check_unit(method: str, unit: str) -> None:

@@ -8,13 +8,12 @@ return, and training continues to the end with the final mask held.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from prunescope.allocation import ALLOCATIONS, check_sparsity
 from prunescope.errors import ConfigError
-from prunescope.methods.base import Context, Method, check_unit, register, run_dir
+from prunescope.methods.base import Context, Method, check_unit, register, train_from_scratch
 from prunescope.schedules import Gradual
 from prunescope.sparsifier import ScheduledPruning
 
@@ -64,19 +63,8 @@ class GMP(Method):
         for sparsity in sparsities:
             self.schedule(context, sparsity)
 
-    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        return [self.run_one(context, sparsity) for sparsity in sparsities]
-
     def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
-        directory = run_dir(context, self.label, sparsity)
-        if (done := context.cached(directory)) is not None:
-            return done
-        started = time.perf_counter()
-        model = context.fresh_model()
         prune = context.recipe.prune
-        hook = ScheduledPruning(self.schedule(context, sparsity), "magnitude", self.allocation,
-                                include=prune.include, exclude=prune.exclude)
-        fields = {"method": self.label, "sparsity": sparsity}
-        context.fit(model, directory, context.train_config(self.budget), hook=hook,
-                    desc=f"{self.label} s={sparsity:g}", method=fields)
-        return context.finish(directory, model, hook.mask, started, **fields)
+        return train_from_scratch(context, self, sparsity, lambda model: ScheduledPruning(
+            self.schedule(context, sparsity), "magnitude", self.allocation,
+            include=prune.include, exclude=prune.exclude))

@@ -61,9 +61,6 @@ class OneShot(Method):
                   include=prune_config.include, exclude=prune_config.exclude,
                   overrides=self.overrides)
 
-    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        return [self.run_one(context, sparsity) for sparsity in sparsities]
-
     def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
         """Prune, fine-tune (if the recipe has ``finetune``), evaluate; cached in result.json."""
         directory = run_dir(context, self.label, sparsity)

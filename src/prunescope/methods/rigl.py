@@ -11,7 +11,6 @@ optimizer step is skipped on update steps, and every layer keeps its count of we
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ from prunescope.methods.base import (
     generator_state,
     register,
     restore_generator,
-    run_dir,
+    train_from_scratch,
 )
 from prunescope.patterns import topk_mask
 from prunescope.sparsifier import MaskHold, agree, prune
@@ -138,23 +137,16 @@ class RigL(Method):
     def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
         self.schedule(context)
 
-    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        return [self.run_one(context, sparsity) for sparsity in sparsities]
-
     def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
-        directory = run_dir(context, self.label, sparsity)
-        if (done := context.cached(directory)) is not None:
-            return done
-        started = time.perf_counter()
-        model = context.fresh_model()
+        return train_from_scratch(context, self, sparsity, lambda model: self.hook(
+            context, model, sparsity))
+
+    def hook(self, context: Context, model: nn.Module, sparsity: float) -> DropGrowHook:
+        """A random mask of the allocation's per-layer sparsities, then drop and grow."""
         prune_config = context.recipe.prune
         mask = prune(model, "random", self.allocation, sparsity, include=prune_config.include,
                      exclude=prune_config.exclude, seed=context.recipe.seed)
-        hook = DropGrowHook(mask, self.schedule(context), self.grow, context.recipe.seed)
-        fields = {"method": self.label, "sparsity": sparsity}
-        context.fit(model, directory, context.train_config(self.budget), hook=hook,
-                    desc=f"{self.label} s={sparsity:g}", method=fields)
-        return context.finish(directory, model, hook.mask, started, **fields)
+        return DropGrowHook(mask, self.schedule(context), self.grow, context.recipe.seed)
 
 
 @register("set")
