@@ -1,6 +1,7 @@
 """Atomic file writes and the safe tensor file format.
 
-Every file prunescope writes goes through :func:`atomic_write_bytes` (or :func:`append_jsonl`):
+Every file prunescope writes goes through :func:`atomic_write_bytes` (or :func:`append_jsonl`; the
+torch-free report calls :func:`prunescope.atomic.replace_file` beneath them directly):
 written to a temporary file in the target directory, flushed, then renamed over the target, so a
 killed process leaves either the old file or the new one, never half of one. In multi-process
 training only rank 0 writes. Tensors are stored with safetensors (no pickle);
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from prunescope import distributed
+from prunescope.atomic import replace_file
 from prunescope.errors import CheckpointError
 
 META_KEY = "prunescope"
@@ -31,20 +32,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
     In multi-process training only rank 0 writes; the call is a no-op on the other ranks.
     """
-    if not distributed.is_writer():
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if distributed.is_writer():
+        replace_file(path, data)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from prunescope.atomic import replace_file
 from prunescope.errors import PrunescopeError
 
 AUDIT_VERSION = "prunescope.audit/1"
@@ -40,7 +40,7 @@ def render(audit: dict) -> str:
 
 def write_report(audit: dict, path: str | os.PathLike) -> None:
     """Render ``audit`` and write it to ``path`` atomically."""
-    _atomic_write(Path(path), render(audit).encode("utf-8"))
+    replace_file(path, render(audit).encode("utf-8"))
 
 
 def load_audit(path: str | os.PathLike) -> dict:
@@ -72,19 +72,3 @@ def check_version(audit: object, where: str) -> None:
     if version != AUDIT_VERSION:
         raise ReportError(f"{where} has version {version!r}, but this prunescope renders "
                           f"{AUDIT_VERSION!r}; re-run `prunescope audit` to regenerate it")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, then rename (as :mod:`prunescope.files` does;
-    that module needs torch for its tensor files, this package must not)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
