@@ -71,13 +71,13 @@ def sparse_layers(model: nn.Module, hook: object, example: torch.Tensor, run_dir
     mask = hook.mask
     mask.apply_(model)
     plan_path = Path(run_dir) / PLAN
-    layers = _saved(plan_path) if resuming else None
+    layers, plan = _saved(plan_path) if resuming else None, None
     if layers is None:
-        timed = to_sparse(model, mask, example, log=_log, verbose=distributed.is_writer())
-        layers = _agreed(timed.swapped, mask)
-        if distributed.is_writer():
-            write_json(plan_path, {"sparse_layers": layers, "table": timed.table()})
-    plan = to_sparse(model, mask, layers=layers, verbose=False)
+        plan = to_sparse(model, mask, example, log=_log, verbose=distributed.is_writer())
+        layers = _agreed(plan.swapped, mask)
+        write_json(plan_path, {"sparse_layers": layers, "table": plan.table()})  # rank 0 writes
+    if plan is None or layers != plan.swapped:  # resumed, or this rank measured differently
+        plan = to_sparse(model, mask, layers=layers, verbose=False)
     try:
         yield _ResidualHold(mask, plan.residual)
     finally:
