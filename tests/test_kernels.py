@@ -339,6 +339,21 @@ def test_swap_rule_never_makes_a_synthetic_model_slower(request):
         assert choice.sparse == (choice.sparse_ms * 1.1 <= choice.dense_ms)
 
 
+def test_training_times_the_dense_layer_with_its_mask_hold(monkeypatch):
+    """Kept dense, a pruned layer is also masked every step: the timing includes that."""
+    held = []
+    zero_grads = Mask.zero_grads_
+    monkeypatch.setattr(Mask, "zero_grads_",
+                        lambda self, params: held.append(list(params)) or zero_grads(self, params))
+    model = nn.Sequential(nn.Linear(16, 8))
+    mask = Mask({"0.weight": torch.rand(8, 16) < 0.5})
+    to_sparse(model, mask, torch.randn(4, 16), repeats=2, verbose=False)
+    assert held and all(names == ["weight"] for names in held)
+    held.clear()
+    to_sparse(model, mask, torch.randn(4, 16), training=False, repeats=2, verbose=False)
+    assert not held
+
+
 def test_swap_without_example_times_linear_layers_only(monkeypatch):
     monkeypatch.setattr(swap, "_time_pair", lambda *args: (1.0, 0.1))
     model = lenet_like()

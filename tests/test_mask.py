@@ -111,6 +111,20 @@ def test_mask_grads_skips_parameters_without_grad(tiny_mlp: nn.Module) -> None:
     assert all(p.grad is None for p in tiny_mlp.parameters())
 
 
+def test_resolve_names_the_missing_parameter(tiny_mlp: nn.Module) -> None:
+    with pytest.raises(PruningError, match="'2.weight'"):
+        Mask({"2.weight": torch.ones(3, 4, dtype=torch.bool)}).apply_(tiny_mlp)
+
+
+def test_zero_on_resolved_parameters_matches_apply(tiny_mlp: nn.Module) -> None:
+    mask = random_mask(tiny_mlp)
+    other = copy.deepcopy(tiny_mlp)
+    mask.zero_(mask.resolve(tiny_mlp))
+    mask.apply_(other)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_mlp.parameters(), other.parameters(),
+                                                 strict=True))
+
+
 def test_check_catches_wrong_name(tiny_mlp: nn.Module) -> None:
     with pytest.raises(PruningError, match="does not have"):
         Mask({"2.weight": torch.ones(3, 4, dtype=torch.bool)}).check(tiny_mlp)

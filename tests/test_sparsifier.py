@@ -303,6 +303,25 @@ def test_mask_hold_keeps_pruned_weights_exactly_zero(make_optimizer, mlp8: nn.Mo
         assert buffers and all(torch.all(b[~keep] == 0) for b in buffers)
 
 
+def test_mask_hold_follows_a_replaced_mask_and_another_model(mlp8: nn.Module) -> None:
+    """The parameters are looked up once per (mask, model): a new mask or model is looked up
+    afresh, never held on the parameters of the old one."""
+    hook = MaskHold(random_mask(mlp8, 0.3, seed=1))
+    hook.after_optimizer_step(mlp8, 0)
+    hook.mask = random_mask(mlp8, 0.6, seed=2)
+    hook.after_optimizer_step(mlp8, 1)
+    for name, keep in hook.mask.items():
+        assert torch.all(mlp8.get_parameter(name)[~keep] == 0)
+    other = copy.deepcopy(mlp8)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.fill_(1.0)
+    hook.after_optimizer_step(other, 2)
+    for name, keep in hook.mask.items():
+        assert torch.all(other.get_parameter(name)[~keep] == 0)
+        assert torch.all(other.get_parameter(name)[keep] == 1)
+
+
 def test_scheduled_pruning_follows_a_gradual_schedule(mlp8: nn.Module) -> None:
     schedule = Gradual(final=0.8, start=2, end=20, every=5)
     hook = ScheduledPruning(schedule, "magnitude", "global")

@@ -69,6 +69,27 @@ def test_onecycle_warms_up_from_lr_over_25_peaks_at_30_percent_and_anneals():
     assert all(a >= b for a, b in zip(lrs[30:], lrs[31:], strict=False))  # then falls
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_make_optimizer_uses_the_fused_form_and_updates_as_the_plain_loop(optimizer):
+    config = TrainConfig(optimizer=optimizer, lr=0.05, weight_decay=1e-3)
+    fused_model, plain_model = tiny_mlp(), tiny_mlp()
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused = train.make_optimizer(fused_model, config)
+    assert fused.defaults["fused"]
+    plain = (torch.optim.AdamW(plain_model.parameters(), lr=0.05, weight_decay=1e-3,
+                               foreach=False) if optimizer == "adamw" else
+             torch.optim.SGD(plain_model.parameters(), lr=0.05, momentum=config.momentum,
+                             nesterov=True, weight_decay=1e-3, foreach=False))
+    for step in range(4):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        for model, opt in ((fused_model, fused), (plain_model, plain)):
+            opt.zero_grad()
+            model(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(fused_model.parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("bad", [
     {"optimizer": "adam"}, {"lr": 0}, {"lr": -0.1}, {"lr": math.inf}, {"lr": math.nan},
     {"epochs": -1}, {"batch_size": 0}, {"label_smoothing": 1.0}, {"label_smoothing": -0.1},

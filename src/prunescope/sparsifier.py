@@ -216,19 +216,36 @@ def _prune_to_effective(model: nn.Module, start: Mask, target: float, rounds: in
 
 class MaskHold:
     """Training hook that keeps a fixed mask: gradients masked before the optimizer step,
-    weights re-zeroed after it (so momentum and weight decay never revive them)."""
+    weights re-zeroed after it (so momentum and weight decay never revive them).
+
+    The parameters are looked up once per (mask, model) pair, as an optimizer holds them:
+    replacing the mask (``hook.mask = ...``) or passing another model looks them up again.
+    """
 
     def __init__(self, mask: Mask | None) -> None:
         self.mask = mask
+        self._resolved: tuple[Mask, nn.Module, dict[str, nn.Parameter]] | None = None
+
+    def held(self) -> Mask | None:
+        """The mask this hook holds on the model's parameters (``mask`` here)."""
+        return self.mask
 
     def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
                               closure=None) -> None:
-        if self.mask is not None:
-            self.mask.mask_grads_(model)
+        mask = self.held()
+        if mask is not None:
+            mask.zero_grads_(self._params(mask, model))
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer=None) -> None:
-        if self.mask is not None:
-            self.mask.apply_(model)
+        mask = self.held()
+        if mask is not None:
+            mask.zero_(self._params(mask, model))
+
+    def _params(self, mask: Mask, model: nn.Module) -> dict[str, nn.Parameter]:
+        cached = self._resolved
+        if cached is None or cached[0] is not mask or cached[1] is not model:
+            cached = self._resolved = (mask, model, mask.resolve(model))
+        return cached[2]
 
 
 class ScheduledPruning(MaskHold):

@@ -48,7 +48,8 @@ class _SparseLayer(nn.Module):
         for name, tensor in compressed.structure().items():
             self.register_buffer(name, tensor, persistent=False)
         self.register_buffer("mask", mask.clone(), persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_parameter(
+            "bias", None if bias is None else nn.Parameter(bias.detach().clone()))
 
     @property
     def sparsity(self) -> float:
@@ -71,6 +72,14 @@ class _SparseLayer(nn.Module):
                   and self.values.device.type == "cpu"
                   and not torch.is_autocast_enabled("cpu"))
         return chosen.ops if usable else None
+
+    def _kernel_args(self) -> tuple:
+        """values, bias, ptr, idx, cptr, cperm, crow: the operators' arguments after the input,
+        read from the parameter and buffer dicts directly (``nn.Module.__getattr__`` costs a
+        microsecond a name, a tenth of a small layer's kernel time)."""
+        params, buffers = self._parameters, self._buffers
+        return (params["values"], params["bias"], buffers["ptr"], buffers["idx"],
+                buffers["cptr"], buffers["cperm"], buffers["crow"])
 
     # -- state dict: the dense layer's keys ------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -148,8 +157,9 @@ class SparseLinear(_SparseLayer):
         if x.shape[-1] != self.in_features:
             raise KernelError(f"SparseLinear expects {self.in_features} input features, "
                               f"got input of shape {tuple(x.shape)}")
-        y = ops.sparse_linear(x.reshape(-1, self.in_features), self.values, self.bias, self.ptr,
-                              self.idx, self.cptr, self.cperm, self.crow)
+        if x.dim() == 2:
+            return ops.sparse_linear(x, *self._kernel_args())
+        y = ops.sparse_linear(x.reshape(-1, self.in_features), *self._kernel_args())
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -214,8 +224,7 @@ class SparseConv2d(_SparseLayer):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise KernelError(f"SparseConv2d expects [N, {self.in_channels}, H, W] input, got "
                               f"shape {tuple(x.shape)}")
-        return ops.sparse_conv2d(x, self.values, self.bias, self.ptr, self.idx, self.cptr,
-                                 self.cperm, self.crow, self.geometry())
+        return ops.sparse_conv2d(x, *self._kernel_args(), self.geometry())
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -1,8 +1,9 @@
 """to_sparse / to_dense: swap a model's masked layers for sparse ones where that is faster.
 
 :func:`to_sparse` times, on this machine and for the shapes the model really sees, each masked
-``nn.Linear``/``nn.Conv2d`` dense and sparse (forward + backward when training, forward alone for
-inference; the fastest of interleaved repeats), and replaces a layer by its
+``nn.Linear``/``nn.Conv2d`` dense and sparse (forward alone for inference; for training forward +
+backward, and for the dense layer also the mask hold it then needs every step: masking its
+gradient and re-zeroing its weight; the fastest of interleaved repeats), and replaces a layer by its
 :class:`~prunescope.kernels.SparseLinear`/:class:`~prunescope.kernels.SparseConv2d` only when the
 sparse one is at least ``min_speedup`` times faster, so a model is never made slower by it. The
 choice is printed as a table and returned as a :class:`SwapPlan`, whose ``residual`` mask covers the
@@ -247,7 +248,9 @@ def _describe(layer: nn.Module) -> str:
 def _time_pair(layer: nn.Module, kind: type[_SparseLayer], keep: torch.Tensor,
                input_shape: torch.Size, input_grad: bool, training: bool,
                repeats: int) -> tuple[float, float]:
-    """Median ms of the dense and the sparse layer on a random input, timed round-robin."""
+    """Ms of the dense and the sparse layer on a random input, timed round-robin; in training
+    the dense layer's time includes holding its mask, as
+    :class:`~prunescope.sparsifier.MaskHold` does each step."""
     dense = copy.deepcopy(layer)
     sparse = kind.from_dense(dense, keep)
     generator = torch.Generator().manual_seed(0)
@@ -255,17 +258,23 @@ def _time_pair(layer: nn.Module, kind: type[_SparseLayer], keep: torch.Tensor,
     x.requires_grad_(input_grad)
     with torch.no_grad():
         grad = torch.randn_like(dense(x))
-    runs = {"dense": _runner(dense, x, grad, training),
+    hold = Mask({"weight": keep}) if training else None
+    runs = {"dense": _runner(dense, x, grad, training, hold),
             "sparse": _runner(sparse, x, grad, training)}
     times = _interleaved(runs, repeats)
     return times["dense"], times["sparse"]
 
 
-def _runner(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor,
-            training: bool) -> Callable[[], None]:
+def _runner(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, training: bool,
+            hold: Mask | None = None) -> Callable[[], None]:
+    params = hold.resolve(layer) if hold is not None else {}
+
     def run() -> None:
         if training:
             layer(x).backward(grad)
+            if hold is not None:
+                hold.zero_grads_(params)
+                hold.zero_(params)
             for param in layer.parameters():
                 param.grad = None
             x.grad = None

@@ -41,17 +41,11 @@ class _ResidualHold(MaskHold):
         super().__init__(mask)
         self.residual = residual
 
+    def held(self) -> Mask | None:
+        return self.residual
+
     def hold_(self, model: nn.Module) -> None:
-        if self.residual is not None:
-            self.residual.apply_(model)
-
-    def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
-                              closure=None) -> None:
-        if self.residual is not None:
-            self.residual.mask_grads_(model)
-
-    def after_optimizer_step(self, model: nn.Module, step: int, optimizer=None) -> None:
-        self.hold_(model)
+        self.after_optimizer_step(model, 0)
 
 
 @contextlib.contextmanager
