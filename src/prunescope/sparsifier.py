@@ -230,6 +230,12 @@ class MaskHold:
         """The mask this hook holds on the model's parameters (``mask`` here)."""
         return self.mask
 
+    def hold_(self, model: nn.Module) -> None:
+        """Zero the held weights (before training starts, and after every optimizer step)."""
+        mask = self.held()
+        if mask is not None:
+            mask.zero_(self._params(mask, model))
+
     def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
                               closure=None) -> None:
         mask = self.held()
@@ -237,9 +243,7 @@ class MaskHold:
             mask.zero_grads_(self._params(mask, model))
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer=None) -> None:
-        mask = self.held()
-        if mask is not None:
-            mask.zero_(self._params(mask, model))
+        self.hold_(model)
 
     def _params(self, mask: Mask, model: nn.Module) -> dict[str, nn.Parameter]:
         cached = self._resolved

@@ -44,9 +44,6 @@ class _ResidualHold(MaskHold):
     def held(self) -> Mask | None:
         return self.residual
 
-    def hold_(self, model: nn.Module) -> None:
-        self.after_optimizer_step(model, 0)
-
 
 @contextlib.contextmanager
 def sparse_layers(model: nn.Module, hook: object, example: torch.Tensor, run_dir: Path, *,
