@@ -24,7 +24,7 @@ from prunescope.methods import one_shot
 from prunescope.schedules import SCHEDULES
 
 RUN_FILES = ("config.yaml", "results.json", "accuracy_vs_sparsity.png")
-SUBCOMMANDS = ("demo", "run", "train", "prune", "evaluate", "list")
+SUBCOMMANDS = ("demo", "run", "train", "prune", "transfer", "evaluate", "list")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""The ``prunescope`` command line: demo, run, train, prune, evaluate, list, audit, report,
-explain.
+"""The ``prunescope`` command line: demo, run, train, prune, transfer, evaluate, list, audit,
+report, explain.
 
 Every user error ends in one line ``error: <what is wrong and how to fix it>`` on stderr and
 exit code 2; an interrupted run says how to resume.
@@ -94,6 +94,23 @@ def _build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", required=True, help="output directory")
     prune.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     prune.set_defaults(handler=_prune)
+
+    transfer = commands.add_parser(
+        "transfer", help="sparse transfer: fine-tune a sparse checkpoint on another dataset "
+                         "with its mask held (new head and unfitting layers train dense)")
+    transfer.add_argument("--checkpoint", required=True,
+                          help="a sparse model.safetensors (from prune or run)")
+    transfer.add_argument("--dataset", required=True, help="the target dataset (see 'list')")
+    transfer.add_argument("--epochs", type=int, default=2)
+    transfer.add_argument("--lr", type=float, default=0.01)
+    transfer.add_argument("--sparse-kernels", action="store_true",
+                          help="train on the sparse kernels where measured faster")
+    transfer.add_argument("--data-root", help="the target dataset's directory, if it needs one")
+    transfer.add_argument("--seed", type=int, default=0,
+                          help="the target's split, the new layers' initialisation, shuffling")
+    transfer.add_argument("--out", required=True, help="output directory")
+    transfer.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    transfer.set_defaults(handler=_transfer)
 
     evaluate = commands.add_parser("evaluate", help="accuracy and sparsity of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True)
@@ -252,6 +269,18 @@ def _prune(args) -> int:
         sparse_kernels=args.sparse_kernels,
         bn_recalibration=args.bn_recalibration,
         data_root=args.data_root, progress=args.progress,
+    )
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _transfer(args) -> int:
+    from prunescope import commands
+
+    result = commands.transfer_checkpoint(
+        Path(args.checkpoint), args.dataset, Path(args.out), epochs=args.epochs, lr=args.lr,
+        sparse_kernels=args.sparse_kernels, data_root=args.data_root, progress=args.progress,
+        seed=args.seed,
     )
     print(json.dumps(result, indent=2))
     return 0

@@ -1,4 +1,4 @@
-"""Checkpoint-level operations behind ``prunescope prune`` and ``prunescope evaluate``."""
+"""Checkpoint-level operations behind ``prunescope prune``, ``transfer`` and ``evaluate``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunescope import checkpoint, data
+from prunescope import checkpoint, data, models
 from prunescope.bn import recalibrate_bn
 from prunescope.errors import CheckpointError, ConfigError
 from prunescope.files import write_json
@@ -102,5 +102,57 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str, allocation: str,
     result = {**run_meta["method"], "accuracy_before_finetune": before,
               **evaluate(model, splits.test), **sparsity_summary(model, mask),
               "finetune": asdict(config) if finetune_epochs else None}
+    write_json(out / "result.json", result)
+    return result
+
+
+def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
+                        lr: float = 0.01, sparse_kernels: bool = False,
+                        data_root: str | None = None, progress: bool | None = None,
+                        seed: int = 0) -> dict[str, Any]:
+    """Sparse transfer: fine-tune a sparse checkpoint on ``dataset`` with its mask held.
+
+    As in sparse transfer learning (Iofinova et al. 2022, "How Well Do Sparse ImageNet Models
+    Transfer?"; Kurtic et al. 2022), the model is rebuilt for the target's classes and input;
+    every tensor whose name and shape fit is copied from the checkpoint and keeps its mask, the
+    others (a classifier head for another number of classes, an input layer for other channels
+    or sizes) start from a fresh initialisation and train dense. Writes the run to ``out``
+    (resumable, like any fit) and ``out/result.json``. ``sparse_kernels`` trains on the sparse
+    layers measured faster. Raises ConfigError when no pruned tensor fits the target model.
+    """
+    if epochs < 1:
+        raise ConfigError(f"--epochs must be at least 1 for a transfer, got {epochs}")
+    state = checkpoint.load(path)
+    source = checkpoint.build_model(state, path)
+    source_mask = state.mask if state.mask is not None else Mask.from_weights(source)
+    splits = data.load(dataset, root=data_root, seed=seed)
+    torch.manual_seed(seed)
+    channels, size = splits.input_shape[0], splits.input_shape[-1]
+    model = models.build(state.meta["model"]["name"], num_classes=splits.num_classes,
+                         in_channels=channels, image_size=size)
+    fresh, trained = model.state_dict(), source.state_dict()
+    copied = [n for n, t in fresh.items() if n in trained and trained[n].shape == t.shape]
+    model.load_state_dict({**fresh, **{n: trained[n] for n in copied}})
+    kept = {n: keep for n, keep in source_mask.items() if n in copied}
+    if not kept:
+        raise ConfigError(
+            f"none of the pruned layers of {path} fits {state.meta['model']['name']} built for "
+            f"{dataset} ({splits.num_classes} classes, input {tuple(splits.input_shape)}); "
+            "transfer to a dataset with the same input shape"
+        )
+    mask = Mask(kept)
+    reinitialised = sorted(set(fresh) - set(copied))
+    method = {"transfer_from": str(path), "source_data": state.meta.get("data"),
+              "reinitialised": reinitialised, "sparsity": mask.sparsity}
+    run_meta = {"model": checkpoint.model_spec(model, splits.num_classes),
+                "data": {"name": dataset, "root": data_root, "val_size": None, "seed": seed},
+                "method": method}
+    out.mkdir(parents=True, exist_ok=True)
+    config = TrainConfig(epochs=epochs, lr=lr, sparse_kernels=sparse_kernels)
+    fit(model, splits, config, out, hook=MaskHold(mask), seed=seed, meta=run_meta,
+        progress=progress, desc="transfer")
+    result = {**method, "dataset": dataset, "transferred": len(copied),
+              **evaluate(model, splits.test), **sparsity_summary(model, mask),
+              "train": asdict(config)}
     write_json(out / "result.json", result)
     return result
