@@ -105,3 +105,13 @@ def test_transfer_command_prints_the_result(tmp_path, capsys):
     printed = json.loads(stdout)
     assert printed["reinitialised"] == ["classifier.4.bias", "classifier.4.weight"]
     assert 0.0 <= printed["accuracy"] <= 1.0
+
+
+def test_a_layer_that_does_not_fit_starts_afresh_with_its_bias(tmp_path):
+    """An input layer for another image size: its weight does not fit, so its bias (which
+    would) is not copied either: the layer is one unit."""
+    source, _ = _source(tmp_path / "source.safetensors", num_classes=10, image_size=10)
+    result = transfer_checkpoint(source, "digits", tmp_path / "out", epochs=1)
+    assert result["reinitialised"] == ["classifier.0.bias", "classifier.0.weight"]
+    saved = checkpoint.load(tmp_path / "out" / "model.safetensors")
+    assert saved.mask.keys() == {"classifier.2.weight", "classifier.4.weight"}

@@ -114,11 +114,12 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
 
     As in sparse transfer learning (Iofinova et al. 2022, "How Well Do Sparse ImageNet Models
     Transfer?"; Kurtic et al. 2022), the model is rebuilt for the target's classes and input;
-    every tensor whose name and shape fit is copied from the checkpoint and keeps its mask, the
-    others (a classifier head for another number of classes, an input layer for other channels
-    or sizes) start from a fresh initialisation and train dense. Writes the run to ``out``
-    (resumable, like any fit) and ``out/result.json``. ``sparse_kernels`` trains on the sparse
-    layers measured faster. Raises ConfigError when no pruned tensor fits the target model.
+    every layer whose tensors all fit (names and shapes) is copied from the checkpoint and keeps
+    its mask, the others (a classifier head for another number of classes, an input layer for
+    other channels or sizes) start from a fresh initialisation, bias included, and train dense.
+    Writes the run to ``out`` (resumable, like any fit) and ``out/result.json``.
+    ``sparse_kernels`` trains on the sparse layers measured faster. Raises ConfigError when no
+    pruned tensor fits the target model.
     """
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 for a transfer, got {epochs}")
@@ -131,7 +132,9 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
     model = models.build(state.meta["model"]["name"], num_classes=splits.num_classes,
                          in_channels=channels, image_size=size)
     fresh, trained = model.state_dict(), source.state_dict()
-    copied = [n for n, t in fresh.items() if n in trained and trained[n].shape == t.shape]
+    misfits = {_module_of(n) for n, t in fresh.items()
+               if n not in trained or trained[n].shape != t.shape}
+    copied = [n for n in fresh if _module_of(n) not in misfits]
     model.load_state_dict({**fresh, **{n: trained[n] for n in copied}})
     kept = {n: keep for n, keep in source_mask.items() if n in copied}
     if not kept:
@@ -156,3 +159,7 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
               "train": asdict(config)}
     write_json(out / "result.json", result)
     return result
+
+
+def _module_of(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
