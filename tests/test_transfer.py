@@ -12,6 +12,7 @@ from pipeline_helpers import assert_user_error, cli, files_under
 
 from prunescope import checkpoint, models
 from prunescope.commands import evaluate_checkpoint, transfer_checkpoint
+from prunescope.errors import ConfigError
 from prunescope.kernels.build import backend
 from prunescope.kernels.training import PLAN
 from prunescope.mask import Mask
@@ -71,9 +72,8 @@ def test_transfer_on_the_sparse_kernels_holds_the_same_mask(tmp_path):
 def test_transfer_refuses_when_no_pruned_layer_fits(tmp_path):
     source, _ = _source(tmp_path / "source.safetensors", image_size=10,
                         layers=("classifier.0.weight",))
-    with pytest.raises(Exception, match="none of the pruned layers") as info:
+    with pytest.raises(ConfigError, match="none of the pruned layers"):
         transfer_checkpoint(source, "digits", tmp_path / "out", epochs=1)
-    assert type(info.value).__name__ == "ConfigError"
     assert not (tmp_path / "out").exists()
 
 
