@@ -80,6 +80,7 @@ def test_transfer_refuses_when_no_pruned_layer_fits(tmp_path):
 @pytest.mark.parametrize(("options", "word"), [
     (("--dataset", "imagenet"), "imagenet"),
     (("--dataset", "digits", "--epochs", "0"), "--epochs"),
+    (("--dataset", "digits", "--lr", "-1"), "lr"),
 ])
 def test_transfer_command_refuses_bad_options_and_writes_nothing(tmp_path, capsys, options,
                                                                   word):

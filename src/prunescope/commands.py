@@ -123,6 +123,7 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
     """
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 for a transfer, got {epochs}")
+    config = TrainConfig(epochs=epochs, lr=lr, sparse_kernels=sparse_kernels)
     state = checkpoint.load(path)
     source = checkpoint.build_model(state, path)
     source_mask = state.mask if state.mask is not None else Mask.from_weights(source)
@@ -151,7 +152,6 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
                 "data": {"name": dataset, "root": data_root, "val_size": None, "seed": seed},
                 "method": method}
     out.mkdir(parents=True, exist_ok=True)
-    config = TrainConfig(epochs=epochs, lr=lr, sparse_kernels=sparse_kernels)
     fit(model, splits, config, out, hook=MaskHold(mask), seed=seed, meta=run_meta,
         progress=progress, desc="transfer")
     result = {**method, "dataset": dataset, "transferred": len(copied),
