@@ -601,29 +601,51 @@ void refuse_double_backward() {
               "the sparse kernels have no double backward; run with PRUNESCOPE_KERNELS=reference");
 }
 
+// What both autograd nodes keep for the backward pass: the weights, the packed input the weight
+// gradient reads, and the index structure (ptr, idx, cptr, cperm, crow).
+void save_for_kernels(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& xt,
+                      std::vector<at::Tensor> structure) {
+  ctx->save_for_backward({values});
+  ctx->saved_data["xt"] = xt;
+  ctx->saved_data["structure"] = std::move(structure);
+}
+
+struct SavedForKernels {
+  at::Tensor values, xt;
+  std::vector<at::Tensor> s;  // ptr, idx, cptr, cperm, crow
+};
+
+SavedForKernels saved_for_kernels(AutogradContext* ctx) {
+  refuse_double_backward();
+  return {ctx->get_saved_variables()[0], ctx->saved_data["xt"].toTensor(),
+          ctx->saved_data["structure"].toTensorVector()};
+}
+
+// Gradients for x, values and bias, then none for the `rest` non-differentiable inputs.
+variable_list input_grads(at::Tensor dx, at::Tensor dw, at::Tensor db, size_t rest) {
+  variable_list grads{std::move(dx), std::move(dw), std::move(db)};
+  grads.resize(3 + rest);
+  return grads;
+}
+
 struct LinearFunction : public torch::autograd::Function<LinearFunction> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& values,
                             const at::Tensor& bias, const at::Tensor& ptr, const at::Tensor& idx,
                             const at::Tensor& cptr, const at::Tensor& cperm,
                             const at::Tensor& crow, bool has_bias) {
     auto [y, xt] = linear_forward(x, values, maybe(bias, has_bias), ptr, idx);
-    ctx->save_for_backward({values});
-    ctx->saved_data["xt"] = xt;
-    ctx->saved_data["structure"] = std::vector<at::Tensor>{ptr, idx, cptr, cperm, crow};
+    save_for_kernels(ctx, values, xt, {ptr, idx, cptr, cperm, crow});
     ctx->saved_data["in"] = x.size(1);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    refuse_double_backward();
-    const at::Tensor values = ctx->get_saved_variables()[0];
-    const std::vector<at::Tensor> s = ctx->saved_data["structure"].toTensorVector();
+    const SavedForKernels k = saved_for_kernels(ctx);
     auto [dx, dw, db] = linear_backward(
-        grads[0].contiguous(), ctx->saved_data["xt"].toTensor(), ctx->saved_data["in"].toInt(),
-        values, s[0], s[1], s[2], s[3], s[4], ctx->needs_input_grad(0),
-        ctx->needs_input_grad(1), ctx->needs_input_grad(2));
-    return {dx,          dw,          db,          at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+        grads[0].contiguous(), k.xt, ctx->saved_data["in"].toInt(), k.values, k.s[0], k.s[1],
+        k.s[2], k.s[3], k.s[4], ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        ctx->needs_input_grad(2));
+    return input_grads(dx, dw, db, 6);  // ptr, idx, cptr, cperm, crow, has_bias
   }
 };
 
@@ -633,25 +655,19 @@ struct ConvFunction : public torch::autograd::Function<ConvFunction> {
                             const at::Tensor& cptr, const at::Tensor& cperm,
                             const at::Tensor& crow, std::vector<int64_t> geom, bool has_bias) {
     auto [y, xt] = conv_forward(x, values, maybe(bias, has_bias), ptr, idx, geom);
-    ctx->save_for_backward({values});
-    ctx->saved_data["xt"] = xt;
-    ctx->saved_data["structure"] = std::vector<at::Tensor>{ptr, idx, cptr, cperm, crow};
+    save_for_kernels(ctx, values, xt, {ptr, idx, cptr, cperm, crow});
     ctx->saved_data["x_shape"] = x.sizes().vec();
     ctx->saved_data["geom"] = geom;
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    refuse_double_backward();
-    const at::Tensor values = ctx->get_saved_variables()[0];
-    const std::vector<at::Tensor> s = ctx->saved_data["structure"].toTensorVector();
+    const SavedForKernels k = saved_for_kernels(ctx);
     auto [dx, dw, db] = conv_backward(
-        grads[0].contiguous(), ctx->saved_data["xt"].toTensor(),
-        ctx->saved_data["x_shape"].toIntVector(), values, s[0], s[1], s[2], s[3], s[4],
-        ctx->saved_data["geom"].toIntVector(), ctx->needs_input_grad(0),
-        ctx->needs_input_grad(1), ctx->needs_input_grad(2));
-    return {dx,          dw,          db,          at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+        grads[0].contiguous(), k.xt, ctx->saved_data["x_shape"].toIntVector(), k.values, k.s[0],
+        k.s[1], k.s[2], k.s[3], k.s[4], ctx->saved_data["geom"].toIntVector(),
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+    return input_grads(dx, dw, db, 7);  // ptr, idx, cptr, cperm, crow, geom, has_bias
   }
 };
 
