@@ -128,14 +128,11 @@ class Mask(Mapping[str, torch.Tensor]):
     # -- applying ----------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
         """Raise :class:`PruningError` unless every mask tensor names a parameter of its shape."""
-        params = dict(model.named_parameters())
-        for name, keep in self.items():
-            if name not in params:
-                raise PruningError(f"the mask names {name!r}, which the model does not have")
-            if params[name].shape != keep.shape:
+        for name, param in self.resolve(model).items():
+            if param.shape != self[name].shape:
                 raise PruningError(
-                    f"mask for {name!r} has shape {tuple(keep.shape)} but the parameter has "
-                    f"{tuple(params[name].shape)}"
+                    f"mask for {name!r} has shape {tuple(self[name].shape)} but the parameter "
+                    f"has {tuple(param.shape)}"
                 )
 
     def resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
