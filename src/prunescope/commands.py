@@ -26,15 +26,20 @@ SCORING_BATCHES, SCORING_BATCH_SIZE = 10, 100
 def load_checkpoint(path: Path, data_root: str | None = None
                     ) -> tuple[nn.Module, Mask, dict[str, Any], data.Splits]:
     """Model, mask (from the file, else the model's zeros), metadata and the run's dataset."""
-    state = checkpoint.load(path)
-    model = checkpoint.build_model(state, path)
-    mask = state.mask if state.mask is not None else Mask.from_weights(model)
-    source = state.meta.get("data")
+    model, mask, meta = _load_model(path)
+    source = meta.get("data")
     if not source:
         raise CheckpointError(f"{path} does not say which dataset it was trained on")
     splits = data.load(source["name"], root=data_root or source.get("root"),
                        val_size=source.get("val_size"), seed=source.get("seed", 0))
-    return model, mask, state.meta, splits
+    return model, mask, meta, splits
+
+
+def _load_model(path: Path) -> tuple[nn.Module, Mask, dict[str, Any]]:
+    """The checkpoint's registry model, its mask (from the file, else the zeros) and metadata."""
+    state = checkpoint.load(path)
+    model = checkpoint.build_model(state, path)
+    return model, state.mask if state.mask is not None else Mask.from_weights(model), state.meta
 
 
 def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
@@ -124,13 +129,11 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 for a transfer, got {epochs}")
     config = TrainConfig(epochs=epochs, lr=lr, sparse_kernels=sparse_kernels)
-    state = checkpoint.load(path)
-    source = checkpoint.build_model(state, path)
-    source_mask = state.mask if state.mask is not None else Mask.from_weights(source)
+    source, source_mask, meta = _load_model(path)
     splits = data.load(dataset, root=data_root, seed=seed)
     torch.manual_seed(seed)
     channels, size = splits.input_shape[0], splits.input_shape[-1]
-    model = models.build(state.meta["model"]["name"], num_classes=splits.num_classes,
+    model = models.build(meta["model"]["name"], num_classes=splits.num_classes,
                          in_channels=channels, image_size=size)
     fresh, trained = model.state_dict(), source.state_dict()
     misfits = {_module_of(n) for n, t in fresh.items()
@@ -140,13 +143,13 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
     kept = {n: keep for n, keep in source_mask.items() if n in copied}
     if not kept:
         raise ConfigError(
-            f"none of the pruned layers of {path} fits {state.meta['model']['name']} built for "
+            f"none of the pruned layers of {path} fits {meta['model']['name']} built for "
             f"{dataset} ({splits.num_classes} classes, input {tuple(splits.input_shape)}); "
             "transfer to a dataset with the same input shape"
         )
     mask = Mask(kept)
     reinitialised = sorted(set(fresh) - set(copied))
-    method = {"transfer_from": str(path), "source_data": state.meta.get("data"),
+    method = {"transfer_from": str(path), "source_data": meta.get("data"),
               "reinitialised": reinitialised, "sparsity": mask.sparsity}
     run_meta = {"model": checkpoint.model_spec(model, splits.num_classes),
                 "data": {"name": dataset, "root": data_root, "val_size": None, "seed": seed},
