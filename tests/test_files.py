@@ -194,3 +194,43 @@ def test_load_tensors_refuses_corrupt_prunescope_metadata(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_tensors(path)
     _check_one_line(exc)
+
+
+# -- file modes ------------------------------------------------------------------------------
+
+@pytest.fixture(params=[0o022, 0o077, 0o002], ids=lambda u: f"umask{u:03o}")
+def umask(request):
+    """Run the test under the given umask; the mode a plain ``open(..., "w")`` gives."""
+    old = os.umask(request.param)
+    try:
+        yield 0o666 & ~request.param
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_atomic_writes_get_the_mode_plain_open_gets_under_the_umask(tmp_path, umask):
+    atomic_write_bytes(tmp_path / "file.bin", b"data")
+    write_json(tmp_path / "result.json", {"a": 1})
+    save_tensors(tmp_path / "t.safetensors", {"x": torch.ones(2)}, {})
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert _mode(tmp_path / "plain") == umask
+    assert {_mode(tmp_path / n) for n in ("file.bin", "result.json", "t.safetensors")} == {umask}
+
+
+def test_appended_lines_get_the_mode_plain_open_gets_under_the_umask(tmp_path, umask):
+    append_jsonl(tmp_path / "metrics.jsonl", {"epoch": 1})
+    append_jsonl(tmp_path / "metrics.jsonl", {"epoch": 2})
+    assert _mode(tmp_path / "metrics.jsonl") == umask
+
+
+def test_rewriting_a_file_keeps_its_mode_as_plain_open_does(tmp_path, umask):
+    target = tmp_path / "file.bin"
+    target.write_bytes(b"old")
+    os.chmod(target, 0o640)
+    atomic_write_bytes(target, b"new")
+    assert _mode(target) == 0o640 and target.read_bytes() == b"new"
