@@ -189,3 +189,64 @@ def test_load_refuses_unexpected_tensor_groups(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         checkpoint.load(tmp_path / "c.safetensors")
     assert "stray/w" in _one_line(exc)
+
+
+# -- compact storage of sparse checkpoints ----------------------------------------------------
+
+def _lenet_mnist_pruned(sparsity: float) -> tuple[nn.Module, Mask]:
+    """LeNet-300-100 for MNIST with ``sparsity`` of its weights pruned at random (exact zeros)."""
+    from prunescope import models
+
+    torch.manual_seed(0)
+    model = models.build("lenet300")
+    generator = torch.Generator().manual_seed(1)
+    mask = Mask({name: torch.rand(p.shape, generator=generator) >= sparsity
+                 for name, p in model.named_parameters() if name.endswith("weight")})
+    mask.apply_(model)
+    return model, mask
+
+
+def test_a_90_percent_sparse_checkpoint_is_smaller_than_the_dense_one(tmp_path):
+    model, mask = _lenet_mnist_pruned(0.9)
+    checkpoint.save(tmp_path / "dense.safetensors", model, meta={})
+    checkpoint.save(tmp_path / "sparse.safetensors", model, meta={}, mask=mask)
+    dense = (tmp_path / "dense.safetensors").stat().st_size
+    sparse = (tmp_path / "sparse.safetensors").stat().st_size
+    assert sparse < 0.2 * dense, (sparse, dense)
+
+
+def test_a_sparse_checkpoint_round_trips_exactly(tmp_path):
+    model, mask = _lenet_mnist_pruned(0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    checkpoint.save(tmp_path / "c.safetensors", model, meta={"epoch": 1}, mask=mask,
+                    optimizer=optimizer)
+    loaded = checkpoint.load(tmp_path / "c.safetensors")
+    assert state_equal(loaded.model, model.state_dict())
+    assert loaded.mask is not None and loaded.mask.equal(mask)
+    assert loaded.meta["epoch"] == 1
+
+
+def test_a_mask_file_is_stored_in_bits(tmp_path):
+    _, mask = _lenet_mnist_pruned(0.5)
+    mask.save(tmp_path / "mask.safetensors")
+    assert (tmp_path / "mask.safetensors").stat().st_size < mask.num_total / 8 + 4096
+    assert Mask.load(tmp_path / "mask.safetensors").equal(mask)
+
+
+def test_checkpoints_and_masks_with_masks_stored_as_bool_bytes_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from prunescope import files
+
+    model, mask = _lenet_mnist_pruned(0.9)
+    tensors = {**{f"model/{k}": v.contiguous() for k, v in model.state_dict().items()},
+               **{f"mask/{k}": v for k, v in mask.items()}}
+    meta = json.dumps({"format": checkpoint.CHECKPOINT_FORMAT})
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={files.META_KEY: meta})
+    save_file(dict(mask.items()), str(tmp_path / "old-mask.safetensors"),
+              metadata={files.META_KEY: json.dumps({"format": "prunescope.mask/1"})})
+    loaded = checkpoint.load(tmp_path / "old.safetensors")
+    assert state_equal(loaded.model, model.state_dict()) and loaded.mask.equal(mask)
+    assert Mask.load(tmp_path / "old-mask.safetensors").equal(mask)

@@ -8,6 +8,7 @@ import pickle
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prunescope import files
@@ -194,6 +195,71 @@ def test_load_tensors_refuses_corrupt_prunescope_metadata(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         load_tensors(path)
     _check_one_line(exc)
+
+
+# -- compact storage of sparse content -------------------------------------------------------
+
+def _stored(path) -> dict[str, torch.Tensor]:
+    """The tensors as they lie in the file, not decoded."""
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+
+
+@pytest.mark.parametrize("density", [0.0, 0.01, 0.1, 0.5, 1.0])
+@pytest.mark.parametrize("shape", [(300, 784), (3, 5, 7), (13,), (), (0, 4)])
+def test_bool_tensors_are_stored_in_bits_or_indices_and_round_trip(tmp_path, shape, density):
+    keep = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < density
+    save_tensors(tmp_path / "m.safetensors", {"keep": keep}, {})
+    loaded, _ = load_tensors(tmp_path / "m.safetensors")
+    assert loaded["keep"].dtype == torch.bool and torch.equal(loaded["keep"], keep)
+    stored = _stored(tmp_path / "m.safetensors")["keep"]
+    assert stored.dtype != torch.bool
+    assert stored.numel() * stored.element_size() <= (keep.numel() + 7) // 8
+
+
+def test_a_very_sparse_mask_is_stored_as_indices_smaller_than_bits(tmp_path):
+    keep = torch.zeros(1000, 100, dtype=torch.bool)
+    keep[3, 7] = keep[999, 99] = True
+    save_tensors(tmp_path / "m.safetensors", {"keep": keep}, {})
+    assert _stored(tmp_path / "m.safetensors")["keep"].tolist() == [307, 99999]
+
+
+def test_files_with_bool_tensors_stored_as_bytes_still_load(tmp_path):
+    keep = torch.rand(7, 9, generator=torch.Generator().manual_seed(2)) > 0.5
+    save_file({"keep": keep}, str(tmp_path / "old.safetensors"),
+              metadata={files.META_KEY: json.dumps({"format": "x"})})
+    loaded, meta = load_tensors(tmp_path / "old.safetensors")
+    assert meta == {"format": "x"} and torch.equal(loaded["keep"], keep)
+
+
+def test_a_masked_tensor_is_stored_as_its_kept_values_only(tmp_path):
+    keep = torch.rand(50, 40, generator=torch.Generator().manual_seed(3)) > 0.9
+    weight = torch.randn(50, 40) * keep
+    save_tensors(tmp_path / "c.safetensors", {"w": weight, "m": keep}, {}, kept_by={"w": "m"})
+    assert _stored(tmp_path / "c.safetensors")["w"].numel() == int(keep.sum())
+    loaded, _ = load_tensors(tmp_path / "c.safetensors")
+    assert loaded["w"].dtype == weight.dtype and torch.equal(loaded["w"], weight)
+
+
+def test_a_masked_tensor_with_nonzero_pruned_entries_is_stored_whole(tmp_path):
+    keep = torch.rand(6, 5, generator=torch.Generator().manual_seed(4)) > 0.5
+    weight = torch.randn(6, 5)  # e.g. the dense phase of AC/DC: the mask is not applied
+    save_tensors(tmp_path / "c.safetensors", {"w": weight, "m": keep}, {}, kept_by={"w": "m"})
+    assert _stored(tmp_path / "c.safetensors")["w"].shape == (6, 5)
+    assert torch.equal(load_tensors(tmp_path / "c.safetensors")[0]["w"], weight)
+
+
+@pytest.mark.parametrize("encoding", [
+    '{"keep": {"as": "bits", "shape": [1000]}}', '{"keep": {"as": "indices", "shape": [2]}}',
+    '{"keep": {"as": "zip", "shape": [3]}}', '{"w": {"as": "kept", "shape": [3], "mask": "x"}}',
+    "[1, 2", '{"keep": 5}'])
+def test_load_tensors_refuses_a_corrupt_encoding(tmp_path, encoding):
+    path = tmp_path / "bad.safetensors"
+    save_file({"keep": torch.tensor([1, 5], dtype=torch.int32), "w": torch.ones(2)}, str(path),
+              metadata={files.META_KEY: "{}", files.ENCODING_KEY: encoding})
+    with pytest.raises(CheckpointError) as exc:
+        load_tensors(path)
+    assert "encoding" in _check_one_line(exc)
 
 
 # -- file modes ------------------------------------------------------------------------------

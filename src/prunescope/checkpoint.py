@@ -5,6 +5,10 @@ Layout of the tensors: ``model/<state-dict key>``, ``mask/<parameter name>``,
 ``rng/<name>``. The JSON metadata holds the format tag, how to rebuild the model
 (``{"name", "num_classes", "in_channels", "image_size"}``) and whatever the caller adds (epoch,
 step, metrics). Nothing is pickled; files are written atomically.
+
+Sparse content is stored compactly (:func:`prunescope.files.save_tensors`): the mask as bits (or
+indices), and each masked weight whose pruned entries are zero as its kept values only, so a
+sparse checkpoint is smaller than the dense one; :func:`load` returns the dense tensors.
 """
 
 from __future__ import annotations
@@ -48,15 +52,17 @@ def save(path: str | os.PathLike, model: nn.Module, *, meta: dict[str, Any],
          rng: dict[str, torch.Tensor] | None = None) -> None:
     """Write a checkpoint atomically."""
     tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    kept_by = {}
     if mask is not None:
         tensors.update({f"mask/{k}": v for k, v in mask.items()})
+        kept_by = {f"model/{k}": f"mask/{k}" for k in mask if f"model/{k}" in tensors}
     full_meta = {**meta, "format": CHECKPOINT_FORMAT}
     if optimizer is not None:
         optim_tensors: dict[str, torch.Tensor] = {}
         full_meta["optimizer"] = _split(optimizer.state_dict(), "optim", optim_tensors)
         tensors.update(optim_tensors)
     tensors.update({f"rng/{k}": v for k, v in (rng or {}).items()})
-    save_tensors(path, tensors, full_meta)
+    save_tensors(path, tensors, full_meta, kept_by=kept_by)
 
 
 def load(path: str | os.PathLike) -> Checkpoint:

@@ -6,6 +6,14 @@ written to a temporary file in the target directory, flushed, then renamed over 
 killed process leaves either the old file or the new one, never half of one. In multi-process
 training only rank 0 writes. Tensors are stored with safetensors (no pickle);
 JSON metadata rides in the safetensors header. Pickle files are refused, never unpickled.
+
+Sparse content is stored compactly and decoded transparently by :func:`load_tensors`: a bool
+tensor (a mask) as bits (``numpy.packbits``) or, when that is smaller, as the flat indices of its
+True entries; a tensor named in ``save_tensors(..., kept_by=...)`` as only its kept values when
+its other entries are all zero. How each tensor is stored is JSON under the header key
+``prunescope.encoding`` (``{name: {"as": "bits" | "indices" | "kept", "shape": [...],
+"mask": name}}``); a tensor it does not name is stored as is, so files from before the encoding
+(bool tensors stored as bytes) load unchanged.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
@@ -24,6 +33,7 @@ from prunescope.atomic import replace_file
 from prunescope.errors import CheckpointError
 
 META_KEY = "prunescope"
+ENCODING_KEY = "prunescope.encoding"
 _PICKLE_MAGIC = (b"\x80", b"PK\x03\x04")  # raw pickle protocol 2+, torch.save zip archive
 
 
@@ -63,19 +73,107 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return records
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    """Save ``tensors`` and JSON-able ``meta`` to a safetensors file, atomically."""
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta: dict, *,
+                 kept_by: dict[str, str] | None = None) -> None:
+    """Save ``tensors`` and JSON-able ``meta`` to a safetensors file, atomically.
+
+    Bool tensors are stored as bits or indices; ``kept_by`` maps a tensor's name to the name of
+    a bool tensor of its shape in ``tensors`` (its mask): when every entry the mask drops is zero,
+    only the kept values are stored. :func:`load_tensors` returns the tensors as given (a pruned
+    ``-0.0`` comes back as ``0.0``).
+    """
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    data = safetensors_bytes(contiguous, metadata={META_KEY: json.dumps(meta)})
-    atomic_write_bytes(path, data)
+    stored, encoding = encode_tensors(contiguous, kept_by or {})
+    header = {META_KEY: json.dumps(meta)}
+    if encoding:
+        header[ENCODING_KEY] = json.dumps(encoding)
+    atomic_write_bytes(path, safetensors_bytes(stored, metadata=header))
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor], kept_by: dict[str, str]
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """The tensors to store and the encoding of those stored compactly (see the module doc)."""
+    stored, encoding = dict(tensors), {}
+    for name, tensor in tensors.items():
+        if tensor.dtype == torch.bool:
+            stored[name], encoding[name] = pack_bool(tensor)
+    for name, mask_name in kept_by.items():
+        tensor, keep = tensors[name], tensors.get(mask_name)
+        if (keep is not None and keep.dtype == torch.bool and keep.shape == tensor.shape
+                and tensor.dtype != torch.bool and not tensor[~keep].any()):
+            stored[name] = tensor[keep]
+            encoding[name] = {"as": "kept", "shape": list(tensor.shape), "mask": mask_name}
+    return stored, encoding
+
+
+def pack_bool(tensor: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A bool tensor as bits (uint8, 8 entries a byte) or, when smaller, as the int32/int64 flat
+    indices of its True entries; returns ``(stored tensor, encoding)`` for :func:`unpack_bool`."""
+    flat = tensor.reshape(-1)
+    shape = list(tensor.shape)
+    kept = int(flat.count_nonzero())
+    index_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64
+    if kept * index_dtype.itemsize < (flat.numel() + 7) // 8:
+        return flat.nonzero().reshape(-1).to(index_dtype), {"as": "indices", "shape": shape}
+    return torch.from_numpy(np.packbits(flat.numpy())), {"as": "bits", "shape": shape}
+
+
+def unpack_bool(stored: torch.Tensor, encoding: dict) -> torch.Tensor:
+    """Inverse of :func:`pack_bool`; ValueError when ``stored`` does not fit ``encoding``."""
+    shape = tuple(encoding["shape"])
+    numel = int(np.prod(shape, dtype=np.int64))
+    if encoding["as"] == "bits":
+        if stored.dtype != torch.uint8 or stored.numel() != (numel + 7) // 8:
+            raise ValueError("bit-packed mask of the wrong size")
+        bits = np.unpackbits(stored.numpy(), count=numel).astype(bool)
+        return torch.from_numpy(bits).reshape(shape)
+    if stored.dtype not in (torch.int32, torch.int64) or stored.dim() != 1:
+        raise ValueError("mask indices must be a 1-d int32 or int64 tensor")
+    if stored.numel() and not (int(stored.min()) >= 0 and int(stored.max()) < numel):
+        raise ValueError("mask index out of range")
+    flat = torch.zeros(numel, dtype=torch.bool)
+    flat[stored.long()] = True
+    return flat.reshape(shape)
+
+
+def decode_tensors(stored: dict[str, torch.Tensor], encoding: dict[str, dict]
+                   ) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`encode_tensors`; ValueError (or KeyError) on an inconsistent file."""
+    tensors = dict(stored)
+    for name, spec in encoding.items():
+        if spec["as"] in ("bits", "indices"):
+            tensors[name] = unpack_bool(stored[name], spec)
+    for name, spec in encoding.items():
+        if spec["as"] == "kept":
+            keep, values = tensors[spec["mask"]], stored[name]
+            if keep.dtype != torch.bool or list(keep.shape) != spec["shape"]:
+                raise ValueError(f"{name} names a mask of another shape")
+            if values.dim() != 1 or values.numel() != int(keep.count_nonzero()):
+                raise ValueError(f"{name} holds another number of values than its mask keeps")
+            dense = torch.zeros(keep.shape, dtype=values.dtype)
+            dense[keep] = values
+            tensors[name] = dense
+        elif spec["as"] not in ("bits", "indices"):
+            raise ValueError(f"unknown encoding {spec['as']!r} of {name}")
+    return tensors
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Load a file written by :func:`save_tensors`: ``(tensors, meta)``.
+    """Load a file written by :func:`save_tensors`: ``(tensors, meta)``, decoded.
 
     Raises :class:`CheckpointError` for a missing file, a pickle file (never unpickled), a
     corrupt file, or a safetensors file that prunescope did not write.
     """
+    tensors, meta, header = read_stored(path)
+    try:
+        return decode_tensors(tensors, json.loads(header.get(ENCODING_KEY, "{}"))), meta
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} has a corrupt tensor encoding ({exc})") from None
+
+
+def read_stored(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+    """The tensors as stored (not decoded), the prunescope metadata and the raw header
+    metadata of a file written by :func:`save_tensors`; errors as :func:`load_tensors`."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such file: {path}; check the path")
@@ -99,4 +197,4 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} has corrupt prunescope metadata") from None
-    return tensors, meta
+    return tensors, meta, header
