@@ -135,19 +135,12 @@ class Recipe:
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
-    """Read a YAML recipe, apply ``key.path=value`` overrides, validate, return a Recipe."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe not found: {path}; give the path of a YAML file (see recipes/)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError(f"recipe {path} is not UTF-8 text; give a YAML file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe {path} is not valid YAML{where}; fix the syntax") from None
-    return from_dict(raw if raw is not None else {}, overrides, source=str(path))
+    """Read a YAML recipe, apply ``key.path=value`` overrides, validate, return a Recipe.
+
+    The file is read by :func:`prunescope.yamlfile.read` (torch-free; the CLI calls it first)."""
+    from prunescope import yamlfile
+
+    return from_dict(yamlfile.read(path), overrides, source=str(path))
 
 
 def from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "recipe") -> Recipe:
