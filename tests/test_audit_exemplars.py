@@ -97,3 +97,8 @@ def test_welch_direction_survives_an_infinite_statistic():
     rows = exemplars.welch_classes(dense, np.ones(2), sparse, np.ones(2))
     assert rows[0]["direction"] == "hurt"
     assert rows[0]["t"] == math.inf or math.isnan(rows[0]["t"])
+
+
+def test_models_without_a_prediction_do_not_vote():
+    predictions = np.array([[-1, -1, 2], [-1, 1, 2], [-1, 1, -1]])
+    np.testing.assert_array_equal(exemplars.modal_labels(predictions, 3), [-1, 1, 2])

@@ -105,3 +105,30 @@ def test_clean_makes_json_data():
     cleaned = metrics.clean({"a": np.float32(0.5), "b": [float("nan"), np.int64(3)],
                              "c": np.array([1.0, np.inf])})
     assert cleaned == {"a": 0.5, "b": [None, 3], "c": [1.0, None]}
+
+
+def test_non_finite_logits_are_never_a_prediction():
+    logits = np.array([[np.nan, np.nan, np.nan], [3.0, 0.0, 0.0], [np.inf, 0.0, 0.0],
+                       [0.0, 2.0, 0.0]])
+    labels = np.array([0, 0, 0, 1])
+    block = metrics.model_metrics(logits, labels, 3)
+    # only rows 1 and 3 are scored; rows 0 and 2 (labels 0, the "predicted" argmax) are wrong
+    assert block["non_finite"] == 2
+    assert block["accuracy"] == 0.5 and block["top5"] == 0.5
+    assert block["recall"][0] == pytest.approx(1 / 3)
+    p = metrics.softmax(logits[[1, 3]])
+    assert block["mean_entropy"] == pytest.approx(metrics.entropy(p).mean())
+    assert block["mean_max_prob"] == pytest.approx(p.max(axis=1).mean())
+    np.testing.assert_array_equal(metrics.predicted(logits), [-1, 0, -1, 1])
+
+
+def test_all_non_finite_logits_score_nothing():
+    block = metrics.model_metrics(np.full((4, 3), np.nan), np.array([0, 1, 2, 0]), 3)
+    assert block["non_finite"] == 4 and block["accuracy"] == 0.0 and block["top5"] == 0.0
+    assert math.isnan(block["mean_entropy"]) and block["reliability"] is None
+
+
+def test_collapsed_is_chance_plus_a_margin_or_nan():
+    assert metrics.collapsed(0.1, 10) and metrics.collapsed(0.1 + metrics.CHANCE_MARGIN, 10)
+    assert not metrics.collapsed(0.2, 10)
+    assert metrics.collapsed(float("nan"), 10) and metrics.collapsed(0.51, 2)

@@ -170,3 +170,56 @@ def test_bad_audit_sections_are_config_errors(section, message):
 
     with pytest.raises(ConfigError, match=message):
         recipe.from_dict({**TINY_AUDIT_RECIPE, "audit": section})
+
+
+def _with_logits(member, logits):
+    return type(member)(logits.astype(np.float32), member.labels, member.index, member.groups,
+                        member.meta)
+
+
+def _nan_audit(caplog=None):
+    dense = [synthetic_predictions(seed=s, accuracy=0.95, run=f"dense-{s}") for s in range(3)]
+    half = dense[1].logits.copy()
+    half[::2] = np.nan
+    dense[1] = _with_logits(dense[1], half)
+    compressed = []
+    for s in range(3):
+        member = synthetic_predictions(seed=10 + s, accuracy=0.85, run=f"sparse-{s}")
+        member.meta.update(method={"label": "m", "sparsity": 0.9}, seed=s)
+        compressed.append(member)
+    compressed[2] = _with_logits(compressed[2], np.full_like(compressed[2].logits, np.nan))
+    return build(dense, compressed, n_boot=0)
+
+
+def test_non_finite_logits_are_counted_wrong_and_the_models_marked(caplog):
+    from prunescope.report import render
+
+    with caplog.at_level("WARNING"):
+        audit = _nan_audit()
+    dense_models = audit["dense"]["models"]
+    assert [m["non_finite"] for m in dense_models] == [0, 200, 0]
+    assert dense_models[1]["accuracy"] <= 0.5  # half the examples never scored
+    block = audit["populations"][0]
+    assert block["models"][2]["non_finite"] == 400 and block["models"][2]["accuracy"] == 0.0
+    assert block["models"][2]["collapsed"] and block["collapsed"] == ["sparse-2"]
+    assert any("sparse-2" in w and "collapsed" in w for w in audit["warnings"])
+    assert any("dense-1" in w and "non-finite" in w for w in audit["warnings"])
+    assert "sparse-2" in caplog.text and "collapsed" in caplog.text
+    html = render(audit)
+    assert "class='banner'" in html and "sparse-2" in html
+
+
+def test_a_dense_model_without_a_finite_logit_is_refused():
+    dense = synthetic_predictions(seed=0, accuracy=0.9, run="dense-nan")
+    dense = _with_logits(dense, np.full_like(dense.logits, np.inf))
+    compressed = synthetic_predictions(seed=1, accuracy=0.9)
+    with pytest.raises(AuditError, match="dense-nan gives non-finite logits on every example"):
+        build([dense], [compressed])
+
+
+def test_a_collapsed_compressed_model_is_flagged():
+    dense = synthetic_predictions(seed=0, accuracy=0.95)
+    chance = synthetic_predictions(seed=1, accuracy=0.4, run="chance")
+    block = build([dense], [chance], n_boot=0)
+    assert block["populations"][0]["collapsed"] == ["chance"]
+    assert not block["dense"]["collapsed"]

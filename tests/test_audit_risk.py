@@ -63,3 +63,11 @@ def test_precision_at_k_without_and_with_ties():
 def test_constant_target_has_no_auroc():
     out = risk.evaluate(np.array([0.1, 0.2]), np.array([False, False]))
     assert out["auroc"] is None and out["roc"] is None and math.isnan(out["precision_at_k"])
+
+
+def test_non_finite_dense_logits_leave_the_signal_undefined_and_out_of_the_scores():
+    logits = np.array([[[3.0, 0.0], [np.nan, np.nan], [0.0, 1.0], [1.0, 0.0]]])
+    out = risk.signals(logits, np.array([0, 0, 1, 1]))
+    assert math.isnan(out["margin"][1]) and math.isnan(out["dense_incorrect"][1])
+    scored = risk.evaluate(out["loss"], np.array([False, True, False, True]))
+    assert scored["auroc"] == 1.0 and scored["unscored"] == 1  # examples 0, 2, 3: 1 positive

@@ -19,6 +19,7 @@ others get point estimates, so that an audit of a whole sweep stays fast.
 from __future__ import annotations
 
 import base64
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +35,7 @@ from prunescope.report import AUDIT_VERSION as VERSION
 MAX_FOCUS = 4
 IMAGES = 24
 Log = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 def _stderr(message: str) -> None:
@@ -80,6 +82,7 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
         raise AuditError("an audit needs at least one dense and one compressed run; pass "
                          "--dense RUN... and --compressed RUN...")
     check_compatible(dense + compressed)
+    _refuse_non_finite_dense(dense)
     first = dense[0]
     info = _dataset_info(first)
     groups = _populations(compressed)
@@ -101,8 +104,36 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
     return metrics.clean({
         "version": VERSION, "dataset": info, "settings": {"n_boot": n_boot, "alpha": alpha},
         "dense": dense_block, "populations": blocks, "focus": focus,
-        "risk_signals": list(risk.SIGNALS),
+        "risk_signals": list(risk.SIGNALS), "warnings": model_warnings([dense_block, *blocks]),
     })
+
+
+def model_warnings(blocks: list[dict]) -> list[str]:
+    """One line per collapsed model and per model with non-finite logits, each also logged as
+    a warning."""
+    lines = []
+    for block in blocks:
+        for model in block["models"]:
+            where = f"{block['label']} model {model['run']}"
+            if model["collapsed"]:
+                lines.append(f"{where} collapsed: accuracy {model['accuracy']:.4f}, at or below "
+                             f"chance + {metrics.CHANCE_MARGIN:g}; its figures describe a "
+                             "broken model")
+            if model["non_finite"]:
+                lines.append(f"{where} gives non-finite logits (NaN/inf) on "
+                             f"{model['non_finite']} examples, counted as wrong")
+    for line in lines:
+        logger.warning("audit: %s", line)
+    return lines
+
+
+def _refuse_non_finite_dense(dense: list[Predictions]) -> None:
+    """A dense model with no finite row of logits is no reference: a one-line AuditError."""
+    for member in dense:
+        if not metrics.finite_rows(member.logits).any():
+            raise AuditError(f"dense run {member.meta.get('run', '?')} gives non-finite logits "
+                             "on every example (NaN/inf: a diverged model); retrain it or leave "
+                             "it out of --dense")
 
 
 def check_compatible(loaded: list[Predictions]) -> None:
@@ -145,16 +176,17 @@ def population_block(label: str, method: str | None, sparsity: float | None,
         "label": label, "method": method, "sparsity": sparsity, "k": len(members),
         "models": models, "accuracy": _spread(accuracy, len(labels)),
         "recall": mean_recall.tolist(), "worst_class": worst, "worst_class_recall": worst_recall,
-        "ece": float(np.mean([m["ece"] for m in models])),
+        "ece": _mean([m["ece"] for m in models]),
         "reliability": _pooled_reliability(members, labels),
-        "mean_entropy": float(np.mean([m["mean_entropy"] for m in models])),
-        "mean_max_prob": float(np.mean([m["mean_max_prob"] for m in models])),
+        "mean_entropy": _mean([m["mean_entropy"] for m in models]),
+        "mean_max_prob": _mean([m["mean_max_prob"] for m in models]),
         "direct_sparsity": _mean_cost(models, "sparsity"),
         "effective_sparsity": _mean_cost(models, "effective_sparsity"),
+        "collapsed": [m["run"] for m in models if m["collapsed"]],
         "_predictions": predictions,
     }
     if num_classes == 2:
-        block["uncertain_fraction"] = float(np.mean([m["uncertain_fraction"] for m in models]))
+        block["uncertain_fraction"] = _mean([m["uncertain_fraction"] for m in models])
     if dense is not None:
         dense_predictions = np.stack([d.predicted for d in dense])
         block["cie"] = exemplars.summary(dense_predictions, predictions, labels, num_classes)
@@ -253,6 +285,7 @@ def _model_entry(member: Predictions, labels: np.ndarray, num_classes: int,
     entry = {"run": member.meta.get("run"), "seed": member.meta.get("seed"),
              **metrics.model_metrics(member.logits, labels, num_classes),
              "cost": member.meta.get("cost")}
+    entry["collapsed"] = metrics.collapsed(entry["accuracy"], num_classes)
     if dense is not None:
         parent = next((d for d in dense if d.meta.get("seed") == member.meta.get("seed")),
                       dense[0])
@@ -278,11 +311,22 @@ def _spread(accuracy: np.ndarray, n: int) -> dict:
     return out
 
 
-def _pooled_reliability(members: list[Predictions], labels: np.ndarray) -> dict:
-    probs = [metrics.softmax(m.logits) for m in members]
+def _pooled_reliability(members: list[Predictions], labels: np.ndarray) -> dict | None:
+    """The reliability curve of every model's finite rows pooled (None without any)."""
+    finite = [metrics.finite_rows(m.logits) for m in members]
+    probs = [metrics.softmax(m.logits[f]) for m, f in zip(members, finite, strict=True)]
+    if not sum(len(p) for p in probs):
+        return None
     confidence = np.concatenate([p.max(axis=1) for p in probs])
-    correct = np.concatenate([p.argmax(axis=1) == labels for p in probs])
+    correct = np.concatenate([p.argmax(axis=1) == labels[f]
+                              for p, f in zip(probs, finite, strict=True)])
     return metrics.reliability_curve(confidence, correct)
+
+
+def _mean(values: list[float]) -> float:
+    """Mean over the finite values (NaN when there is none)."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _mean_cost(models: list[dict], key: str) -> float | None:

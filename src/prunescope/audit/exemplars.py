@@ -24,18 +24,24 @@ import warnings
 import numpy as np
 from scipy import stats
 
+from prunescope.audit.metrics import NO_PREDICTION
+
 ALPHA = 0.05
 
 
 def modal_labels(predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """The most frequent label per column of ``predictions [K, N]``; ties go to the largest."""
+    """The most frequent label per column of ``predictions [K, N]``; ties go to the largest.
+    :data:`~prunescope.audit.metrics.NO_PREDICTION` entries (non-finite logits) do not vote; a
+    column without any vote gets NO_PREDICTION."""
     predictions = np.atleast_2d(np.asarray(predictions))
     n = predictions.shape[1]
     votes = np.zeros((n, num_classes), dtype=np.int64)
     for row in predictions:
-        votes[np.arange(n), row] += 1
+        scored = row != NO_PREDICTION
+        votes[np.flatnonzero(scored), row[scored]] += 1
     # argmax returns the first maximum: search the reversed columns to get the last (largest)
-    return num_classes - 1 - np.argmax(votes[:, ::-1], axis=1)
+    modal = num_classes - 1 - np.argmax(votes[:, ::-1], axis=1)
+    return np.where(votes.any(axis=1), modal, NO_PREDICTION)
 
 
 def compression_identified(dense: np.ndarray, compressed: np.ndarray,

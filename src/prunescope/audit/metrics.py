@@ -1,11 +1,15 @@
 """Per-model metrics on cached predictions (numpy only): accuracy, classes, calibration, flips.
 
 Every function takes plain arrays (``logits [N, C]``, ``labels [N]``, predictions ``[N]``) so
-that it can be checked against a hand computation. Multi-class uncertainty is entropy and
-max-probability; for a binary task (two classes) ``p`` is the probability of class 1 and the
-measures are those of Iofinova, Peste & Alistarh, "Bias in Pruned Vision Models: In-Depth
-Analysis and Countermeasures" (CVPR 2023), as implemented in their code
-(IST-DASLab/pruned-vision-model-bias, ``bias_utils/runs.py``).
+that it can be checked against a hand computation. A row of logits with a NaN or an infinity is
+never scored as a prediction: its predicted class is :data:`NO_PREDICTION` (-1), it counts as
+wrong in top-1 and top-5, and the probability measures (loss, entropy, max-probability,
+calibration) are averages over the finite rows only; :func:`model_metrics` reports how many
+rows were non-finite. A model at or below chance (:func:`collapsed`) is flagged by the audit.
+Multi-class uncertainty is entropy and max-probability; for a binary task (two classes) ``p``
+is the probability of class 1 and the measures are those of Iofinova, Peste & Alistarh, "Bias
+in Pruned Vision Models: In-Depth Analysis and Countermeasures" (CVPR 2023), as implemented in
+their code (IST-DASLab/pruned-vision-model-bias, ``bias_utils/runs.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,27 @@ import math
 import numpy as np
 
 ECE_BINS = 10
+NO_PREDICTION = -1  # the predicted class of a row of non-finite logits
+CHANCE_MARGIN = 0.02  # collapsed: accuracy <= 1 / num_classes + this (or NaN)
+
+
+def finite_rows(logits: np.ndarray) -> np.ndarray:
+    """Boolean ``[N]``: the rows of ``logits`` without NaN or infinity."""
+    return np.isfinite(np.asarray(logits)).all(axis=-1)
+
+
+def predicted(logits: np.ndarray) -> np.ndarray:
+    """The predicted class of each row (first maximum), :data:`NO_PREDICTION` where the row is
+    not finite."""
+    logits = np.asarray(logits)
+    finite = finite_rows(logits)
+    out = np.where(finite[..., None], logits, 0).argmax(axis=-1)
+    return np.where(finite, out, NO_PREDICTION)
+
+
+def collapsed(accuracy: float, num_classes: int, margin: float = CHANCE_MARGIN) -> bool:
+    """True when ``accuracy`` is NaN or at most chance (``1 / num_classes``) plus ``margin``."""
+    return math.isnan(accuracy) or accuracy <= 1.0 / num_classes + margin
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -34,19 +59,24 @@ def top_k_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     logits = np.asarray(logits)
     own = logits[np.arange(len(labels)), labels]
     above = (logits > own[:, None]).sum(axis=1)
-    return float(np.mean(above < min(k, logits.shape[1])))
+    return float(np.mean((above < min(k, logits.shape[1])) & finite_rows(logits)))
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    """``[C, C]`` counts, row = true class, column = predicted class."""
-    flat = np.asarray(labels) * num_classes + np.asarray(predictions)
+    """``[C, C]`` counts, row = true class, column = predicted class; examples without a
+    prediction (:data:`NO_PREDICTION`) are left out."""
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    scored = predictions != NO_PREDICTION
+    flat = labels[scored] * num_classes + predictions[scored]
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
-def per_class_recall(matrix: np.ndarray) -> np.ndarray:
-    """Recall of each class (diagonal / row sum); NaN for a class absent from the labels."""
+def per_class_recall(matrix: np.ndarray, support: np.ndarray | None = None) -> np.ndarray:
+    """Recall of each class (diagonal / ``support``, default the row sums, i.e. the examples
+    with a prediction); NaN for a class absent from the labels."""
+    support = matrix.sum(axis=1) if support is None else np.asarray(support)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.diag(matrix) / matrix.sum(axis=1)
+        return np.diag(matrix) / support
 
 
 def per_class_precision(matrix: np.ndarray) -> np.ndarray:
@@ -146,23 +176,39 @@ def flips(before: np.ndarray, after: np.ndarray) -> np.ndarray:
 
 def model_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
     """The per-model block of the audit: top-1/top-5, loss, per-class recall and precision,
-    worst class, calibration (ECE and reliability curve), uncertainty."""
-    probs = softmax(logits)
-    predictions = probs.argmax(axis=1)
+    worst class, calibration (ECE and reliability curve), uncertainty, and ``non_finite`` (rows
+    of non-finite logits: wrong in top-1/top-5, left out of the probability measures, which are
+    NaN, or None for the curve, when no row is finite)."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    finite = finite_rows(logits)
+    predictions = predicted(logits)
     matrix = confusion(labels, predictions, num_classes)
-    recall, precision = per_class_recall(matrix), per_class_precision(matrix)
+    recall = per_class_recall(matrix, np.bincount(labels, minlength=num_classes))
+    precision = per_class_precision(matrix)
     worst, worst_recall = worst_class(recall)
-    max_prob = probs.max(axis=1)
-    correct = predictions == labels
-    loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
-    out = {
-        "accuracy": float(correct.mean()), "top5": top_k_accuracy(logits, labels, 5),
-        "loss": float(loss.mean()), "recall": recall.tolist(), "precision": precision.tolist(),
+    return {
+        "accuracy": float(np.mean(predictions == labels)),
+        "top5": top_k_accuracy(logits, labels, 5), "non_finite": int((~finite).sum()),
+        "recall": recall.tolist(), "precision": precision.tolist(),
         "worst_class": worst, "worst_class_recall": worst_recall,
-        "ece": expected_calibration_error(max_prob, correct),
-        "reliability": reliability_curve(max_prob, correct),
-        "mean_entropy": float(entropy(probs).mean()), "mean_max_prob": float(max_prob.mean()),
+        **_probability_metrics(logits[finite], labels[finite], num_classes),
     }
+
+
+def _probability_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
+    """Loss, calibration and uncertainty over finite rows (NaN / None when there are none)."""
+    nan = float("nan")
+    if not len(labels):
+        out = {"loss": nan, "ece": nan, "reliability": None, "mean_entropy": nan,
+               "mean_max_prob": nan}
+        return {**out, "binary_ece": nan, "uncertain_fraction": nan} if num_classes == 2 else out
+    probs = softmax(logits)
+    max_prob = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
+    out = {"loss": float(loss.mean()), "ece": expected_calibration_error(max_prob, correct),
+           "reliability": reliability_curve(max_prob, correct),
+           "mean_entropy": float(entropy(probs).mean()), "mean_max_prob": float(max_prob.mean())}
     if num_classes == 2:
         out["binary_ece"] = expected_calibration_error(probs[:, 1], labels)
         out["uncertain_fraction"] = uncertain_fraction(probs[:, 1])

@@ -49,8 +49,11 @@ class Predictions:
 
     @property
     def predicted(self) -> np.ndarray:
-        """The predicted class of each example (first maximum of the logits)."""
-        return self.logits.argmax(axis=1)
+        """The predicted class of each example (first maximum of the logits), or
+        :data:`~prunescope.audit.metrics.NO_PREDICTION` where the logits are not finite."""
+        from prunescope.audit.metrics import predicted
+
+        return predicted(self.logits)
 
 
 def cache_path(run_dir: Path, split: str) -> Path:

@@ -19,6 +19,10 @@ labels), averaged over its K models, and oriented so that higher means more at r
 - ``dense_disagreement``: the fraction of dense models whose prediction differs from the dense
   modal label (zero for a single model).
 
+A dense model's row of non-finite logits gives no signal for that example: the signals average
+over the models with finite logits there, and are NaN where no model has any; :func:`evaluate`
+leaves such examples out (and says how many).
+
 :func:`evaluate` scores a signal against a boolean target with scikit-learn's ROC AUC and curve,
 and precision at k (k = number of positives unless given; tied scores share the top-k places
 evenly, so a 0/1 signal gets the precision of a random order within its ties).
@@ -26,10 +30,12 @@ evenly, so a 0/1 signal gets the precision of a random order within its ties).
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from prunescope.audit.exemplars import modal_labels
-from prunescope.audit.metrics import entropy, softmax
+from prunescope.audit.metrics import entropy, finite_rows, predicted, softmax
 
 SIGNALS = ("margin", "entropy", "loss", "el2n", "dense_uncertain", "dense_incorrect",
            "dense_disagreement")
@@ -43,11 +49,12 @@ def signals(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
     if logits.ndim == 2:
         logits = logits[None]
     k, n, c = logits.shape
-    probs = softmax(logits)
+    finite = finite_rows(logits)
+    probs = softmax(np.where(finite[..., None], logits, 0.0))
     rows = np.arange(n)
     top2 = np.sort(probs, axis=-1)[..., -2:]
     onehot = np.eye(c)[labels]
-    predictions = probs.argmax(axis=-1)
+    predictions = predicted(logits)
     modal = modal_labels(predictions, c)
     out = {
         "margin": -(top2[..., 1] - top2[..., 0]),
@@ -58,7 +65,10 @@ def signals(logits: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
         "dense_incorrect": (predictions != labels).astype(np.float64),
         "dense_disagreement": (predictions != modal).astype(np.float64),
     }
-    return {name: value.mean(axis=0) for name, value in out.items()}
+    with warnings.catch_warnings():  # an example no dense model scores: NaN, by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return {name: np.nanmean(np.where(finite, value, np.nan), axis=0)
+                for name, value in out.items()}
 
 
 def precision_at_k(scores: np.ndarray, target: np.ndarray, k: int | None = None) -> float:
@@ -78,12 +88,16 @@ def precision_at_k(scores: np.ndarray, target: np.ndarray, k: int | None = None)
 
 def evaluate(scores: np.ndarray, target: np.ndarray) -> dict:
     """``auroc``, ``precision_at_k`` (k = positives), ``positives``, ``base_rate`` and a ROC
-    curve of at most :data:`ROC_POINTS` points; AUROC and curve are None for a constant target."""
+    curve of at most :data:`ROC_POINTS` points, over the examples with a finite score
+    (``unscored`` counts the others); AUROC and curve are None for a constant target."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    target = np.asarray(target, dtype=bool)
-    out = {"positives": int(target.sum()), "base_rate": float(target.mean()),
-           "precision_at_k": precision_at_k(scores, target), "auroc": None, "roc": None}
+    scores, target = np.asarray(scores, dtype=np.float64), np.asarray(target, dtype=bool)
+    scored = np.isfinite(scores)
+    scores, target = scores[scored], target[scored]
+    out = {"positives": int(target.sum()), "base_rate": float(np.mean(target)) if len(target)
+           else float("nan"), "precision_at_k": precision_at_k(scores, target),
+           "auroc": None, "roc": None, "unscored": int((~scored).sum())}
     if 0 < target.sum() < len(target):
         out["auroc"] = float(roc_auc_score(target, scores))
         fpr, tpr, _ = roc_curve(target, scores)

@@ -196,10 +196,11 @@ def reliability_figure(audit: dict) -> str:
     blocks = [audit["dense"]] + [b for b in audit["populations"] if b["label"] in audit["focus"]]
     figure, axes = plt.subplots(1, len(blocks), figsize=(3.3 * len(blocks), 3.4), squeeze=False)
     for axis, block in zip(axes[0], blocks, strict=True):
-        curve = block["reliability"]
+        curve = block["reliability"] or {"confidence": [], "accuracy": []}
         axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
         axis.plot(curve["confidence"], curve["accuracy"], marker="o", markersize=4)
-        axis.set_title(f"{block['label']}\nECE {block['ece']:.4f}", fontsize=9)
+        ece = "-" if block["ece"] is None else f"{block['ece']:.4f}"
+        axis.set_title(f"{block['label']}\nECE {ece}", fontsize=9)
         axis.set_xlabel("confidence (max probability)")
         axis.set_xlim(0, 1)
         axis.set_ylim(0, 1)

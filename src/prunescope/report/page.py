@@ -25,6 +25,8 @@ th, td { border: 1px solid #ddd; padding: 4px 8px; text-align: right; }
 th { background: #f0f0f0; } td.l, th.l { text-align: left; }
 figure { margin: 18px 0; } figure img { max-width: 100%; border: 1px solid #eee; }
 figcaption { color: #333; font-size: 0.92em; margin-top: 4px; }
+.banner { background: #fde7e7; border: 2px solid #b3261e; color: #7a1010; padding: 8px 12px;
+          margin: 12px 0; font-weight: 600; }
 .finding { font-size: 1.05em; background: #fff7e0; border-left: 4px solid #e0a800;
            padding: 8px 12px; margin: 10px 0; }
 """
@@ -35,7 +37,7 @@ def page(audit: dict) -> str:
     data = audit["dataset"]
     title = f"Compression audit: {data['name']}"
     body = [f"<h1>{_e(title)}</h1>", f"<p class='sub'>{_e(_subtitle(audit))}</p>",
-            _headline(audit), _figures(audit), _tables(audit), _notes(audit)]
+            _banner(audit), _headline(audit), _figures(audit), _tables(audit), _notes(audit)]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
@@ -54,13 +56,22 @@ def _subtitle(audit: dict) -> str:
 # -- headline -------------------------------------------------------------------------------
 
 
+def _banner(audit: dict) -> str:
+    """Collapsed models and non-finite logits, above everything else."""
+    lines = audit.get("warnings") or []
+    if not lines:
+        return ""
+    return ("<div class='banner'>Warning: " + "".join(f"<div>{_e(line)}</div>" for line in lines)
+            + "</div>")
+
+
 def _headline(audit: dict) -> str:
     dense = audit["dense"]
     focus = [b for b in audit["populations"] if b["label"] in audit["focus"]]
     cards = [_card("dense", f"{_pct(dense['accuracy']['mean'])}",
                    [f"{dense['k']} model(s); worst class "
                     f"{_class(audit, dense['worst_class'])} at "
-                    f"{_pct(dense['worst_class_recall'])}", f"ECE {dense['ece']:.4f}"])]
+                    f"{_pct(dense['worst_class_recall'])}", f"ECE {_num(dense['ece'], 4)}"])]
     cards += [_focus_card(audit, block) for block in focus]
     findings = [_finding(audit, block) for block in focus]
     return ("<h2>Headline</h2>" + "".join(f"<p class='finding'>{_e(f)}</p>" for f in findings)
@@ -86,8 +97,8 @@ def _focus_card(audit: dict, block: dict) -> str:
         f"<b>{_pct(cie['dense_accuracy_cie'])}</b> vs {_pct(cie['dense_accuracy_rest'])} "
         "on the rest",
         _welch_line(audit, welch, hurt, helped),
-        f"flip rate {_pct(block['flip_rate'], 2)}; ECE {dense['ece']:.4f} &rarr; "
-        f"{block['ece']:.4f}",
+        f"flip rate {_pct(block['flip_rate'], 2)}; ECE {_num(dense['ece'], 4)} &rarr; "
+        f"{_num(block['ece'], 4)}",
     ]
     return _card(block["label"], _pct(block["accuracy"]["mean"]), lines, escape=False)
 
