@@ -88,17 +88,43 @@ def test_welch_marks_a_class_at_alpha_and_needs_two_models_a_side():
 def test_welch_with_identical_recalls_is_not_affected():
     same = np.ones((3, 1))
     rows = exemplars.welch_classes(same, np.ones(3), same, np.ones(3))
-    assert rows[0]["affected"] is False and math.isnan(rows[0]["p"])
+    assert rows[0]["affected"] is False and rows[0]["p"] is None
+    assert rows[0]["test"] == "none: zero variance, equal means"
 
 
-def test_welch_direction_survives_an_infinite_statistic():
+def test_a_class_with_the_same_recall_everywhere_is_not_affected():
+    # recall 1.0 in every model; the populations' accuracies differ, so the normalised values
+    # differ by a constant with zero variance: before, an infinite t marked it affected
+    recall = np.ones((3, 1))
+    rows = exemplars.welch_classes(recall, np.array([0.98, 0.97, 0.99]), recall,
+                                   np.array([0.90, 0.91, 0.89]))
+    assert rows[0]["affected"] is False and rows[0]["t"] is None
+
+
+def test_zero_variance_with_different_means_is_affected_without_a_test():
     dense = np.array([[1.0], [1.0]])
     sparse = np.array([[0.5], [0.5]])
     rows = exemplars.welch_classes(dense, np.ones(2), sparse, np.ones(2))
-    assert rows[0]["direction"] == "hurt"
-    assert rows[0]["t"] == math.inf or math.isnan(rows[0]["t"])
+    assert rows[0]["direction"] == "hurt" and rows[0]["affected"] is True
+    assert rows[0]["t"] is None and rows[0]["test"] == "none: zero variance, means differ"
 
 
-def test_models_without_a_prediction_do_not_vote():
-    predictions = np.array([[-1, -1, 2], [-1, 1, 2], [-1, 1, -1]])
-    np.testing.assert_array_equal(exemplars.modal_labels(predictions, 3), [-1, 1, 2])
+def test_holm_adjusted_p_values_by_hand():
+    p = np.array([0.01, 0.04, 0.03, 0.005])
+    # sorted 0.005, 0.01, 0.03, 0.04 times 4, 3, 2, 1 -> 0.02, 0.03, 0.06, 0.04 -> monotone
+    # 0.02, 0.03, 0.06, 0.06
+    np.testing.assert_allclose(exemplars.holm(p), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(exemplars.holm(np.array([0.5, 0.9])), [1.0, 1.0])
+
+
+def test_affected_classes_are_holm_corrected():
+    rng = np.random.default_rng(0)
+    dense = 0.9 + 0.01 * rng.standard_normal((5, 10))
+    sparse = 0.9 + 0.01 * rng.standard_normal((5, 10))
+    sparse[:, 0] -= 0.1  # only class 0 really moves
+    accuracy = np.full(5, 0.9)
+    rows = exemplars.welch_classes(dense, accuracy, sparse, accuracy, alpha=0.05)
+    raw = np.array([r["p"] for r in rows])
+    np.testing.assert_allclose([r["p_holm"] for r in rows], exemplars.holm(raw))
+    assert [r["affected"] for r in rows] == list(exemplars.holm(raw) < 0.05)
+    assert rows[0]["affected"] and [r["affected_uncorrected"] for r in rows] == list(raw < 0.05)

@@ -223,3 +223,14 @@ def test_a_collapsed_compressed_model_is_flagged():
     block = build([dense], [chance], n_boot=0)
     assert block["populations"][0]["collapsed"] == ["chance"]
     assert not block["dense"]["collapsed"]
+
+
+def test_affected_classes_name_their_correction_and_the_chance_count():
+    from test_audit_fixtures import synthetic_audit
+
+    audit = synthetic_audit(n_boot=0)
+    summary = audit["populations"][1]["welch_summary"]
+    assert summary["correction"] == audit["settings"]["correction"] == "holm-bonferroni"
+    assert summary["tested"] == 2
+    assert summary["expected_false_uncorrected"] == pytest.approx(0.05 * 2)
+    assert audit["populations"][0]["welch_summary"] is None  # one compressed model

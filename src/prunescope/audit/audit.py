@@ -102,7 +102,8 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
             for key in ("positions", "dense_modal", "compressed_modal"):
                 block["cie"].pop(key)
     return metrics.clean({
-        "version": VERSION, "dataset": info, "settings": {"n_boot": n_boot, "alpha": alpha},
+        "version": VERSION, "dataset": info, "settings": {"n_boot": n_boot, "alpha": alpha,
+                                                      "correction": exemplars.CORRECTION},
         "dense": dense_block, "populations": blocks, "focus": focus,
         "risk_signals": list(risk.SIGNALS), "warnings": model_warnings([dense_block, *blocks]),
     })
@@ -223,6 +224,7 @@ def add_welch_and_risk(block: dict, dense_block: dict, risk_signals: dict, alpha
     acc = np.array([m["accuracy"] for m in block["models"]])
     block["normalised_change"] = metrics.normalised_change(dense_recall, dense_acc, recall, acc)
     block["welch"] = exemplars.welch_classes(dense_recall, dense_acc, recall, acc, alpha)
+    block["welch_summary"] = exemplars.welch_summary(block["welch"], alpha)
     cie = np.zeros(len(risk_signals["margin"]), dtype=bool)
     cie[block["cie"]["positions"]] = True
     flipped = np.zeros_like(cie)

@@ -96,18 +96,21 @@ def _focus_card(audit: dict, block: dict) -> str:
         f"CIEs <b>{cie['count']}</b> ({_pct(cie['fraction'], 2)}); dense accuracy on them "
         f"<b>{_pct(cie['dense_accuracy_cie'])}</b> vs {_pct(cie['dense_accuracy_rest'])} "
         "on the rest",
-        _welch_line(audit, welch, hurt, helped),
+        _welch_line(audit, block.get("welch_summary"), hurt, helped),
         f"flip rate {_pct(block['flip_rate'], 2)}; ECE {_num(dense['ece'], 4)} &rarr; "
         f"{_num(block['ece'], 4)}",
     ]
     return _card(block["label"], _pct(block["accuracy"]["mean"]), lines, escape=False)
 
 
-def _welch_line(audit: dict, welch: list | None, hurt: list[int], helped: list[int]) -> str:
-    if welch is None:
+def _welch_line(audit: dict, summary: dict | None, hurt: list[int], helped: list[int]) -> str:
+    if summary is None:
         return "affected classes: needs 2+ seeds a side"
     names = lambda classes: ", ".join(_e(_class(audit, c)) for c in classes) or "none"  # noqa: E731
-    return f"Welch: classes hurt {names(hurt)}; relatively spared {names(helped)}"
+    return (f"Welch ({_e(summary['correction'])}): classes hurt {names(hurt)}; relatively "
+            f"spared {names(helped)} <span class='muted'>({summary['affected_uncorrected']} of "
+            f"{summary['tested']} uncorrected at p &lt; {summary['alpha']:g}; "
+            f"{summary['expected_false_uncorrected']:.1f} expected by chance)</span>")
 
 
 def _finding(audit: dict, block: dict) -> str:
@@ -206,12 +209,14 @@ def _worst_classes(audit: dict, count: int = 5) -> str:
                                             if interval else ""),
                          _num(_points(block["normalised_change"][c]), 2),
                          _num(welch and welch["t"], 2), _num(welch and welch["p"], 4),
+                         _num(welch and welch.get("p_holm"), 4),
                          "yes" if welch and welch["affected"] else "no" if welch else "-"])
     return ("<p class='muted'>Classes that lost most relative to the overall change, with the "
             "bootstrap 95% interval of the compressed recall and Welch's test against the dense "
             "population.</p>"
             + _table(["population", "class", "dense recall", "compressed recall",
-                      "normalised change (pts)", "Welch t", "p", "affected"], rows))
+                      "normalised change (pts)", "Welch t", "p", "p (Holm)", "affected"],
+                     rows))
 
 
 def _groups(audit: dict) -> str:
@@ -305,7 +310,10 @@ def _notes(audit: dict) -> str:
         "population differs from the dense population's; ties go to the largest label "
         "(Hooker et al. 2019, 2020). With one model per side these are the flips.</li>"
         "<li>Affected class: Welch's t-test on per-model class recall minus the population's "
-        f"mean accuracy, dense vs compressed, p &lt; {settings.get('alpha', 0.05)}.</li>"
+        "mean accuracy, dense vs compressed, Holm-Bonferroni adjusted p &lt; "
+        f"{settings.get('alpha', 0.05)} over the classes tested (at the uncorrected threshold, "
+        "alpha x classes would be marked by chance alone); a class with the same recall in "
+        "every model gets no test and is affected only when the two recalls differ.</li>"
         "<li>ECE: 10 bins floor(10p)/10 of the max-probability (Iofinova et al. 2023, "
         "multi-class analogue); bias amplification and the 0.1&lt;p&lt;0.9 uncertainty follow "
         "their code.</li>"
