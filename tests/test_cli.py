@@ -18,13 +18,15 @@ from prunescope import checkpoint, data, experiment, models, recipe
 from prunescope.allocation import ALLOCATIONS
 from prunescope.cli import main
 from prunescope.criteria import CRITERIA
+from prunescope.errors import ConfigError
 from prunescope.mask import Mask
 from prunescope.methods import base as methods_base
 from prunescope.methods import one_shot
 from prunescope.schedules import SCHEDULES
 
 RUN_FILES = ("config.yaml", "results.json", "accuracy_vs_sparsity.png")
-SUBCOMMANDS = ("demo", "run", "train", "prune", "transfer", "evaluate", "list")
+SUBCOMMANDS = ("demo", "run", "train", "prune", "transfer", "evaluate", "inspect", "export",
+               "list")
 
 
 @pytest.fixture(scope="module")
@@ -464,3 +466,107 @@ def test_the_installed_command_exits_2_with_one_error_line(tmp_path):
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0]
     assert "Traceback" not in done.stderr
+
+
+# -- the command surface: version, help, speed of recipe errors, --device ----------------------
+
+def test_version_is_the_package_version(capsys):
+    import prunescope
+
+    code, stdout, _ = cli(capsys, "--version")
+    assert code == 0 and stdout.strip() == f"prunescope {prunescope.__version__}"
+
+
+def test_the_package_version_is_the_installed_distributions():
+    from importlib.metadata import version
+
+    import prunescope
+
+    assert prunescope.__version__ == version("prunescope")
+
+
+def _subparser(name: str):
+    from prunescope.cli import _build_parser
+
+    commands = next(a for a in _build_parser()._actions if a.dest == "command")
+    return commands.choices[name]
+
+
+@pytest.mark.parametrize("command", ["prune", "evaluate", "transfer", "run", "train", "inspect",
+                                     "export"])
+def test_help_explains_every_option_and_its_default(command):
+    parser = _subparser(command)
+    formatter = parser._get_formatter()
+    assert "(default: " in parser.format_help()
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, f"{command} {action.option_strings[0]} has no help"
+        shown = formatter._expand_help(action)  # the text --help prints for the option
+        assert action.required or "default" in shown, (command, action.option_strings, shown)
+
+
+RECIPE_FAILURES = {"missing": None, "bad YAML": "a: [1, 2", "not UTF-8": b"\xff\xfe"}
+
+
+@pytest.mark.parametrize("command", ["run", "train"])
+@pytest.mark.parametrize("case", RECIPE_FAILURES)
+def test_a_bad_recipe_file_fails_before_torch_is_imported(tmp_path, command, case):
+    path = tmp_path / "recipe.yaml"
+    content = RECIPE_FAILURES[case]
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    script = ("import sys\nfrom prunescope.cli import main\n"
+              f"code = main([{command!r}, {str(path)!r}])\n"
+              "print(code, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "recipe.yaml" in lines[0]
+
+
+def test_the_recipe_file_errors_are_recipe_loads_errors(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("a: [1, 2")
+    with pytest.raises(ConfigError) as from_load:
+        recipe.load(path)
+    done = subprocess.run([sys.executable, "-m", "prunescope", "run", str(path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == f"error: {from_load.value}"
+
+
+def test_device_option_of_recipe_commands_sets_the_recipe_device(tmp_path, capsys, monkeypatch):
+    seen = {}
+
+    def fake_run(loaded, out, progress=None):
+        seen["device"] = loaded.device
+        return {"runs": [], "dense": {}}
+
+    monkeypatch.setattr(experiment, "run", fake_run)
+    monkeypatch.setattr("prunescope.tables.format_results", lambda results: "")
+    code, _, err = cli(capsys, "run", write_recipe(tmp_path / "r.yaml"), "--device", "cpu",
+                       "--out", tmp_path / "out")
+    assert code == 0, err
+    assert seen["device"] == "cpu"
+
+
+@pytest.mark.parametrize("command, function", [
+    (["prune", "--sparsity", "0.5", "--out", "o"], "prune_checkpoint"),
+    (["transfer", "--dataset", "digits", "--out", "o"], "transfer_checkpoint"),
+    (["evaluate"], "evaluate_checkpoint"),
+])
+def test_device_option_of_checkpoint_commands_reaches_the_command(capsys, monkeypatch, command,
+                                                                   function):
+    from prunescope import commands
+
+    calls = []
+    monkeypatch.setattr(commands, function, lambda *a, **kw: calls.append(kw) or {})
+    for device in ("cuda:1", None):
+        argv = [*command, "--checkpoint", "c.safetensors",
+                *(["--device", device] if device else [])]
+        code, _, err = cli(capsys, *argv)
+        assert code == 0, err
+    assert [kw["device"] for kw in calls] == ["cuda:1", None]

@@ -1,8 +1,10 @@
-"""The ``prunescope`` command line: demo, run, train, prune, transfer, evaluate, list, audit,
-report, explain.
+"""The ``prunescope`` command line: demo, run, train, prune, transfer, evaluate, inspect,
+export, list, audit, report, explain.
 
 Every user error ends in one line ``error: <what is wrong and how to fix it>`` on stderr and
-exit code 2; an interrupted run says how to resume.
+exit code 2; an interrupted run says how to resume. Nothing that imports torch is imported before
+a handler needs it, and a recipe file is read (:mod:`prunescope.yamlfile`) before that, so a
+missing or malformed recipe is reported at once.
 """
 
 from __future__ import annotations
@@ -14,13 +16,30 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from prunescope import __version__, yamlfile
 from prunescope.errors import PrunescopeError
 
 EXIT_USAGE = 2
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the option is required, has no default
+    (its help says what omitting it does) or the help already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.required or action.default in (None, []) or action.default is argparse.SUPPRESS
+                or "default" in text or not action.option_strings):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad usage in one line."""
+    """argparse that reports bad usage in one line and shows every option's default."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"error: {message}; see '{self.prog} --help'\n")
@@ -54,6 +73,7 @@ def _error(message: str) -> None:
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="prunescope",
                      description="Make PyTorch networks sparse and show what the sparsity costs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     demo = commands.add_parser("demo", help="the main job: LeNet-300-100 on MNIST, 10 methods x "
@@ -76,13 +96,18 @@ def _build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune", help="prune a checkpoint, optionally fine-tune it")
     prune.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
-    prune.add_argument("--criterion", default="magnitude")
-    prune.add_argument("--allocation", default="global")
-    prune.add_argument("--sparsity", type=float, help="in [0, 1); omit for an N:M pattern")
+    prune.add_argument("--criterion", default="magnitude",
+                       help="how weights are scored (see 'prunescope list')")
+    prune.add_argument("--allocation", default="global",
+                       help="how the sparsity is spread over the layers (see 'prunescope list')")
+    prune.add_argument("--sparsity", type=float,
+                       help="fraction of weights pruned, in [0, 1); omit for an N:M pattern, "
+                       "which fixes it (default: none)")
     prune.add_argument("--pattern", default="unstructured", help="unstructured, N:M or block:RxC")
     prune.add_argument("--effective", action="store_true",
                        help="reach the sparsity as effective sparsity")
-    prune.add_argument("--finetune-epochs", type=int, default=0)
+    prune.add_argument("--finetune-epochs", type=int, default=0,
+                       help="epochs of fine-tuning with the mask held (0: none)")
     prune.add_argument("--bn-recalibration", type=int, default=0, metavar="BATCHES",
                        help="re-estimate batch-norm statistics on this many batches of 100")
     prune.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
@@ -90,9 +115,11 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="fine-tune on the sparse kernels where measured faster (prints the "
                        "choice per layer; see docs/kernels.md)")
     prune.add_argument("--data-root",
-                       help="dataset directory, if the checkpoint's dataset needs one")
+                       help="dataset directory, if the checkpoint's dataset needs one "
+                       "(default: the one recorded in the checkpoint)")
+    _add_device(prune)
     prune.add_argument("--out", required=True, help="output directory")
-    prune.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    _add_progress(prune)
     prune.set_defaults(handler=_prune)
 
     transfer = commands.add_parser(
@@ -101,25 +128,48 @@ def _build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--checkpoint", required=True,
                           help="a sparse model.safetensors (from prune or run)")
     transfer.add_argument("--dataset", required=True, help="the target dataset (see 'list')")
-    transfer.add_argument("--epochs", type=int, default=2)
-    transfer.add_argument("--lr", type=float, default=0.01)
+    transfer.add_argument("--epochs", type=int, default=2, help="epochs of training on the target")
+    transfer.add_argument("--lr", type=float, default=0.01, help="learning rate")
     transfer.add_argument("--sparse-kernels", action="store_true",
                           help="train on the sparse kernels where measured faster")
-    transfer.add_argument("--data-root", help="the target dataset's directory, if it needs one")
+    transfer.add_argument("--data-root", help="the target dataset's directory, if it needs one "
+                          "(default: none)")
     transfer.add_argument("--seed", type=int, default=0,
                           help="the target's split, the new layers' initialisation, shuffling")
+    _add_device(transfer)
     transfer.add_argument("--out", required=True, help="output directory")
-    transfer.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    _add_progress(transfer)
     transfer.set_defaults(handler=_transfer)
 
     evaluate = commands.add_parser("evaluate", help="accuracy and sparsity of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test")
-    evaluate.add_argument("--data-root", help="dataset directory, if the dataset needs one")
+    evaluate.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="test",
+                          help="the split of the checkpoint's dataset to evaluate on")
+    evaluate.add_argument("--data-root", help="dataset directory, if the dataset needs one "
+                          "(default: the one recorded in the checkpoint)")
     evaluate.add_argument("--sparse-kernels", action="store_true",
                           help="infer on the sparse kernels where measured faster (prints the "
                           "choice per layer and the time of the pass)")
+    _add_device(evaluate)
     evaluate.set_defaults(handler=_evaluate)
+
+    inspect = commands.add_parser("inspect", help="per-layer and global sparsity, model, "
+                                  "dataset and epoch of a checkpoint or mask file (loads no data)")
+    inspect.add_argument("file", metavar="CHECKPOINT",
+                         help="a checkpoint (model.safetensors, last.safetensors) or a "
+                         "mask.safetensors")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.set_defaults(handler=_inspect)
+
+    export = commands.add_parser("export", help="write a checkpoint for deployment: compact "
+                                 "(nonzero values + indices) or ONNX (dense with zeros)")
+    export.add_argument("file", metavar="CHECKPOINT", help="a model.safetensors from a run")
+    export.add_argument("--format", choices=("compact", "onnx"), default="compact",
+                        help="compact: safetensors of the kept values and their indices "
+                        "(prunescope.export.load_compact reads it back); onnx: the model with "
+                        "its zeros, needs pip install 'prunescope[onnx]'")
+    export.add_argument("--out", required=True, help="the file to write")
+    export.set_defaults(handler=_export)
 
     listing = commands.add_parser("list", help="registered models, datasets, criteria, ...")
     listing.set_defaults(handler=_list)
@@ -165,20 +215,34 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")
+                        help="override a recipe key, e.g. --set train.epochs=2 (repeatable; "
+                        "default: none)")
     parser.add_argument("--seed", type=int, help="seed of init, split, shuffling and random "
-                        "criteria (same as --set seed=N)")
+                        "criteria (same as --set seed=N; default: the recipe's)")
     parser.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=None,
                         help="deterministic algorithms (default: the recipe's, true)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N, mps or auto (a GPU when there is "
+                        "one); same as --set device=... (default: the recipe's)")
+    _add_progress(parser)
+
+
+def _add_progress(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
 
 
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", help="where the model computes: cpu, cuda, cuda:N, mps or "
+                        "auto (a GPU when there is one) (default: cpu)")
+
+
 def _overrides(args) -> list[str]:
-    """``--set`` items plus the ``--seed`` / ``--deterministic`` shortcuts."""
+    """``--set`` items plus the ``--seed`` / ``--deterministic`` / ``--device`` shortcuts."""
     extra = [] if args.seed is None else [f"seed={args.seed}"]
     if args.deterministic is not None:
         extra.append(f"deterministic={str(args.deterministic).lower()}")
+    if args.device is not None:
+        extra.append(f"device={json.dumps(args.device)}")  # a YAML string, whatever it holds
     return [*args.overrides, *extra]
 
 
@@ -192,19 +256,20 @@ def _demo(args) -> int:
 
 
 def _run(args) -> int:
+    raw = yamlfile.read(args.recipe)  # before torch is imported: a bad path fails at once
     from prunescope import recipe
 
-    loaded = recipe.load(args.recipe, _overrides(args))
+    loaded = recipe.from_dict(raw, _overrides(args), source=str(args.recipe))
     return _run_recipe(loaded, Path(args.out or f"runs/{loaded.name}"), args.progress)
 
 
 def _train(args) -> int:
     from dataclasses import replace
 
+    raw = yamlfile.read(args.recipe) if args.recipe else {"name": "dense"}
     from prunescope import recipe
 
-    loaded = (recipe.load(args.recipe, _overrides(args)) if args.recipe
-              else recipe.from_dict({"name": "dense"}, _overrides(args)))
+    loaded = recipe.from_dict(raw, _overrides(args), source=str(args.recipe or "recipe"))
     loaded = replace(loaded, prune=None, finetune=None)
     return _run_recipe(loaded, Path(args.out or f"runs/{loaded.name}"), args.progress)
 
@@ -268,7 +333,7 @@ def _prune(args) -> int:
         effective=args.effective, finetune_epochs=args.finetune_epochs, lr=args.lr,
         sparse_kernels=args.sparse_kernels,
         bn_recalibration=args.bn_recalibration,
-        data_root=args.data_root, progress=args.progress,
+        data_root=args.data_root, progress=args.progress, device=args.device,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -280,7 +345,7 @@ def _transfer(args) -> int:
     result = commands.transfer_checkpoint(
         Path(args.checkpoint), args.dataset, Path(args.out), epochs=args.epochs, lr=args.lr,
         sparse_kernels=args.sparse_kernels, data_root=args.data_root, progress=args.progress,
-        seed=args.seed,
+        seed=args.seed, device=args.device,
     )
     print(json.dumps(result, indent=2))
     return 0
@@ -291,7 +356,23 @@ def _evaluate(args) -> int:
 
     print(json.dumps(commands.evaluate_checkpoint(Path(args.checkpoint), args.split,
                                                   args.data_root,
-                                                  sparse_kernels=args.sparse_kernels), indent=2))
+                                                  sparse_kernels=args.sparse_kernels,
+                                                  device=args.device), indent=2))
+    return 0
+
+
+def _inspect(args) -> int:
+    from prunescope import export
+
+    info = export.inspect(args.file)
+    print(json.dumps(info, indent=2) if args.json else export.format_inspection(info))
+    return 0
+
+
+def _export(args) -> int:
+    from prunescope import export
+
+    print(json.dumps(export.export(args.file, args.out, args.format), indent=2))
     return 0
 
 

@@ -174,6 +174,17 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
 def read_stored(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     """The tensors as stored (not decoded), the prunescope metadata and the raw header
     metadata of a file written by :func:`save_tensors`; errors as :func:`load_tensors`."""
+    return _read(path, tensors=True)
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    """The prunescope metadata of a file written by :func:`save_tensors`, without reading its
+    tensors; errors as :func:`load_tensors`."""
+    return _read(path, tensors=False)[1]
+
+
+def _read(path: str | os.PathLike, *, tensors: bool
+          ) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no such file: {path}; check the path")
@@ -188,7 +199,8 @@ def read_stored(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict,
     try:
         with safe_open(str(path), framework="pt") as handle:
             header = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            stored = ({key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+                      if tensors else {})
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path} is corrupt or not a safetensors file ({exc})") from None
     if META_KEY not in header:
@@ -197,4 +209,4 @@ def read_stored(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict,
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} has corrupt prunescope metadata") from None
-    return tensors, meta, header
+    return stored, meta, header
