@@ -13,7 +13,7 @@ from pipeline_helpers import assert_user_error, cli, files_under
 from test_audit_fixtures import synthetic_predictions, tiny_experiment
 
 from prunescope import checkpoint
-from prunescope.audit import AuditError, build
+from prunescope.audit import AuditError, build, exemplars
 from prunescope.audit.predictions import load_cached, load_or_compute
 from prunescope.report import AUDIT_VERSION
 
@@ -234,3 +234,26 @@ def test_affected_classes_name_their_correction_and_the_chance_count():
     assert summary["tested"] == 2
     assert summary["expected_false_uncorrected"] == pytest.approx(0.05 * 2)
     assert audit["populations"][0]["welch_summary"] is None  # one compressed model
+
+
+def test_a_single_seed_population_says_what_its_cies_are_beside_its_flips(caplog):
+    dense = [synthetic_predictions(seed=s, accuracy=0.8, run=f"dense-{s}") for s in range(5)]
+    single = synthetic_predictions(seed=30, accuracy=0.8, run="single")
+    single.meta.update(method={"label": "m", "sparsity": 0.5}, seed=0)
+    with caplog.at_level("WARNING"):
+        block = build(dense, [single], n_boot=0)["populations"][0]
+    cie = block["cie"]
+    assert cie["dense_models"] == 5 and cie["compressed_models"] == 1
+    assert "modal label" in cie["definition"] and "1 compressed model" in cie["definition"]
+    assert "seed" in cie["warning"] and "seed noise" in caplog.text
+    flips = int((single.predicted != dense[0].predicted).sum())
+    assert block["flip_count"] == flips and block["models"][0]["paired_dense"] == "dense-0"
+    modal = exemplars.modal_labels(np.stack([d.predicted for d in dense]), 2)
+    assert cie["count"] == int((single.predicted != modal).sum()) != flips
+
+
+def test_populations_of_several_seeds_carry_no_seed_noise_warning():
+    from test_audit_fixtures import synthetic_audit
+
+    block = synthetic_audit(n_boot=0)["populations"][1]
+    assert block["cie"]["warning"] is None and block["cie"]["compressed_models"] == 3

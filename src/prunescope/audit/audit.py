@@ -110,8 +110,8 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
 
 
 def model_warnings(blocks: list[dict]) -> list[str]:
-    """One line per collapsed model and per model with non-finite logits, each also logged as
-    a warning."""
+    """One line per collapsed model, per model with non-finite logits and per population whose
+    CIEs mix in seed noise (one model a side), each also logged as a warning."""
     lines = []
     for block in blocks:
         for model in block["models"]:
@@ -123,6 +123,9 @@ def model_warnings(blocks: list[dict]) -> list[str]:
             if model["non_finite"]:
                 lines.append(f"{where} gives non-finite logits (NaN/inf) on "
                              f"{model['non_finite']} examples, counted as wrong")
+    for block in blocks:
+        if (block.get("cie") or {}).get("warning"):
+            lines.append(f"{block['label']}: {block['cie']['warning']}")
     for line in lines:
         logger.warning("audit: %s", line)
     return lines
@@ -191,6 +194,7 @@ def population_block(label: str, method: str | None, sparsity: float | None,
     if dense is not None:
         dense_predictions = np.stack([d.predicted for d in dense])
         block["cie"] = exemplars.summary(dense_predictions, predictions, labels, num_classes)
+        block["flip_count"] = float(np.mean([m["flip_count"] for m in models]))
         block["flip_rate"] = float(np.mean([m["flip_rate"] for m in models]))
     return block
 

@@ -16,8 +16,13 @@ Hooker, Courville, Clark, Dauphin & Frome, "What Do Compressed Deep Neural Netwo
   classes (family-wise error rate alpha), which the authors' code does not do, and the
   uncorrected marks are reported beside the corrected ones.
 
-With one model per population the modal prediction is that model's prediction, so the CIEs are
-exactly its flips, and the t-test (which needs two models a side) is reported as not run.
+With one model in a population its "modal" label is that model's own prediction, so the CIE
+count mixes that model's seed-to-seed noise with what compression changed: a single compressed
+run against a 5-seed dense population counts every example where that run differs from the
+dense *mode*, including those where the same-seed dense run differs from the mode as well. Its
+flips (disagreements with the dense run of the same seed) are a different, paired count; the
+summary states which definition applies (``definition``) and warns (``warning``) when either
+population has one model. The t-test needs two models a side and is otherwise not run.
 """
 
 from __future__ import annotations
@@ -53,13 +58,37 @@ def compression_identified(dense: np.ndarray, compressed: np.ndarray,
     return modal_labels(dense, num_classes) != modal_labels(compressed, num_classes)
 
 
+def definition(k_dense: int, k_compressed: int) -> str:
+    """What the CIE count of a ``k_dense`` against ``k_compressed`` comparison is, in words."""
+    side = lambda k, name: (f"the prediction of the 1 {name} model" if k == 1  # noqa: E731
+                            else f"the modal label of the {k} {name} models")
+    return (f"examples where {side(k_compressed, 'compressed')} differs from "
+            f"{side(k_dense, 'dense')} (ties to the largest label; Hooker et al. 2019)")
+
+
+def seed_noise_warning(k_dense: int, k_compressed: int) -> str | None:
+    """A warning when a population has one model (its CIEs include its own seed noise)."""
+    single = [name for k, name in ((k_dense, "dense"), (k_compressed, "compressed")) if k == 1]
+    if not single or (k_dense == 1 and k_compressed == 1):
+        return None if not single else ("one model a side: the CIEs are the flips against "
+                                        "that dense model, seed noise included")
+    return (f"the {single[0]} population has one model, so its 'modal' label is one seed's "
+            "prediction and the CIE count mixes seed noise (that seed's own departures from "
+            "a mode) with what compression changed; compare the flips (vs the same-seed "
+            "dense run) or add seeds")
+
+
 def summary(dense: np.ndarray, compressed: np.ndarray, labels: np.ndarray,
             num_classes: int) -> dict:
     """CIE count, fraction, count per true class, and the accuracy of both populations (mean over
-    their models) on the CIEs and on the rest; NaN where a set is empty."""
+    their models) on the CIEs and on the rest (NaN where a set is empty), with the
+    :func:`definition` of what was counted and the :func:`seed_noise_warning` (or None)."""
     dense, compressed = np.atleast_2d(dense), np.atleast_2d(compressed)
     cie = compression_identified(dense, compressed, num_classes)
     return {
+        "definition": definition(len(dense), len(compressed)),
+        "dense_models": len(dense), "compressed_models": len(compressed),
+        "warning": seed_noise_warning(len(dense), len(compressed)),
         "count": int(cie.sum()), "fraction": float(cie.mean()),
         "per_class": np.bincount(labels[cie], minlength=num_classes).tolist(),
         "dense_accuracy_cie": _accuracy_on(dense, labels, cie),

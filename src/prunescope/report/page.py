@@ -97,7 +97,8 @@ def _focus_card(audit: dict, block: dict) -> str:
         f"<b>{_pct(cie['dense_accuracy_cie'])}</b> vs {_pct(cie['dense_accuracy_rest'])} "
         "on the rest",
         _welch_line(audit, block.get("welch_summary"), hurt, helped),
-        f"flip rate {_pct(block['flip_rate'], 2)}; ECE {_num(dense['ece'], 4)} &rarr; "
+        f"flips {_num(block.get('flip_count'), 1)} (vs the same-seed dense run); flip rate "
+        f"{_pct(block['flip_rate'], 2)}; ECE {_num(dense['ece'], 4)} &rarr; "
         f"{_num(block['ece'], 4)}",
     ]
     return _card(block["label"], _pct(block["accuracy"]["mean"]), lines, escape=False)
@@ -116,21 +117,24 @@ def _welch_line(audit: dict, summary: dict | None, hurt: list[int], helped: list
 def _finding(audit: dict, block: dict) -> str:
     cie = block["cie"]
     delta = block["accuracy"]["mean"] - audit["dense"]["accuracy"]["mean"]
-    return (f"{block['label']} ({block['k']} seed(s)): accuracy changes by {100 * delta:+.2f} "
+    text = (f"{block['label']} ({block['k']} seed(s)): accuracy changes by {100 * delta:+.2f} "
             f"points, but {cie['count']} examples ({_pct(cie['fraction'], 2)}) are "
-            f"compression-identified; the dense models score {_pct(cie['dense_accuracy_cie'])} "
-            f"on them against {_pct(cie['dense_accuracy_rest'])} on the rest.")
+            f"compression-identified ({cie['definition']}); the dense models score "
+            f"{_pct(cie['dense_accuracy_cie'])} on them against "
+            f"{_pct(cie['dense_accuracy_rest'])} on the rest.")
+    return text + (f" Note: {cie['warning']}." if cie.get("warning") else "")
 
 
 def _cie_growth(audit: dict) -> str:
     methods = {b["method"] for b in audit["populations"] if b["label"] in audit["focus"]}
-    rows = [[b["label"], b["k"], b["cie"]["count"], _pct(b["cie"]["fraction"], 2),
+    rows = [[b["label"], b["k"], b["cie"]["count"], _num(b.get("flip_count"), 1),
+             _pct(b["cie"]["fraction"], 2),
              _pct(b["cie"]["dense_accuracy_cie"]), _pct(b["cie"]["dense_accuracy_rest"]),
              _pct(b["accuracy"]["mean"])]
             for b in audit["populations"] if b["method"] in methods]
     return ("<p class='muted'>CIEs by sparsity for the focus method(s):</p>"
-            + _table(["population", "seeds", "CIEs", "fraction", "dense acc. on CIEs",
-                      "dense acc. on rest", "accuracy"], rows))
+            + _table(["population", "seeds", "CIEs", "flips", "CIE fraction",
+                      "dense acc. on CIEs", "dense acc. on rest", "accuracy"], rows))
 
 
 def _card(title: str, big: str, lines: Sequence[str], *, escape: bool = True) -> str:
@@ -294,10 +298,12 @@ def _all_populations(audit: dict) -> str:
                      f"[{_pct(acc['interval'][0])}, {_pct(acc['interval'][1])}]",
                      _num(block["direct_sparsity"], 4), _num(block["effective_sparsity"], 4),
                      _class(audit, block["worst_class"]), _pct(block["worst_class_recall"]),
-                     cie["count"] if cie else "-", _pct(block.get("flip_rate"), 2),
+                     cie["count"] if cie else "-", _num(block.get("flip_count"), 1),
+                     _pct(block.get("flip_rate"), 2),
                      _num(block["ece"], 4), _num(block["mean_entropy"], 4)])
     return _table(["population", "seeds", "accuracy", "interval", "direct", "effective",
-                   "worst class", "its recall", "CIEs", "flip rate", "ECE", "mean entropy"],
+                   "worst class", "its recall", "CIEs", "flips", "flip rate", "ECE",
+                   "mean entropy"],
                   rows)
 
 
@@ -308,7 +314,10 @@ def _notes(audit: dict) -> str:
         "<h2>Definitions</h2><ul class='muted'>"
         "<li>CIE (compression-identified exemplar): the modal label of the compressed "
         "population differs from the dense population's; ties go to the largest label "
-        "(Hooker et al. 2019, 2020). With one model per side these are the flips.</li>"
+        "(Hooker et al. 2019, 2020). A population of one model has that model's prediction "
+        "as its 'modal' label, so its CIEs include that seed's own noise. Flips: examples "
+        "where a compressed model disagrees with the dense run of the same seed (the mean "
+        "over the population's models).</li>"
         "<li>Affected class: Welch's t-test on per-model class recall minus the population's "
         "mean accuracy, dense vs compressed, Holm-Bonferroni adjusted p &lt; "
         f"{settings.get('alpha', 0.05)} over the classes tested (at the uncorrected threshold, "
