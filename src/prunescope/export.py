@@ -156,7 +156,7 @@ def export_compact(path: str | os.PathLike, out: str | os.PathLike) -> dict[str,
 
 
 def load_compact(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The dense state dict a file of :func:`export_compact` holds (in the model's order).
+    """The dense state dict a file of :func:`export_compact` holds.
 
     Raises :class:`CheckpointError` for a file of another format or inconsistent content.
     """
