@@ -41,8 +41,7 @@ def tiny_experiment() -> Path:
 
         root = Path(tempfile.mkdtemp(prefix="prunescope-audit-"))
         atexit.register(shutil.rmtree, root, ignore_errors=True)
-        experiment.run(recipe.from_dict(TINY_AUDIT_RECIPE), root / "run", progress=False,
-                       log=lambda line: None)
+        experiment.run(recipe.from_dict(TINY_AUDIT_RECIPE), root / "run", progress=False)
         _BUILT["out"] = root / "run"
     return _BUILT["out"]
 

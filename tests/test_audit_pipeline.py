@@ -14,7 +14,7 @@ from test_audit_fixtures import synthetic_predictions, tiny_experiment
 
 from prunescope import checkpoint
 from prunescope.audit import AuditError, build, exemplars
-from prunescope.audit.predictions import load_cached, load_or_compute
+from prunescope.audit.predictions import load_cached, load_or_compute, save
 from prunescope.report import AUDIT_VERSION
 
 
@@ -41,9 +41,9 @@ def test_experiment_writes_populations_audit_and_report(run):
     assert "Compression audit: digits" in html
 
 
-def test_population_of_one_degrades_to_flips(run):
-    dense, _ = load_or_compute(run / "dense")
-    single, _ = load_or_compute(run / "magnitude+global" / "s0.5")
+def test_population_of_one_degrades_to_flips(run, tmp_path):
+    dense, _ = load_or_compute(run / "dense", cache_dir=tmp_path)
+    single, _ = load_or_compute(run / "magnitude+global" / "s0.5", cache_dir=tmp_path)
     block = build([dense], [single], n_boot=0)["populations"][0]
     assert block["welch"] is None
     flipped = np.flatnonzero(dense.predicted != single.predicted).tolist()
@@ -59,17 +59,20 @@ def test_cie_block_is_consistent(run):
 
 
 def test_predictions_are_cached_and_tied_to_the_checkpoint(run, tmp_path):
-    copy = tmp_path / "dense"
+    copy, cache = tmp_path / "dense", tmp_path / "cache"
     shutil.copytree(run / "dense", copy)
-    cached, computed = load_or_compute(copy)
+    first, computed = load_or_compute(copy, cache_dir=cache)
+    assert computed and not cache.exists()  # computing writes nothing
+    save(first, cache)
+    cached, computed = load_or_compute(copy, cache_dir=cache)
     assert not computed and cached.logits.shape == (359, 10)
-    assert cached.meta["cost"]["params"] > 0
+    assert cached.meta["cost"]["params"] > 0 and cached.meta["run"] == str(copy)
     state = checkpoint.load(copy / "model.safetensors")
     state.model["classifier.0.bias"] += 1.0  # a different checkpoint: the cache is stale
     model = checkpoint.build_model(state, copy / "model.safetensors")
     checkpoint.save(copy / "model.safetensors", model, meta=state.meta)
-    assert load_cached(copy, "test") is None
-    fresh, computed = load_or_compute(copy)
+    assert load_cached(copy, "test", cache) is None
+    fresh, computed = load_or_compute(copy, cache_dir=cache)
     assert computed and not np.array_equal(fresh.logits, cached.logits)
 
 
@@ -79,7 +82,9 @@ def test_cli_audit_writes_both_files(run, tmp_path, capsys):
                             run / "populations" / "seed1" / "dense", "--compressed",
                             run / "magnitude+global" / "s0.9", "--out", out, "--bootstrap", "0")
     assert code == 0, err
-    assert files_under(out) == ["audit.json", "report.html"]
+    written = files_under(out)
+    assert [f for f in written if not f.startswith(".cache/")] == ["audit.json", "report.html"]
+    assert len(written) == 5  # and the three runs' predictions in .cache/predictions
     assert "report.html" in stdout
     assert json.loads((out / "audit.json").read_text())["settings"]["n_boot"] == 0
 
@@ -257,3 +262,71 @@ def test_populations_of_several_seeds_carry_no_seed_noise_warning():
 
     block = synthetic_audit(n_boot=0)["populations"][1]
     assert block["cie"]["warning"] is None and block["cie"]["compressed_models"] == 3
+
+
+def _untrained_run(where: Path, name: str, *, seed: int = 0, sparsity: float | None = None,
+                   spec: bool = True, image_size: int = 8) -> Path:
+    """A run directory with an untrained ``name`` model for digits (pruned by magnitude to
+    ``sparsity`` when given)."""
+    import torch
+
+    from prunescope import models, prune
+
+    torch.manual_seed(seed)
+    model = models.build(name, num_classes=10, in_channels=1, image_size=image_size)
+    meta = {"data": {"name": "digits", "val_size": 100, "seed": 0},
+            "model": checkpoint.model_spec(model, 10) if spec else None}
+    mask = None
+    if sparsity is not None:
+        mask = prune(model, criterion="magnitude", allocation="global", sparsity=sparsity)
+        meta["method"] = {"criterion": "magnitude", "allocation": "global",
+                          "sparsity": sparsity}
+    where.mkdir(parents=True)
+    checkpoint.save(where / "model.safetensors", model, meta=meta, mask=mask)
+    return where
+
+
+def test_a_compressed_run_of_another_architecture_is_refused(tmp_path, capsys):
+    dense = _untrained_run(tmp_path / "dense", "lenet300")
+    other = _untrained_run(tmp_path / "lenet5", "lenet5", sparsity=0.5, image_size=12)
+    out = tmp_path / "audit"
+    code, _, err = cli(capsys, "audit", "--dense", dense, "--compressed", other, "--out", out)
+    line = assert_user_error(code, err)
+    assert "lenet300" in line and "lenet5" in line and "architecture" in line
+    assert not out.exists()
+
+
+def test_a_compressed_run_without_a_model_spec_is_a_warning(tmp_path, caplog):
+    from prunescope.audit import precheck
+
+    dense = _untrained_run(tmp_path / "dense", "lenet300")
+    bare = _untrained_run(tmp_path / "bare", "lenet300", sparsity=0.5, spec=False)
+    with caplog.at_level("WARNING"):
+        precheck([dense], [bare])
+    assert "bare" in caplog.text and "architecture" in caplog.text
+
+
+def test_read_only_runs_are_audited_with_the_cache_in_the_output(tmp_path):
+    import os
+    import stat
+
+    from prunescope.audit import run_audit
+
+    runs = tmp_path / "runs"
+    dense = _untrained_run(runs / "dense", "lenet300")
+    sparse = _untrained_run(runs / "sparse", "lenet300", sparsity=0.5)
+    before = files_under(runs)
+    for d in (dense, sparse):
+        os.chmod(d, 0o555)
+    try:
+        run_audit([dense], [sparse], tmp_path / "out", n_boot=0, log=lambda line: None)
+        assert files_under(runs) == before
+        cached = files_under(tmp_path / "out" / ".cache" / "predictions")
+        assert len(cached) == 2
+        lines: list[str] = []
+        run_audit([dense], [sparse], tmp_path / "out2", n_boot=0, log=lines.append,
+                  cache_dir=tmp_path / "out" / ".cache" / "predictions")
+        assert not any("computed" in line for line in lines)  # both read from the cache
+    finally:
+        for d in (dense, sparse):
+            os.chmod(d, stat.S_IRWXU)

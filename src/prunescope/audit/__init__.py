@@ -16,7 +16,7 @@ writes ``audit.json`` and a self-contained ``report.html`` (see ``docs/audit.md`
 - :mod:`~prunescope.audit.audit`: puts it together.
 """
 
-from prunescope.audit.audit import VERSION, build, run_audit
+from prunescope.audit.audit import VERSION, build, precheck, run_audit
 from prunescope.audit.errors import AuditError
 
-__all__ = ["VERSION", "AuditError", "build", "run_audit"]
+__all__ = ["VERSION", "AuditError", "build", "precheck", "run_audit"]

@@ -28,11 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from prunescope.audit import disaggregation, exemplars, metrics, risk
+from prunescope.audit import predictions as cache
 from prunescope.audit.errors import AuditError
 from prunescope.audit.predictions import CHECKPOINT, Predictions, load_or_compute, load_splits
 from prunescope.report import AUDIT_VERSION as VERSION
 
 MAX_FOCUS = 4
+CACHE = Path(".cache") / "predictions"  # under the audit's output directory
 IMAGES = 24
 Log = Callable[[str], None]
 logger = logging.getLogger(__name__)
@@ -44,23 +46,51 @@ def _stderr(message: str) -> None:
 
 def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out: str | Path, *,
               split: str = "test", n_boot: int = 100, alpha: float = exemplars.ALPHA,
-              data_root: str | None = None, log: Log = _stderr) -> dict:
+              data_root: str | None = None, log: Log = _stderr,
+              cache_dir: str | Path | None = None) -> dict:
     """Audit ``compressed`` runs against ``dense`` runs; write ``out/audit.json`` and
-    ``out/report.html`` (nothing is written to ``out`` unless the inputs fit together)."""
+    ``out/report.html`` (nothing is written to ``out`` unless the inputs fit together).
+
+    Predictions are cached in ``cache_dir`` (default ``out/.cache/predictions``), never in the
+    input runs, which may be read-only; new cache files are written after the audit files."""
     dense_dirs, compressed_dirs = _run_dirs(dense, "--dense"), _run_dirs(compressed, "--compressed")
     _distinct(dense_dirs + compressed_dirs)
-    seeds = _precheck(dense_dirs + compressed_dirs)
+    seeds = precheck(dense_dirs, compressed_dirs)
+    cache_dir = Path(cache_dir) if cache_dir is not None else Path(out) / CACHE
     started = time.perf_counter()
-    loaded = _load_all(dense_dirs + compressed_dirs, seeds, split, data_root, log)
+    loaded, fresh = _load_all(dense_dirs + compressed_dirs, seeds, split, data_root, cache_dir,
+                              log)
     predicted = time.perf_counter()
     result = build(loaded[:len(dense_dirs)], loaded[len(dense_dirs):], n_boot=n_boot, alpha=alpha)
     result["images"] = cie_images(result, loaded[0], data_root)
     result["seconds"] = {"predictions": predicted - started,
                          "analysis": time.perf_counter() - predicted}
     write(result, Path(out))
+    for member in fresh:
+        cache.save(member, cache_dir)
     log(f"audit: {len(loaded)} models, {result['seconds']['analysis']:.1f} s beyond predictions "
         f"({result['seconds']['predictions']:.1f} s loading/computing them)")
+    for line in summary_lines(result):
+        log(line)
     return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    """One line per focus population: CIEs and flips, and the dense accuracy on CIEs vs the
+    rest."""
+    lines = []
+    for block in result["populations"]:
+        if block["label"] not in result["focus"]:
+            continue
+        cie, head = block["cie"], f"audit {block['label']} ({block['k']} seeds)"
+        if not cie["count"]:
+            lines.append(f"{head}: no CIEs; {block['flip_count']:.1f} flips")
+            continue
+        lines.append(f"{head}: {cie['count']} CIEs ({100 * cie['fraction']:.2f}%), "
+                     f"{block['flip_count']:.1f} flips; dense accuracy on CIEs "
+                     f"{100 * cie['dense_accuracy_cie']:.1f}% vs "
+                     f"{100 * cie['dense_accuracy_rest']:.1f}% on the rest")
+    return lines
 
 
 def write(result: dict, out: Path) -> None:
@@ -406,34 +436,60 @@ def _distinct(dirs: list[Path]) -> None:
         seen.add(resolved)
 
 
-def _precheck(dirs: list[Path]) -> dict[Path, int]:
-    """Refuse runs of different datasets or label spaces before computing any prediction;
-    returns each run's data seed."""
+def precheck(dense: list[Path], compressed: list[Path]) -> dict[Path, int]:
+    """Before any prediction is computed, refuse runs of different datasets or label spaces,
+    and compressed (or dense) runs of another architecture than the first dense run (the model
+    spec in the checkpoints' metadata; a run without one is a warning); returns each run's
+    data seed."""
     from prunescope import checkpoint
 
-    seen, seeds = None, {}
-    for d in dirs:
-        meta = checkpoint.load(d / CHECKPOINT).meta
+    metas = {d: checkpoint.load(d / CHECKPOINT).meta for d in [*dense, *compressed]}
+    first, seeds = None, {}
+    for d, meta in metas.items():
         data = meta.get("data") or {}
         key = (data.get("name"), (meta.get("model") or {}).get("num_classes"))
-        if seen is not None and key != seen[1]:
-            raise AuditError(f"{seen[0]} and {d} were trained on different datasets or label "
-                             f"spaces ({seen[1][0]}, {seen[1][1]} classes vs {key[0]}, {key[1]} "
-                             "classes); audit models of one dataset together")
-        seen = seen or (d, key)
+        first = first or (d, key)
+        if key[0] != first[1][0] or None not in (key[1], first[1][1]) and key[1] != first[1][1]:
+            raise AuditError(f"{first[0]} and {d} were trained on different datasets or label "
+                             f"spaces ({first[1][0]}, {first[1][1]} classes vs {key[0]}, "
+                             f"{key[1]} classes); audit models of one dataset together")
         seeds[d] = int(data.get("seed") or 0)
+    _same_architecture(dense[0], metas)
     return seeds
 
 
+def _same_architecture(reference: Path, metas: dict[Path, dict]) -> None:
+    spec = metas[reference].get("model")
+    for d, meta in metas.items():
+        other = meta.get("model")
+        if not spec or not other:
+            logger.warning("audit: %s has no model spec in its checkpoint; cannot check that "
+                           "it is the same architecture as %s", d if not other else reference,
+                           reference if not other else d)
+            continue
+        if other != spec:
+            raise AuditError(f"{d} is a {_describe(other)} but the dense run {reference} is a "
+                             f"{_describe(spec)}; compressed runs must be compressions of the "
+                             "dense architecture: audit each against dense runs of its own")
+
+
+def _describe(spec: dict) -> str:
+    return (f"{spec.get('name')} ({spec.get('in_channels')}x{spec.get('image_size')}x"
+            f"{spec.get('image_size')} input, {spec.get('num_classes')} classes)")
+
+
 def _load_all(dirs: list[Path], seeds: dict[Path, int], split: str, data_root: str | None,
-              log: Log) -> list[Predictions]:
+              cache_dir: Path, log: Log) -> tuple[list[Predictions], list[Predictions]]:
+    """Every run's predictions, in order, and those computed afresh (not cached yet)."""
     splits_cache: dict = {}
     loaded: dict[Path, Predictions] = {}
-    computed = 0
+    fresh = []
     for d in sorted(dirs, key=lambda d: seeds[d]):  # one dataset load per seed
-        loaded[d], fresh = load_or_compute(d, split, data_root=data_root,
-                                           splits_cache=splits_cache)
-        computed += fresh
-    if computed:
-        log(f"audit: computed and cached the predictions of {computed} of {len(dirs)} runs")
-    return [loaded[d] for d in dirs]
+        loaded[d], computed = load_or_compute(d, split, cache_dir=cache_dir,
+                                              data_root=data_root, splits_cache=splits_cache)
+        if computed:
+            fresh.append(loaded[d])
+    if fresh:
+        log(f"audit: computed the predictions of {len(fresh)} of {len(dirs)} runs (cached in "
+            f"{cache_dir})")
+    return [loaded[d] for d in dirs], fresh

@@ -1,12 +1,15 @@
-"""Predictions of a run's model on one split, computed once and cached in the run directory.
+"""Predictions of a run's model on one split, computed once and cached outside the run.
 
-``RUN/predictions/<split>.safetensors`` holds ``logits`` (float32 ``[N, C]``), ``labels``,
+The audit never writes into its input runs (they may be read-only): the cache lives in a cache
+directory of its own, by default ``OUT/.cache/predictions`` under the audit's output, one file
+per checkpoint content and split, ``<sha256 of the checkpoint>-<split>.safetensors``. It holds
+``logits`` (float32 ``[N, C]``), ``labels``,
 ``index`` (each example's id in its source, :attr:`prunescope.data.Subset.index`) and, where the
 dataset has them, ``groups`` (int64 ``[N]``), with JSON metadata: the dataset and split, class
 and group names, the run's seed and pruning method, the training prevalence of each class in
 each group (for bias amplification), the checkpoint's sha256, and the cost record of
-:mod:`prunescope.audit.cost`. The cache is reused while the checkpoint's sha256 is unchanged.
-Reading a cache needs numpy only.
+:mod:`prunescope.audit.cost`. A changed checkpoint has another sha256, hence another file; a
+cache read back names the run it was read for. Reading a cache needs numpy only.
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ class Predictions:
         return predicted(self.logits)
 
 
-def cache_path(run_dir: Path, split: str) -> Path:
-    """Where the predictions of ``run_dir`` on ``split`` are cached."""
-    return Path(run_dir) / "predictions" / f"{split}.safetensors"
+def cache_path(cache_dir: Path, checkpoint_sha256: str, split: str) -> Path:
+    """Where the predictions of a checkpoint (by content) on ``split`` are cached."""
+    return Path(cache_dir) / f"{checkpoint_sha256}-{split}.safetensors"
 
 
 def fingerprint(path: Path) -> str:
@@ -66,12 +69,14 @@ def fingerprint(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_cached(run_dir: Path, split: str) -> Predictions | None:
-    """The cached predictions of ``run_dir`` on ``split`` if they exist and belong to its current
-    checkpoint, else None."""
-    path = cache_path(run_dir, split)
+def load_cached(run_dir: Path, split: str, cache_dir: Path) -> Predictions | None:
+    """The cached predictions of ``run_dir``'s current checkpoint on ``split`` in
+    ``cache_dir``, or None."""
     checkpoint = Path(run_dir) / CHECKPOINT
-    if not path.is_file() or not checkpoint.is_file():
+    if not checkpoint.is_file():
+        return None
+    path = cache_path(cache_dir, fingerprint(checkpoint), split)
+    if not path.is_file():
         return None
     from safetensors import SafetensorError, safe_open
 
@@ -81,14 +86,14 @@ def load_cached(run_dir: Path, split: str) -> Predictions | None:
             arrays = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError):
         return None
-    if meta.get("format") != FORMAT or meta.get("checkpoint_sha256") != fingerprint(checkpoint):
+    if meta.get("format") != FORMAT or meta.get("split") != split:
         return None
     return Predictions(arrays["logits"], arrays["labels"], arrays["index"],
-                       arrays.get("groups"), meta)
+                       arrays.get("groups"), {**meta, "run": str(run_dir)})
 
 
-def save(predictions: Predictions, run_dir: Path, split: str) -> None:
-    """Write the cache atomically."""
+def save(predictions: Predictions, cache_dir: Path) -> Path:
+    """Write ``predictions`` to their cache file in ``cache_dir`` atomically; returns its path."""
     from safetensors.numpy import save as safetensors_bytes
 
     from prunescope.files import atomic_write_bytes
@@ -100,7 +105,10 @@ def save(predictions: Predictions, run_dir: Path, split: str) -> None:
     meta = {**predictions.meta, "format": FORMAT}
     data = safetensors_bytes({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                              metadata={META_KEY: json.dumps(meta)})
-    atomic_write_bytes(cache_path(run_dir, split), data)
+    path = cache_path(cache_dir, meta["checkpoint_sha256"], meta["split"])
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+    return path
 
 
 def compute(run_dir: Path, split: str, *, data_root: str | None = None,
@@ -130,15 +138,15 @@ def compute(run_dir: Path, split: str, *, data_root: str | None = None,
     return Predictions(logits, subset.y.numpy(), subset.index.numpy(), groups, meta)
 
 
-def load_or_compute(run_dir: Path, split: str = "test", *, data_root: str | None = None,
+def load_or_compute(run_dir: Path, split: str = "test", *, cache_dir: Path,
+                    data_root: str | None = None,
                     splits_cache: dict | None = None) -> tuple[Predictions, bool]:
-    """``(predictions, computed)``: the cache when valid, else computed and cached."""
-    cached = load_cached(run_dir, split)
+    """``(predictions, computed)``: the cache in ``cache_dir`` when there is one, else computed
+    (and not yet saved: the caller saves with :func:`save` once the audit succeeds)."""
+    cached = load_cached(run_dir, split, cache_dir)
     if cached is not None:
         return cached, False
-    predictions = compute(run_dir, split, data_root=data_root, splits_cache=splits_cache)
-    save(predictions, run_dir, split)
-    return predictions, True
+    return compute(run_dir, split, data_root=data_root, splits_cache=splits_cache), True
 
 
 def load_splits(source: dict, data_root: str | None, cache: dict | None, path: Path):
