@@ -128,3 +128,8 @@ def test_affected_classes_are_holm_corrected():
     np.testing.assert_allclose([r["p_holm"] for r in rows], exemplars.holm(raw))
     assert [r["affected"] for r in rows] == list(exemplars.holm(raw) < 0.05)
     assert rows[0]["affected"] and [r["affected_uncorrected"] for r in rows] == list(raw < 0.05)
+
+
+def test_models_without_a_prediction_do_not_vote():
+    predictions = np.array([[-1, -1, 2], [-1, 1, 2], [-1, 1, -1]])
+    np.testing.assert_array_equal(exemplars.modal_labels(predictions, 3), [-1, 1, 2])
