@@ -289,3 +289,59 @@ def test_to_torch_prune_round_trip_matches_apply(tiny_mlp: nn.Module) -> None:
 def test_to_torch_prune_checks_the_model(tiny_mlp: nn.Module) -> None:
     with pytest.raises(PruningError):
         Mask({"1.weight": torch.ones(2, 2, dtype=torch.bool)}).to_torch_prune(tiny_mlp)
+
+
+# -- exact shapes and tied parameters --------------------------------------------------------
+def test_a_mask_that_only_broadcasts_is_refused_on_every_path(tiny_mlp: nn.Module) -> None:
+    mask = Mask({"1.weight": torch.tensor([[True], [False], [True]])})  # (3, 1) for (3, 4)
+    for use in (mask.check, mask.apply_, mask.mask_grads_, mask.resolve,
+                lambda m: mask.zero_({"1.weight": m[1].weight})):
+        with pytest.raises(PruningError, match=r"'1\.weight'.*\(3, 1\).*\(3, 4\)"):
+            use(tiny_mlp)
+    assert tiny_mlp[1].weight.count_nonzero() == 12  # nothing was zeroed
+
+
+def test_a_mask_of_another_shape_is_one_pruning_error(tiny_mlp: nn.Module) -> None:
+    with pytest.raises(PruningError, match=r"exactly its parameter's shape"):
+        Mask({"1.weight": torch.ones(4, 3, dtype=torch.bool)}).apply_(tiny_mlp)
+
+
+class TiedLM(nn.Module):
+    """An embedding and an output layer sharing one weight (as in weight-tied language models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens))
+
+
+@pytest.mark.parametrize("alias", ["embed.weight", "head.weight"])
+def test_a_mask_may_name_either_alias_of_a_tied_weight(alias: str) -> None:
+    model = TiedLM()
+    keep = torch.rand(5, 3, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask = Mask({alias: keep})
+    assert mask.resolve(model)[alias] is model.embed.weight
+    mask.apply_(model)
+    assert torch.equal(model.head.weight != 0, keep)
+    assert Mask.from_weights(model, [alias]).equal(mask)
+
+
+def test_a_mask_naming_both_aliases_must_agree() -> None:
+    model = TiedLM()
+    keep = torch.ones(5, 3, dtype=torch.bool)
+    Mask({"embed.weight": keep, "head.weight": keep}).check(model)
+    with pytest.raises(PruningError, match=r"'embed\.weight' and 'head\.weight'.*tied"):
+        Mask({"embed.weight": keep, "head.weight": ~keep}).check(model)
+
+
+def test_a_tied_model_prunes_through_its_linear_alias() -> None:
+    import prunescope
+
+    model = TiedLM()
+    mask = prunescope.prune(model, "magnitude", "global", 0.6)
+    assert list(mask) == ["head.weight"]
+    assert int(model.embed.weight.count_nonzero()) == mask.num_kept == 6

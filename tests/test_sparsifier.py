@@ -112,7 +112,7 @@ def test_rounds_shrink_geometrically_from_the_starting_mask(
 ) -> None:
     start = random_mask(mlp8, 0.5, seed=4)
     calls = spy_rounds(monkeypatch)
-    prune(mlp8, "magnitude", sparsity=0.9, rounds=3, mask=start)
+    prune(mlp8, "magnitude", sparsity=0.9, rounds=3, mask=start, min_density=0.0)
     d0 = start.density
     expected = [1 - d0 * (0.1 / d0) ** (r / 3) for r in (1, 2, 3)]
     assert [sparsity for sparsity, _ in calls] == pytest.approx(expected)
@@ -130,7 +130,7 @@ def test_overrides_shrink_geometrically_over_rounds(
 @pytest.mark.parametrize("criterion", ["magnitude", "synflow", "random"])
 def test_iterative_masks_are_nested_in_the_starting_mask(criterion: str, mlp8: nn.Module) -> None:
     start = random_mask(mlp8, 0.6, seed=1)
-    mask = prune(mlp8, criterion, sparsity=0.9, rounds=3, mask=start)
+    mask = prune(mlp8, criterion, sparsity=0.9, rounds=3, mask=start, min_density=0.0)
     assert all(not (mask[n] & ~start[n]).any() for n in mask)
     assert mask.num_kept == keep_count(96, 0.9)
 
@@ -207,13 +207,13 @@ def deep_mlp() -> nn.Module:
 def test_effective_target_keeps_the_most_weights_that_reach_it(target: float) -> None:
     model = deep_mlp()
     original = copy.deepcopy(model)
-    mask = prune(model, "magnitude", sparsity=target, effective=True)
+    mask = prune(model, "magnitude", sparsity=target, effective=True, min_density=0.0)
     assert effective_sparsity(model, mask) >= target
     assert mask.sparsity <= target + 1e-12
     assert_applied(model, mask, original)
     if mask.num_kept < mask.num_total:  # keeping one more weight falls below the target
         more = prune(copy.deepcopy(original), "magnitude",
-                     sparsity=1 - (mask.num_kept + 1) / mask.num_total)
+                     sparsity=1 - (mask.num_kept + 1) / mask.num_total, min_density=0.0)
         assert more.num_kept == mask.num_kept + 1
         assert effective_sparsity(model, more) < target
 

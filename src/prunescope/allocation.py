@@ -18,13 +18,19 @@ Registered allocations:
 - ``lamp``: layer-adaptive magnitude pruning scores ``s_u^2 / sum_{v >= u} s_v^2`` within each
   tensor, then one global ranking (Lee et al. 2021).
 
-:func:`allocate` adds explicit per-tensor overrides on top of any of them.
+:func:`allocate` adds explicit per-tensor overrides and per-tensor floors on top of any of them.
+A floor (:meth:`prunescope.patterns.Pattern.floor`: by default one weight per output unit, see
+``min_density`` in :func:`prunescope.prune`) is the fewest weights a tensor may keep: a tensor the
+allocation leaves below it is fixed at it and the allocation re-spreads the rest of the budget
+over the other tensors, so the global sparsity still holds exactly; counts that already meet
+every floor are unchanged.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableSet
 from fnmatch import fnmatchcase
 
 import torch
@@ -36,6 +42,7 @@ from prunescope.registry import Registry
 Scores = Mapping[str, torch.Tensor]
 Allocation = Callable[[Scores, int], dict[str, int]]
 ALLOCATIONS: Registry[Allocation] = Registry("allocation")
+logger = logging.getLogger(__name__)
 
 
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
@@ -52,32 +59,76 @@ def keep_count(total: int, sparsity: float) -> int:
     return round((1.0 - sparsity) * total)
 
 
+def check_min_density(min_density: float | None) -> float | None:
+    """Return ``min_density`` (None = one weight per output unit, or a float in [0, 1)), raising
+    ConfigError for anything else."""
+    if min_density is None:
+        return None
+    return check_sparsity(min_density, "min_density")
+
+
 def allocate(
     scores: Scores,
     sparsity: float,
     allocation: str = "global",
     overrides: Mapping[str, float] | None = None,
+    *,
+    floors: Mapping[str, int] | None = None,
+    warned: MutableSet[str] | None = None,
 ) -> dict[str, int]:
     """Counts to keep per tensor so that the global sparsity is ``sparsity``.
 
     ``overrides`` maps name globs to a fixed sparsity for the matching tensors (e.g.
     ``{"fc3.weight": 0.5}``, the first glob that matches wins); the allocation then spreads the
-    rest of the budget over the other tensors, so the global sparsity still holds.
+    rest of the budget over the other tensors, so the global sparsity still holds. ``floors``
+    (name -> fewest weights kept, overrides included) fixes every tensor the result would leave
+    below its floor at it and re-spreads the rest; floors that exceed the budget raise
+    PruningError. A tensor that would have kept nothing without its floor is named in one
+    WARNING line (once per name in ``warned``, when a caller allocating repeatedly passes a set).
     """
     sparsity = check_sparsity(sparsity)
     rule = ALLOCATIONS.get(allocation)
-    fixed = _fixed_counts(scores, overrides or {})
-    total = sum(s.numel() for s in scores.values())
-    budget = keep_count(total, sparsity) - sum(fixed.values())
-    rest = {n: s for n, s in scores.items() if n not in fixed}
-    rest_total = sum(s.numel() for s in rest.values())
-    if budget < 0 or budget > rest_total:
+    floors = {n: floors.get(n, 0) for n in scores} if floors else dict.fromkeys(scores, 0)
+    held = _fixed_counts(scores, overrides or {})
+    keep = keep_count(sum(s.numel() for s in scores.values()), sparsity)
+    counts = _spread(rule, scores, keep, held, sparsity)
+    first = counts
+    while low := [n for n in scores if counts[n] < floors[n]]:
+        held.update({n: floors[n] for n in low})
+        _check_floors(scores, held, floors, keep, sparsity)
+        counts = _spread(rule, scores, keep, held, sparsity)
+    for name in scores:
+        if first[name] == 0 < counts[name] and (warned is None or name not in warned):
+            logger.warning("allocation %r would prune %r entirely; it keeps %d weight(s), its "
+                           "min_density floor", allocation, name, counts[name])
+            if warned is not None:
+                warned.add(name)
+    return counts
+
+
+def _spread(rule: Allocation, scores: Scores, keep: int, held: Mapping[str, int],
+            sparsity: float) -> dict[str, int]:
+    """The ``held`` counts, and the rule's split of the rest of ``keep`` over the other tensors."""
+    budget = keep - sum(held.values())
+    rest = {n: s for n, s in scores.items() if n not in held}
+    if budget < 0 or budget > sum(s.numel() for s in rest.values()):
         raise PruningError(
-            f"the overrides keep {sum(fixed.values())} weights, which cannot be reconciled with "
+            f"the overrides keep {sum(held.values())} weights, which cannot be reconciled with "
             f"global sparsity {sparsity}; lower the overrides or change the sparsity"
         )
     counts = rule(rest, budget) if rest else {}
-    return {n: fixed.get(n, counts.get(n, 0)) for n in scores}
+    return {n: held.get(n, counts.get(n, 0)) for n in scores}
+
+
+def _check_floors(scores: Scores, held: Mapping[str, int], floors: Mapping[str, int], keep: int,
+                  sparsity: float) -> None:
+    least = sum(held.values()) + sum(floors[n] for n in scores if n not in held)
+    if least > keep:
+        raise PruningError(
+            f"the per-tensor floors (min_density; by default one weight per output unit) and "
+            f"overrides keep at least {least} weights, more than the {keep} that sparsity "
+            f"{sparsity} allows; lower the sparsity or pass min_density=0.0"
+        )
 
 
 def _fixed_counts(scores: Scores, overrides: Mapping[str, float]) -> dict[str, int]:

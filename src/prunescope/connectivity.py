@@ -11,6 +11,9 @@ an all-ones input. All values are positive, so nothing cancels and a weight gets
 gradient exactly when some input reaches it and it reaches some output. Weights are normalised by
 their fan-in and computed in double precision, so deep networks neither overflow nor underflow.
 
+A model still carrying ``torch.nn.utils.prune``'s reparametrisation is analysed on a folded copy
+(:func:`prunescope.interop.folded_copy`); the model itself is not changed.
+
 Layers the mask does not cover (e.g. an excluded output layer) count as fully kept. Mask tensors
 that are not Linear or Conv weights (say, biases chosen by an include glob) are reported with
 their direct mask. Only the mask's tensors enter the sparsity figures.
@@ -18,14 +21,13 @@ their direct mask. Only the mask's tensors enter the sparsity figures.
 
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import nn
 
 from prunescope.errors import PruningError
+from prunescope.interop import folded_copy
 from prunescope.mask import Mask
-from prunescope.targets import PRUNABLE_LAYERS
+from prunescope.targets import PRUNABLE_LAYERS, parameters
 
 _ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid,
@@ -45,7 +47,7 @@ def effective_mask(model: nn.Module, mask: Mask,
     mask.check(model)
     shape = _input_shape(model, input_shape)
     linear = _linearised(model, mask)
-    params = dict(linear.named_parameters())
+    params = parameters(linear)
     device = next(iter(params.values())).device
     output = linear(torch.ones((1, *shape), dtype=torch.float64, device=device))
     analysed = [n for n in mask if n in _layer_weights(model)]
@@ -93,7 +95,7 @@ def _input_shape(model: nn.Module, given: tuple[int, ...] | None) -> tuple[int, 
 
 def _linearised(model: nn.Module, mask: Mask) -> nn.Module:
     """A double-precision copy whose forward pass only propagates path connectivity."""
-    linear = copy.deepcopy(model).double().eval()
+    linear = folded_copy(model).double().eval()
     _swap_modules(linear)
     with torch.no_grad():
         for module in linear.modules():
@@ -102,7 +104,7 @@ def _linearised(model: nn.Module, mask: Mask) -> nn.Module:
                 module.weight.fill_(1.0 / fan_in)
                 if module.bias is not None:
                     module.bias.zero_()
-        params = dict(linear.named_parameters())
+        params = parameters(linear)
         for name, keep in mask.items():
             params[name].mul_(keep.to(params[name].device, torch.float64))
     for param in linear.parameters():

@@ -18,6 +18,12 @@ Registered criteria:
   exponentially spaced rounds (100 by default) (Tanaka et al. 2020).
 - ``taylor``: first-order Taylor importance ``(g * w)^2`` averaged over batches (Molchanov et al.
   2019).
+- ``woodfisher``, ``obc``: second-order criteria that also correct the weights they keep
+  (:mod:`prunescope.second_order`). They build on this module, so they are registered lazily by
+  import path at the end of it (:meth:`prunescope.registry.Registry.register_lazy`): listed at
+  once, imported on first use; this module never imports them.
+
+A new criterion is one decorated function anywhere (:func:`register`); nothing else changes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from torch import nn
 
 from prunescope.errors import PruningError
 from prunescope.registry import Registry
+from prunescope.targets import parameters
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -94,7 +101,7 @@ def register(name: str, *, needs_data: bool = False, rounds: int = 1, signed: bo
 
 
 def _params(model: nn.Module, names: Sequence[str]) -> list[nn.Parameter]:
-    params = dict(model.named_parameters())
+    params = parameters(model)
     return [params[n] for n in names]
 
 
@@ -222,6 +229,5 @@ def synflow(model: nn.Module, names: Sequence[str], context: Context) -> Scores:
     return {n: (g * p).detach().abs() for n, g, p in zip(names, grads, params, strict=True)}
 
 
-# Second-order criteria (woodfisher, obc) register themselves; imported last, as they build on
-# this module.
-from prunescope import second_order  # noqa: E402, F401
+CRITERIA.register_lazy("woodfisher", "prunescope.second_order.woodfisher:CRITERION")
+CRITERIA.register_lazy("obc", "prunescope.second_order.obc:CRITERION")

@@ -9,7 +9,10 @@ gradients stay visible to methods that need them.
 
 Interoperates with ``torch.nn.utils.prune``: :meth:`Mask.from_torch_prune` reads the
 ``<name>_mask`` buffers torch installs, :meth:`Mask.to_torch_prune` installs a mask that
-``prune.remove`` then makes permanent.
+``prune.remove`` then makes permanent. A model still carrying torch's reparametrisation is
+accepted as it is: a mask names its tensors by their plain names (``fc.weight``), which resolve
+to the ``fc.weight_orig`` parameter (:func:`prunescope.targets.parameters`), and every tied alias
+of a parameter is a valid name. A mask tensor must have exactly its parameter's shape.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.nn.utils import prune as torch_prune
 
 from prunescope.errors import CheckpointError, PruningError
 from prunescope.files import load_tensors, save_tensors
-from prunescope.targets import select
+from prunescope.targets import parameters, select, torch_pruned, weights
 
 MASK_FORMAT = "prunescope.mask/1"
 
@@ -45,14 +48,14 @@ class Mask(Mapping[str, torch.Tensor]):
     @classmethod
     def ones(cls, model: nn.Module, names: Sequence[str] | None = None) -> Mask:
         """A mask keeping every weight of ``names`` (default: :func:`prunescope.targets.select`)."""
-        params = _parameters(model, names)
-        return cls({n: torch.ones_like(p, dtype=torch.bool) for n, p in params.items()})
+        values = _weights(model, names)
+        return cls({n: torch.ones_like(v, dtype=torch.bool) for n, v in values.items()})
 
     @classmethod
     def from_weights(cls, model: nn.Module, names: Sequence[str] | None = None) -> Mask:
-        """The mask of the nonzero weights (a model whose pruned weights are exact zeros)."""
-        params = _parameters(model, names)
-        return cls({n: p.detach() != 0 for n, p in params.items()})
+        """The mask of the nonzero weights (a model whose pruned weights are exact zeros); for a
+        tensor torch reparametrised, of ``orig * mask`` (the model is not changed)."""
+        return cls({n: v != 0 for n, v in _weights(model, names).items()})
 
     @classmethod
     def from_torch_prune(cls, model: nn.Module) -> Mask:
@@ -61,12 +64,8 @@ class Mask(Mapping[str, torch.Tensor]):
         A model whose pruning torch already made permanent (``prune.remove``) has no buffers
         left; its mask is then read from the zeros of its default targets.
         """
-        tensors = {}
-        for module_name, module in model.named_modules():
-            for buffer_name, buffer in module.named_buffers(recurse=False):
-                if buffer_name.endswith("_mask") and hasattr(module, buffer_name[:-5] + "_orig"):
-                    full = f"{module_name}.{buffer_name[:-5]}" if module_name else buffer_name[:-5]
-                    tensors[full] = buffer.detach() != 0
+        tensors = {name: getattr(module, f"{attr}_mask").detach() != 0
+                   for name, (module, attr) in torch_pruned(model).items()}
         return cls(tensors) if tensors else cls.from_weights(model)
 
     def to_torch_prune(self, model: nn.Module) -> None:
@@ -127,22 +126,28 @@ class Mask(Mapping[str, torch.Tensor]):
 
     # -- applying ----------------------------------------------------------------------------
     def check(self, model: nn.Module) -> None:
-        """Raise :class:`PruningError` unless every mask tensor names a parameter of its shape."""
-        for name, param in self.resolve(model).items():
-            if param.shape != self[name].shape:
-                raise PruningError(
-                    f"mask for {name!r} has shape {tuple(self[name].shape)} but the parameter "
-                    f"has {tuple(param.shape)}"
-                )
+        """Raise :class:`PruningError` unless the mask fits ``model`` (see :meth:`resolve`)."""
+        self.resolve(model)
 
     def resolve(self, model: nn.Module) -> dict[str, nn.Parameter]:
         """The parameters of ``model`` this mask covers, by name: what :meth:`zero_` and
-        :meth:`zero_grads_` take, looked up once by a caller that holds the mask every step."""
-        params = dict(model.named_parameters())
+        :meth:`zero_grads_` take, looked up once by a caller that holds the mask every step.
+
+        Names are those of :func:`prunescope.targets.parameters` (a tensor torch reparametrised
+        resolves to its ``<attr>_orig`` parameter; any alias of a tied parameter works). Raises
+        :class:`PruningError` for a name the model lacks, a tensor whose shape is not exactly
+        its parameter's (one that merely broadcasts included), or two aliases of one tied
+        parameter with different keeps.
+        """
+        params = parameters(model)
         missing = [name for name in self if name not in params]
         if missing:
             raise PruningError(f"the mask names {missing[0]!r}, which the model does not have")
-        return {name: params[name] for name in self}
+        resolved = {name: params[name] for name in self}
+        for name, param in resolved.items():
+            _check_shape(name, self[name], param)
+        _check_aliases(self, resolved)
+        return resolved
 
     def apply_(self, model: nn.Module) -> nn.Module:
         """Set the pruned weights of ``model`` to exactly zero, in place; returns ``model``."""
@@ -174,6 +179,7 @@ class Mask(Mapping[str, torch.Tensor]):
         entry is; an overflow merely takes the exact path), far cheaper than ``isfinite().all()``,
         tested as a Python float (``torch.isfinite`` on it costs several operator calls).
         """
+        _check_shape(name, self._tensors[name], tensor)
         tensor.mul_(self._multiplier(name, tensor))
         if not math.isfinite(tensor.sum().item()):
             tensor.masked_fill_(~self._tensors[name].to(tensor.device), 0.0)
@@ -211,10 +217,31 @@ class Mask(Mapping[str, torch.Tensor]):
             raise CheckpointError(f"{path} holds an invalid mask: {exc}") from None
 
 
-def _parameters(model: nn.Module, names: Sequence[str] | None) -> dict[str, nn.Parameter]:
-    params = dict(model.named_parameters())
+def _weights(model: nn.Module, names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+    values = weights(model)
     names = select(model) if names is None else list(names)
-    missing = [n for n in names if n not in params]
+    missing = [n for n in names if n not in values]
     if missing:
         raise PruningError(f"the model has no parameter {missing[0]!r}")
-    return {n: params[n] for n in names}
+    return {n: values[n] for n in names}
+
+
+def _check_shape(name: str, keep: torch.Tensor, param: torch.Tensor) -> None:
+    if keep.shape != param.shape:
+        raise PruningError(
+            f"mask for {name!r} has shape {tuple(keep.shape)} but the parameter has "
+            f"{tuple(param.shape)}; a mask tensor must have exactly its parameter's shape "
+            "(build it from the parameter, e.g. Mask.ones(model) or param != 0)"
+        )
+
+
+def _check_aliases(mask: Mask, resolved: Mapping[str, nn.Parameter]) -> None:
+    """Refuse two names of one tied parameter that keep different weights."""
+    first: dict[int, str] = {}
+    for name, param in resolved.items():
+        other = first.setdefault(id(param), name)
+        if other != name and not torch.equal(mask[other], mask[name].to(mask[other].device)):
+            raise PruningError(
+                f"the mask names {other!r} and {name!r}, one tied parameter, with different "
+                "keeps; give the mask for one of the two names only"
+            )

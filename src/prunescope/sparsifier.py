@@ -7,20 +7,25 @@ loop calls around each optimizer step, so that pruned weights stay exactly zero 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from prunescope import distributed
-from prunescope.allocation import ALLOCATIONS, allocate, check_sparsity
+from prunescope.allocation import ALLOCATIONS, allocate, check_min_density, check_sparsity
 from prunescope.criteria import Batch, Context, Criterion, resolve
 from prunescope.errors import PruningError
+from prunescope.interop import fold_torch_prune
 from prunescope.mask import Mask
 from prunescope.patterns import Pattern, parse_pattern
-from prunescope.targets import select
+from prunescope.targets import parameters, select
+
+logger = logging.getLogger(__name__)
 
 
 def prune(
@@ -40,6 +45,7 @@ def prune(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
     seed: int = 0,
     input_shape: tuple[int, ...] | None = None,
+    min_density: float | None = None,
 ) -> Mask:
     """Prune ``model`` in place to ``sparsity`` and return the :class:`Mask`.
 
@@ -55,6 +61,20 @@ def prune(
     (Vysogorets & Kempe 2023); the returned mask is the direct one. An N:M ``pattern`` fixes the
     sparsity at 1 - N/M (pass that or None) and ignores the allocation.
 
+    ``min_density`` is a floor per tensor, so that no layer is pruned away: by default (None)
+    every tensor keeps at least one weight per output unit (row of a Linear weight, output
+    channel of a Conv), and unstructured selection keeps each row's best weight, so no output
+    unit is disconnected; a float in (0, 1) also keeps at least that density of every tensor;
+    ``0.0`` turns the floor off. The budget the floors take moves to the other tensors, so the
+    global sparsity is still met exactly; floors above the budget raise PruningError. A tensor
+    the allocation would have pruned entirely, or one left fully pruned, is named in a WARNING
+    line. Block patterns keep one block per band of R rows; N:M patterns keep N of every M in
+    every row anyway (a ``min_density`` above N/M raises PruningError).
+
+    A model still carrying ``torch.nn.utils.prune``'s reparametrisation is folded first
+    (:func:`prunescope.interop.fold_torch_prune`, one INFO line); the weights torch pruned stay
+    pruned (the starting mask is intersected with torch's).
+
     Example::
 
         model = prunescope.models.build("lenet300")
@@ -63,21 +83,26 @@ def prune(
     """
     spec = resolve(criterion)
     ALLOCATIONS.get(allocation)
-    parsed = parse_pattern(pattern)
+    parsed = _floored(parse_pattern(pattern), check_min_density(min_density))
     sparsity = _target_sparsity(sparsity, parsed)
+    held = fold_torch_prune(model)
     start = mask if mask is not None else Mask.ones(model, select(model, include, exclude))
     start.check(model)
+    start = _within(start, held)
     start.apply_(model)
     context = Context(
         batches=_on_device(data, model), loss_fn=loss_fn,
         generator=torch.Generator().manual_seed(seed), input_shape=input_shape,
     )
-    plan = _Plan(spec, allocation, parsed, overrides, context)
+    plan = _Plan(spec, allocation, parsed, overrides, context, min_density)
     n_rounds = spec.rounds if rounds is None else rounds
     n_rounds = 1 if parsed.kind == "nm" else _check_rounds(n_rounds)
     if effective:
-        return _prune_to_effective(model, start, sparsity, n_rounds, plan)
-    return plan.run(model, start, sparsity, n_rounds)
+        result = _prune_to_effective(model, start, sparsity, n_rounds, plan)
+    else:
+        result = plan.run(model, start, sparsity, n_rounds)
+    _warn_pruned_away(result, min_density)
+    return result
 
 
 def check(
@@ -90,30 +115,63 @@ def check(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
     overrides: Mapping[str, float] | None = None,
+    min_density: float | None = None,
 ) -> None:
     """Raise the error :func:`prune` would raise for this request, without scoring anything.
 
     Checks the names, the targets, the sparsity against the pattern, that the pattern fits every
-    target and that the overrides can be reconciled: so a long run can fail before it starts.
+    target and that the overrides and the ``min_density`` floors can be reconciled: so a long
+    run can fail before it starts. The model is not changed (a torch-pruned one included).
     """
     resolve(criterion)
-    parsed = parse_pattern(pattern)
+    parsed = _floored(parse_pattern(pattern), check_min_density(min_density))
     sparsity = _target_sparsity(sparsity, parsed)
-    params = dict(model.named_parameters())
+    params = parameters(model)
     zeros = {n: torch.zeros(params[n].shape) for n in select(model, include, exclude)}
     for name, score in zeros.items():
         parsed.select(name, score, 0)
-    allocate(zeros, sparsity, allocation, overrides)
+    if parsed.kind != "nm":
+        floors = {n: parsed.floor(score, min_density) for n, score in zeros.items()}
+        allocate(zeros, sparsity, allocation, overrides, floors=floors, warned=set(zeros))
+
+
+def _floored(pattern: Pattern, min_density: float | None) -> Pattern:
+    """``pattern`` keeping every output unit unless ``min_density == 0``; checks that an N:M
+    pattern's fixed density meets the floor."""
+    if pattern.kind == "nm" and (min_density or 0.0) > pattern.fixed_density + 1e-12:
+        raise PruningError(
+            f"pattern {pattern} keeps density {pattern.fixed_density:g} in every tensor, below "
+            f"min_density={min_density}; lower min_density or choose a denser pattern"
+        )
+    return replace(pattern, every_row=min_density != 0.0)
+
+
+def _within(start: Mask, held: Mask | None) -> Mask:
+    """``start`` with the weights ``held`` (torch's mask of a folded model) prunes pruned too."""
+    if held is None:
+        return start
+    return Mask({n: keep & held[n].to(keep.device) if n in held else keep
+                 for n, keep in start.items()})
+
+
+def _warn_pruned_away(mask: Mask, min_density: float | None) -> None:
+    for name, keep in mask.items():
+        if keep.numel() and not keep.any():
+            logger.warning("%r is pruned entirely (min_density=%s): the layer is cut off and "
+                           "passes on only its bias", name, min_density)
 
 
 class _Plan:
     """The fixed parts of a pruning request, run for one target sparsity at a time."""
 
     def __init__(self, spec: Criterion, allocation: str, pattern: Pattern,
-                 overrides: Mapping[str, float] | None, context: Context) -> None:
+                 overrides: Mapping[str, float] | None, context: Context,
+                 min_density: float | None) -> None:
         self.spec, self.allocation, self.pattern = spec, allocation, pattern
         self.overrides = dict(overrides or {})
         self.context = context
+        self.min_density = min_density
+        self.warned: set[str] = set()  # layers already named in a floor warning
 
     def run(self, model: nn.Module, start: Mask, sparsity: float, rounds: int) -> Mask:
         if sparsity < start.sparsity - 1e-12 and self.pattern.kind != "nm":
@@ -142,10 +200,9 @@ class _Plan:
                 )
         live = {n: torch.where(current[n].to(s.device), s.double(), -torch.inf)
                 for n, s in scores.items()}
-        counts = (
-            {n: 0 for n in names} if self.pattern.kind == "nm"
-            else allocate(live, sparsity, self.allocation, overrides)
-        )
+        counts = {n: 0 for n in names} if self.pattern.kind == "nm" else allocate(
+            live, sparsity, self.allocation, overrides, warned=self.warned,
+            floors={n: self.pattern.floor(s, self.min_density) for n, s in live.items()})
         if self.spec.solve is not None:
             return self.spec.solve(model, current, counts, self.pattern, self.context)
         return Mask({

@@ -5,8 +5,9 @@
 - ``obc`` (:mod:`~prunescope.second_order.obc`): layer-wise reconstruction, column by column
   (Frantar & Alistarh 2022, OBC; 2023, SparseGPT).
 
-Both are registered in :data:`prunescope.criteria.CRITERIA` with their defaults, so they work
-with every allocation, pattern, the CLI and recipes. Other settings are a :class:`Criterion` to
+Both are registered in :data:`prunescope.criteria.CRITERIA` with their defaults (lazily, by the
+import path of each module's ``CRITERION``), so they work with every allocation, pattern, the CLI
+and recipes. Other settings are a :class:`Criterion` to
 pass to :func:`prunescope.prune`::
 
     from prunescope.second_order import OBC, WoodFisher
@@ -14,12 +15,8 @@ pass to :func:`prunescope.prune`::
                      0.9, batches, rounds=4)
 """
 
-from prunescope.criteria import CRITERIA
 from prunescope.second_order.obc import OBC, hessians, prune_layers, reconstruct
 from prunescope.second_order.woodfisher import WoodFisher, obs_scores, obs_update
-
-CRITERIA.register("woodfisher")(WoodFisher().criterion())
-CRITERIA.register("obc")(OBC().criterion())
 
 __all__ = [
     "OBC",

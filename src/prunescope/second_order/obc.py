@@ -393,3 +393,7 @@ class OBC:
     def criterion(self, name: str = "obc") -> Criterion:
         """This configuration as a :class:`Criterion` for :func:`prunescope.prune`."""
         return Criterion(name, self.score, needs_data=True, solve=self.solve)
+
+
+CRITERION = OBC().criterion()
+"""The registered ``obc`` criterion, with the default settings."""

@@ -32,6 +32,7 @@ from prunescope.second_order.fisher import (
     empirical_fisher,
     mean_diagonal,
 )
+from prunescope.targets import parameters
 
 CACHE_KEY = "woodfisher"
 
@@ -86,7 +87,7 @@ class WoodFisher:
         at zero; checks the memory before allocating."""
         if not self.dampening > 0:
             raise PruningError(f"woodfisher dampening must be > 0, got {self.dampening}")
-        params = dict(model.named_parameters())
+        params = parameters(model)
         blocks = {n: block_size_for(n, params[n].numel(), self.block_size) for n in keep}
         check_memory({n: (params[n].numel(), b) for n, b in blocks.items()}, self.memory_limit)
         if not context.batches:
@@ -98,7 +99,7 @@ class WoodFisher:
 
     def score(self, model: nn.Module, names: Sequence[str], context: Context) -> Scores:
         """OBS keep-scores ``w^2 / (2 [F^-1]_qq)``; the model's zero weights count as pruned."""
-        params = dict(model.named_parameters())
+        params = parameters(model)
         keep = {n: params[n].detach() != 0 for n in names}
         inverses = self.inverses(model, keep, context)
         context.cache[CACHE_KEY] = (keep, inverses)
@@ -113,7 +114,7 @@ class WoodFisher:
         if inverses is None or any(not torch.equal(keep_before[n], current[n].to(keep_before[n]))
                                    for n in current):
             inverses = self.inverses(model, dict(current.items()), context)
-        params = dict(model.named_parameters())
+        params = parameters(model)
         kept = {}
         for name, live in current.items():
             param = params[name]
@@ -127,3 +128,7 @@ class WoodFisher:
     def criterion(self, name: str = "woodfisher") -> Criterion:
         """This configuration as a :class:`Criterion` for :func:`prunescope.prune`."""
         return Criterion(name, self.score, needs_data=True, solve=self.solve)
+
+
+CRITERION = WoodFisher().criterion()
+"""The registered ``woodfisher`` criterion, with the default settings."""
