@@ -15,23 +15,28 @@ from prunescope import recipe
 from prunescope.bn import recalibrate_bn
 from prunescope.distill import distillation_loss, load_teacher
 from prunescope.errors import ConfigError
+from prunescope.hooks import Hook
 from prunescope.mask import Mask
-from prunescope.methods import Context
-from prunescope.methods.acdc import ACDCHook, Phases, reset_optimizer_state
+from prunescope.experiment import dense_stage, run_for
+from prunescope.methods.acdc import ACDCHook, reset_optimizer_state
 from prunescope.methods.cram import CrAMHook
 from prunescope.methods.lottery import keep_counts, scale_for
-from prunescope.methods.rigl import DropGrow, DropGrowHook
+from prunescope.methods.rigl import DropGrowHook
+from prunescope.run import Run
+from prunescope.schedules import DropGrow, Phases
 from prunescope.sparsifier import MaskHold, prune
 from prunescope.train import TrainConfig, fit
 
 
-def tiny_context(tmp_path, methods, *, epochs=2, sparsities=(0.9,)) -> Context:
+def tiny_run(tmp_path, methods, *, epochs=2, sparsities=(0.9,)):
+    """The run of a tiny recipe with ``methods`` and its first method."""
     raw = recipe_dict(prune={"methods": methods, "sparsities": list(sparsities)},
                       train={"epochs": epochs, "batch_size": 64, "lr": 0.05}, finetune=None)
-    return Context(recipe.from_dict(raw), digits(), tmp_path, progress=False, log=lambda m: None)
+    loaded = recipe.from_dict(raw)
+    return run_for(loaded, tmp_path, progress=False, splits=digits()), loaded.prune.methods[0]
 
 
-class Recorder:
+class Recorder(Hook):
     """Wraps a hook and records (step, nonzero target weights, mask sparsity) after each step."""
 
     def __init__(self, hook, names):
@@ -45,9 +50,11 @@ class Recorder:
     def mask(self, value):
         self.hook.mask = value
 
+    def hold_(self, model):
+        self.hook.hold_(model)
+
     def on_step(self, model, step, optimizer=None):
-        if hasattr(self.hook, "on_step"):
-            self.hook.on_step(model, step, optimizer)
+        self.hook.on_step(model, step, optimizer)
 
     def before_optimizer_step(self, model, step, optimizer=None, closure=None):
         return self.hook.before_optimizer_step(model, step, optimizer, closure)
@@ -64,11 +71,37 @@ class Recorder:
 def test_acdc_phases_by_hand():
     phases = Phases(warmup=2, compressed=3, decompressed=2, final=4, total=15)
     compressed = [phases.is_compressed(t) for t in range(15)]
-    # warm-up 0-1, C 2-4, D 5-6, C 7-9, D 10, final C 11-14 (the final phase cuts the last D)
-    assert compressed == [False, False, True, True, True, False, False, True, True, True,
+    # warm-up 0-1, C 2-4, then D 5-10: a second cycle (C 7-9, D 10) does not fit whole before
+    # the final C 11-14, so the last decompressed phase stretches to it
+    assert compressed == [False, False, True, True, True, False, False, False, False, False,
                           False, True, True, True, True]
-    assert [t for t in range(15) if phases.starts_compression(t)] == [2, 7, 11]
-    assert [t for t in range(15) if phases.starts_phase(t)] == [2, 5, 7, 10, 11]
+    assert [t for t in range(15) if phases.starts_compression(t)] == [2, 11]
+    assert [t for t in range(15) if phases.starts_phase(t)] == [2, 5, 11]
+
+
+def test_acdc_default_phases_are_the_authors_imagenet_schedule():
+    # issue 15: 100 epochs, 10 warm-up, 5-epoch phases, final 15: the authors' last dense phase
+    # is epochs 75-85 and the final compression starts at 85 (the old defaults compressed from 80)
+    phases = Phases(warmup=10, compressed=5, decompressed=5, final=15, total=100)
+    starts = [t for t in range(100) if phases.starts_compression(t)]
+    assert starts == [10, 20, 30, 40, 50, 60, 70, 85]
+    assert not any(phases.is_compressed(t) for t in range(75, 85))
+    assert all(phases.is_compressed(t) for t in range(85, 100))
+    assert phases.sparsity_at(12) == 0.0 and Phases(10, 5, 5, 15, 100, 0.9).sparsity_at(12) == 0.9
+
+
+@pytest.mark.parametrize("reset, expected", [("never", []), ("every_phase", [2, 5, 11]),
+                                             ("after_decompression", [11])])
+def test_acdc_momentum_resets(reset, expected):
+    phases = Phases(warmup=2, compressed=3, decompressed=2, final=4, total=15)
+    hook = ACDCHook(phases, 0.5, "global", reset_momentum=reset, on_dense=lambda m, t: None,
+                    prune_options={})
+    assert [t for t in range(15) if hook._resets_at(t)] == expected
+
+
+def test_acdc_refuses_an_unknown_momentum_reset(tmp_path):
+    with pytest.raises(ConfigError, match="reset_momentum"):
+        tiny_run(tmp_path, [{"method": "acdc", "reset_momentum": "sometimes"}])
 
 
 @pytest.mark.parametrize("lengths", [dict(warmup=10, final=10), dict(warmup=0, compressed=0)])
@@ -86,7 +119,7 @@ def test_acdc_holds_the_exact_sparsity_in_compressed_phases_only(tmp_path):
     steps = 2 * math.ceil(len(digits().train) / 64)
     phases = Phases(warmup=5, compressed=6, decompressed=6, final=10, total=steps)
     dense_ends = []
-    hook = Recorder(ACDCHook(phases, 0.8, "global", reset_momentum=False,
+    hook = Recorder(ACDCHook(phases, 0.8, "global", reset_momentum="never",
                              on_dense=lambda m, t: dense_ends.append(t), prune_options={}),
                     names)
     fit(model, digits(), TrainConfig(epochs=2, batch_size=64, lr=0.05), tmp_path, hook=hook,
@@ -110,11 +143,10 @@ def test_momentum_reset_zeroes_every_buffer():
 
 
 def test_acdc_yields_a_sparse_and_a_co_trained_dense_model(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "acdc", "warmup": 0.5, "compressed": 0.5,
+    run, method = tiny_run(tmp_path, [{"method": "acdc", "warmup": 0.5, "compressed": 0.5,
                                        "decompressed": 0.5, "final": 1, "unit": "epochs"}],
                            epochs=3)
-    method = context.recipe.prune.methods[0]
-    (result,) = method.run(context, (0.9,))
+    (result,) = method.run_one(run, 0.9)
     assert result["actual_sparsity"] == pytest.approx(0.9, abs=1e-4)
     assert 0 < result["dense_accuracy"] <= 1
     assert (tmp_path / "acdc" / "s0.9" / "dense.safetensors").is_file()
@@ -123,21 +155,20 @@ def test_acdc_yields_a_sparse_and_a_co_trained_dense_model(tmp_path):
 # -- GMP ---------------------------------------------------------------------------------------
 
 def test_gmp_masks_only_shrink_and_reach_the_target(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "gmp", "start": 0.5, "end": 1.5, "every": 5,
+    run, method = tiny_run(tmp_path, [{"method": "gmp", "start": 0.5, "end": 1.5, "every": 5,
                                        "unit": "epochs"}])
-    method = context.recipe.prune.methods[0]
-    (result,) = method.run(context, (0.9,))
+    (result,) = method.run_one(run, 0.9)
     assert result["actual_sparsity"] == pytest.approx(0.9, abs=1e-4)
-    schedule = method.schedule(context, 0.9)
+    schedule = method.schedule(run, 0.9)
     values = [schedule.sparsity_at(t) for t in range(schedule.end + 2)]
     assert values == sorted(values) and values[-1] == 0.9
 
 
 def test_gmp_schedule_past_the_training_is_refused(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "gmp", "start": 1, "end": 5, "unit": "epochs"}],
+    run, method = tiny_run(tmp_path, [{"method": "gmp", "start": 1, "end": 5, "unit": "epochs"}],
                            epochs=2)
     with pytest.raises(ConfigError, match="gmp.end"):
-        context.recipe.prune.methods[0].check(context, (0.9,))
+        method.check(run, (0.9,))
 
 
 # -- RigL / SET --------------------------------------------------------------------------------
@@ -192,12 +223,12 @@ def test_rigl_keeps_counts_zeroes_grown_weights_and_resets_their_state(grow):
 
 def test_rigl_update_period_zero_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="every"):
-        tiny_context(tmp_path, [{"method": "rigl", "every": 0}])
+        tiny_run(tmp_path, [{"method": "rigl", "every": 0}])
 
 
 def test_rigl_run_keeps_the_sparsity(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "set", "every": 5}])
-    (result,) = context.recipe.prune.methods[0].run(context, (0.9,))
+    run, method = tiny_run(tmp_path, [{"method": "set", "every": 5}])
+    (result,) = method.run_one(run, 0.9)
     assert result["actual_sparsity"] == pytest.approx(0.9, abs=2e-3)
 
 
@@ -213,20 +244,19 @@ def test_lottery_rate_scaling_reaches_a_target_exactly():
 
 
 def test_lottery_rewinds_to_the_saved_weights_exactly(tmp_path, monkeypatch):
-    context = tiny_context(tmp_path, [{"method": "lottery", "rate": 0.5, "control": False}],
+    run, method = tiny_run(tmp_path, [{"method": "lottery", "rate": 0.5, "control": False}],
                            epochs=1, sparsities=(0.7,))
-    method = context.recipe.prune.methods[0]
     starts = []
-    real_fit = Context.fit
+    real_fit = Run.fit
 
     def capture(self, model, run_dir, config, **kwargs):
         starts.append((run_dir.name, copy.deepcopy(model.state_dict()), kwargs.get("hook")))
         return real_fit(self, model, run_dir, config, **kwargs)
 
-    monkeypatch.setattr(Context, "fit", capture)
-    results = method.run(context, (0.7,))
-    rewind = context.load(tmp_path / "lottery" / "rewind.safetensors").state_dict()
-    init = context.fresh_model().state_dict()
+    monkeypatch.setattr(Run, "fit", capture)
+    results = method.run_one(run, 0.7)
+    rewind = run.load(tmp_path / "lottery" / "rewind.safetensors").state_dict()
+    init = run.fresh_model().state_dict()
     assert all(torch.equal(rewind[k], init[k]) for k in init)  # rewind point 0 = the init
     rounds = [(n, s, h) for n, s, h in starts if n.startswith("round") and n != "round00"]
     assert len(rounds) == 2  # 50%, then exactly 70%
@@ -237,13 +267,14 @@ def test_lottery_rewinds_to_the_saved_weights_exactly(tmp_path, monkeypatch):
     assert rounds[1][2].mask.sparsity == pytest.approx(0.7, abs=1e-3)
     first, second = rounds[0][2].mask, rounds[1][2].mask
     assert all(torch.all(second[n] <= first[n]) for n in first)  # masks only shrink
-    assert results[0]["sparsity"] == 0.7 and results[0]["round"] == 2
+    assert results[0]["sparsity"] == 0.7 and results[0]["rounds"] == 2
+    assert [n for n, _, _ in rounds] == ["round01", "round02-s0.7"]  # the exact round is 0.7's
 
 
 def test_lottery_adds_the_random_reinit_control(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "lottery", "rate": 0.6}], epochs=1,
+    run, method = tiny_run(tmp_path, [{"method": "lottery", "rate": 0.6}], epochs=1,
                            sparsities=(0.6,))
-    results = context.recipe.prune.methods[0].run(context, (0.6,))
+    results = method.run_one(run, 0.6)
     assert [r["method"] for r in results] == ["lottery", "lottery-reinit"]
     assert results[0]["actual_sparsity"] == results[1]["actual_sparsity"]
 
@@ -285,11 +316,9 @@ def test_cram_step_equals_the_hand_computed_two_step():
 
 
 def test_cram_run_reports_cram_and_sgd_side_by_side(tmp_path):
-    context = tiny_context(tmp_path, [{"method": "cram", "rho": 0.05}], epochs=1)
-    from prunescope.experiment import train_dense
-
-    train_dense(context.recipe, context.splits, tmp_path / "dense", False, lambda m: None)
-    results = context.recipe.prune.methods[0].run(context, (0.8,))
+    run, method = tiny_run(tmp_path, [{"method": "cram", "rho": 0.05}], epochs=1)
+    dense_stage(run)
+    results = method.run_one(run, 0.8)
     assert [r["method"] for r in results] == ["cram+", "sgd-one-shot"]
     for result in results:
         assert result["actual_sparsity"] == pytest.approx(0.8, abs=1e-4)

@@ -14,6 +14,7 @@ from prunescope.allocation import ALLOCATIONS
 from prunescope.criteria import CRITERIA
 from prunescope.errors import ConfigError, UnknownNameError
 from prunescope.methods.one_shot import OneShot
+from prunescope.pipeline import FinetuneConfig
 from prunescope.recipe import DataConfig, PruneConfig, Recipe
 from prunescope.train import TrainConfig
 
@@ -48,7 +49,7 @@ def test_demo_recipe_loads_with_its_documented_values():
     ]
     assert demo.prune.sparsities == (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
     assert (demo.prune.batches, demo.prune.batch_size, demo.prune.start) == (10, 100, "trained")
-    assert demo.finetune == TrainConfig(epochs=2, batch_size=128, lr=0.01, weight_decay=1e-4)
+    assert demo.finetune == FinetuneConfig(epochs=2, batch_size=128, lr=0.01, weight_decay=1e-4)
 
 
 def test_missing_sections_take_their_defaults():
@@ -191,7 +192,7 @@ def test_override_adds_a_new_key_to_an_existing_section():
 
 def test_override_creates_a_missing_section():
     loaded = recipe.from_dict(recipe_dict(finetune=None), ["finetune.epochs=3"])
-    assert loaded.finetune == TrainConfig(epochs=3)
+    assert loaded.finetune == FinetuneConfig(epochs=3)  # the fine-tuning defaults: lr 0.01
 
 
 def test_later_overrides_win():

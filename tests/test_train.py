@@ -116,7 +116,7 @@ def test_fit_writes_checkpoints_and_one_metrics_line_per_epoch(tmp_path):
     assert (tmp_path / LAST).is_file() and (tmp_path / FINAL).is_file()
     records = read_jsonl(tmp_path / METRICS)
     assert [r["epoch"] for r in records] == [0, 1]
-    assert records[-1] == record
+    assert {**records[-1], "resumed_seconds": 0.0} == record
     assert 0 <= record["val_accuracy"] <= 1 and record["val_accuracy"] > 0.5  # it learns
     final = checkpoint.load(tmp_path / FINAL)
     assert state_equal(final.model, model.state_dict())
@@ -133,12 +133,11 @@ def test_fit_stores_the_callers_meta_in_every_checkpoint(tmp_path):
         assert stored["model"] == meta["model"] and stored["data"] == meta["data"]
 
 
-def test_fit_with_zero_epochs_only_writes_the_model(tmp_path):
-    model = lenet()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert fit(model, digits(), TrainConfig(epochs=0, **FAST), tmp_path, progress=False) == {}
-    assert state_equal(model.state_dict(), before)
-    assert (tmp_path / FINAL).is_file() and not (tmp_path / LAST).exists()
+@pytest.mark.parametrize("epochs", [0, -3])
+def test_training_for_no_epoch_is_refused(epochs):
+    # issue 15: train.epochs: 0 ran and reported chance accuracy with exit 0
+    with pytest.raises(ConfigError, match="train.epochs must be positive"):
+        TrainConfig(epochs=epochs)
 
 
 def test_fit_refuses_an_empty_training_set(tmp_path):
@@ -299,7 +298,9 @@ def test_finished_run_is_not_trained_again(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_Loop, "train_epoch", no_training)
     again = lenet(seed=99)
-    assert fit(again, digits(), config, tmp_path, progress=False) == record
+    resumed = fit(again, digits(), config, tmp_path, progress=False)
+    assert resumed == {**record, "resumed_seconds": pytest.approx(
+        sum(r["seconds"] for r in read_jsonl(tmp_path / METRICS)))}
     assert state_equal(again.state_dict(), first.state_dict())
     assert [r["epoch"] for r in read_jsonl(tmp_path / METRICS)] == [0, 1]
 

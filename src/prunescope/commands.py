@@ -1,26 +1,30 @@
-"""Checkpoint-level operations behind ``prunescope prune``, ``transfer`` and ``evaluate``."""
+"""Checkpoint-level operations behind ``prunescope prune``, ``transfer`` and ``evaluate``.
+
+Each builds a :class:`~prunescope.run.Run` from the checkpoint's own record of its model and
+dataset, and ``prune`` and ``transfer`` go through the one compression pipeline
+(:func:`prunescope.pipeline.compress`) inside a stage (:mod:`prunescope.stages`): the output
+directory is reused only for the same request on the same source checkpoint, resumed when
+unfinished, and refused, naming the option that differs, when it holds another finished one.
+"""
 
 from __future__ import annotations
 
-import sys
+import hashlib
+import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from prunescope import checkpoint, data, models
-from prunescope.bn import recalibrate_bn
+from prunescope import checkpoint, data, devices, models, stages
 from prunescope.errors import CheckpointError, ConfigError
-from prunescope.files import write_json
 from prunescope.mask import Mask
-from prunescope.methods.base import sparsity_report
-from prunescope.sparsifier import MaskHold, prune
-from prunescope.train import FINAL, TrainConfig, evaluate, fit
+from prunescope.pipeline import FINETUNE, PruneSpec, compress
+from prunescope.run import Run, Scoring, Stopwatch, Targets, sparsity_report
 
-SCORING_BATCHES, SCORING_BATCH_SIZE = 10, 100
+logger = logging.getLogger(__name__)
 
 
 def load_checkpoint(path: Path, data_root: str | None = None
@@ -42,6 +46,19 @@ def _load_model(path: Path) -> tuple[nn.Module, Mask, dict[str, Any]]:
     return model, state.mask if state.mask is not None else Mask.from_weights(model), state.meta
 
 
+def _run(splits: data.Splits, spec: dict[str, Any], out: Path, data_spec: dict[str, Any], *,
+         seed: int, device: str | None, progress: bool | None,
+         targets: Targets | None = None) -> Run:
+    """A run of the registry model ``spec`` on ``splits`` writing into ``out``."""
+    def build() -> nn.Module:
+        return models.build(spec["name"], num_classes=splits.num_classes,
+                            in_channels=splits.input_shape[0], image_size=splits.input_shape[-1])
+
+    return Run(splits, build, out, seed=seed, device=devices.resolve(device),
+               progress=progress, data_spec=data_spec, scoring=Scoring(),
+               targets=targets or Targets())
+
+
 def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
     """Direct (``sparsity``) and effective sparsity, globally and per tensor."""
     report = sparsity_report(model, mask)
@@ -49,19 +66,22 @@ def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None = None, *,
-                        sparse_kernels: bool = False) -> dict[str, Any]:
-    """Accuracy, loss and sparsity of a checkpoint on one split of its dataset; with
-    ``sparse_kernels`` the pass runs on the sparse layers measured faster (the choice is printed
-    to stderr) and ``seconds`` and ``sparse_layers`` are added."""
+                        sparse_kernels: bool = False, device: str | None = None
+                        ) -> dict[str, Any]:
+    """Accuracy, loss and sparsity of a checkpoint on one split of its dataset, on ``device``;
+    with ``sparse_kernels`` the pass runs on the sparse layers measured faster (the choice is
+    logged) and ``seconds`` and ``sparse_layers`` are added."""
+    from prunescope.train import evaluate
+
     model, mask, _, splits = load_checkpoint(path, data_root)
     summary = sparsity_summary(model, mask)
+    model.to(devices.resolve(device))
     subset = getattr(splits, split)
     extra: dict[str, Any] = {}
     if sparse_kernels:
         from prunescope import kernels
 
-        plan = kernels.to_sparse(model, mask, subset.x[:1000], training=False,
-                                 log=lambda text: print(text, file=sys.stderr))
+        plan = kernels.to_sparse(model, mask, subset.x[:1000], training=False, log=logger.info)
         extra["sparse_layers"] = plan.swapped
     start = time.perf_counter()
     scores = evaluate(model, subset)
@@ -70,51 +90,51 @@ def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None =
     return {"checkpoint": str(path), "split": split, **scores, **summary, **extra}
 
 
-def prune_checkpoint(path: Path, out: Path, *, criterion: str, allocation: str,
-                     sparsity: float | None, pattern: str = "unstructured",
-                     effective: bool = False, finetune_epochs: int = 0, lr: float = 0.01,
+def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
+                     allocation: str = "global", sparsity: float | None,
+                     pattern: str = "unstructured", effective: bool = False,
+                     finetune_epochs: int = 0, lr: float = FINETUNE.lr,
                      bn_recalibration: int = 0, sparse_kernels: bool = False,
-                     data_root: str | None = None,
-                     progress: bool | None = None, seed: int = 0) -> dict[str, Any]:
+                     min_density: float | None = None, data_root: str | None = None,
+                     progress: bool | None = None, seed: int = 0,
+                     device: str | None = None) -> dict[str, Any]:
     """Prune a checkpoint (weights it already pruned stay pruned), optionally recalibrate
-    batch norm on ``bn_recalibration`` batches and fine-tune with the mask held, and write
-    ``out/{mask,model}.safetensors`` and ``out/result.json``. ``sparse_kernels`` fine-tunes on
-    the sparse layers measured faster (:mod:`prunescope.kernels.training`)."""
+    batch norm on ``bn_recalibration`` batches and fine-tune ``finetune_epochs`` with the mask
+    held (0: no fine-tuning), and write ``out/{mask,model}.safetensors`` and
+    ``out/result.json``. ``sparse_kernels`` fine-tunes on the sparse layers measured faster
+    (:mod:`prunescope.kernels.training`). The defaults are the pipeline's
+    (:mod:`prunescope.pipeline`)."""
     if finetune_epochs < 0 or bn_recalibration < 0:
         raise ConfigError("--finetune-epochs and --bn-recalibration must be >= 0")
-    config = TrainConfig(epochs=finetune_epochs, lr=lr, sparse_kernels=sparse_kernels)
+    finetune = (replace(FINETUNE, epochs=finetune_epochs, lr=lr, sparse_kernels=sparse_kernels)
+                if finetune_epochs else None)
+    spec = PruneSpec(criterion, allocation, pattern, effective=effective)
     model, start, meta, splits = load_checkpoint(path, data_root)
-    generator_seed = meta.get("data", {}).get("seed", seed)
-    loader = data.Loader(splits.train, SCORING_BATCH_SIZE, shuffle=True,
-                         generator=torch.Generator().manual_seed(generator_seed))
-    batches = [b for b, _ in zip(loader, range(max(SCORING_BATCHES, bn_recalibration)),
-                                 strict=False)]
-    mask = prune(model, criterion, allocation, sparsity, batches[:SCORING_BATCHES],
-                 pattern=pattern, mask=start if start.sparsity > 0 else None,
-                 effective=effective, seed=seed)
-    recalibrate_bn(model, batches[:bn_recalibration])
-    before = evaluate(model, splits.test)["accuracy"]
-    run_meta = {"model": meta.get("model"), "data": meta.get("data"),
-                "method": {"criterion": criterion, "allocation": allocation, "pattern": pattern,
-                           "sparsity": mask.sparsity, "source": str(path)}}
-    out.mkdir(parents=True, exist_ok=True)
-    mask.save(out / "mask.safetensors")
-    if finetune_epochs:
-        fit(model, splits, config, out, hook=MaskHold(mask), seed=seed, meta=run_meta,
-            progress=progress, desc="fine-tune")
-    else:
-        checkpoint.save(out / FINAL, model, meta=run_meta, mask=mask)
-    result = {**run_meta["method"], "accuracy_before_finetune": before,
-              **evaluate(model, splits.test), **sparsity_summary(model, mask),
-              "finetune": asdict(config) if finetune_epochs else None}
-    write_json(out / "result.json", result)
-    return result
+    run = _run(splits, meta["model"], out, meta.get("data") or {}, seed=seed, device=device,
+               progress=progress, targets=Targets(min_density=min_density))
+    model.to(run.device)
+    spec.check(run, model, sparsity)
+    fields = {"criterion": criterion, "allocation": allocation, "pattern": pattern,
+              "source": str(path)}
+    key = {"source": _identity(path), **asdict(spec), "sparsity": sparsity,
+           "bn_recalibration": bn_recalibration, "min_density": min_density, "seed": seed,
+           "finetune": asdict(finetune) if finetune else None}
+
+    def compute() -> list[dict[str, Any]]:
+        watch = Stopwatch(run)
+        result = compress(run, model, out, spec=spec, sparsity=sparsity, start=start,
+                          bn_batches=bn_recalibration, finetune=finetune, fields=fields,
+                          desc="fine-tune")
+        return [{**_as_summary(result), "finetune": key["finetune"],
+                 "seconds": watch.seconds()}]
+
+    return stages.run([out], key, compute)[0]
 
 
-def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
-                        lr: float = 0.01, sparse_kernels: bool = False,
+def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = FINETUNE.epochs,
+                        lr: float = FINETUNE.lr, sparse_kernels: bool = False,
                         data_root: str | None = None, progress: bool | None = None,
-                        seed: int = 0) -> dict[str, Any]:
+                        seed: int = 0, device: str | None = None) -> dict[str, Any]:
     """Sparse transfer: fine-tune a sparse checkpoint on ``dataset`` with its mask held.
 
     As in sparse transfer learning (Iofinova et al. 2022, "How Well Do Sparse ImageNet Models
@@ -128,13 +148,13 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
     """
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 for a transfer, got {epochs}")
-    config = TrainConfig(epochs=epochs, lr=lr, sparse_kernels=sparse_kernels)
+    config = replace(FINETUNE, epochs=epochs, lr=lr, sparse_kernels=sparse_kernels)
     source, source_mask, meta = _load_model(path)
     splits = data.load(dataset, root=data_root, seed=seed)
-    torch.manual_seed(seed)
-    channels, size = splits.input_shape[0], splits.input_shape[-1]
-    model = models.build(meta["model"]["name"], num_classes=splits.num_classes,
-                         in_channels=channels, image_size=size)
+    data_spec = {"name": dataset, "root": data_root, "val_size": None, "seed": seed}
+    run = _run(splits, meta["model"], out, data_spec, seed=seed, device=device,
+               progress=progress)
+    model = run.fresh_model()
     fresh, trained = model.state_dict(), source.state_dict()
     misfits = {_module_of(n) for n, t in fresh.items()
                if n not in trained or trained[n].shape != t.shape}
@@ -148,20 +168,35 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = 2,
             "transfer to a dataset with the same input shape"
         )
     mask = Mask(kept)
-    reinitialised = sorted(set(fresh) - set(copied))
-    method = {"transfer_from": str(path), "source_data": meta.get("data"),
-              "reinitialised": reinitialised, "sparsity": mask.sparsity}
-    run_meta = {"model": checkpoint.model_spec(model, splits.num_classes),
-                "data": {"name": dataset, "root": data_root, "val_size": None, "seed": seed},
-                "method": method}
-    out.mkdir(parents=True, exist_ok=True)
-    fit(model, splits, config, out, hook=MaskHold(mask), seed=seed, meta=run_meta,
-        progress=progress, desc="transfer")
-    result = {**method, "dataset": dataset, "transferred": len(copied),
-              **evaluate(model, splits.test), **sparsity_summary(model, mask),
-              "train": asdict(config)}
-    write_json(out / "result.json", result)
+    fields = {"transfer_from": str(path), "source_data": meta.get("data"),
+              "reinitialised": sorted(set(fresh) - set(copied)), "dataset": dataset,
+              "transferred": len(copied)}
+    key = {"source": _identity(path), "dataset": dataset, "data_root": data_root, "seed": seed,
+           "train": asdict(config)}
+
+    def compute() -> list[dict[str, Any]]:
+        watch = Stopwatch(run)
+        result = compress(run, model, out, spec=None, sparsity=None, start=mask,
+                          finetune=config, fields=fields, desc="transfer")
+        return [{**_as_summary(result), "train": asdict(config), "seconds": watch.seconds()}]
+
+    return stages.run([out], key, compute)[0]
+
+
+def _as_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline result with ``actual_sparsity`` named ``sparsity`` (the commands' key)."""
+    result = dict(result)
+    result["sparsity"] = result.pop("actual_sparsity")
     return result
+
+
+def _identity(path: Path) -> dict[str, Any]:
+    """The source checkpoint as a stage key: its path and content hash."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
 def _module_of(tensor_name: str) -> str:

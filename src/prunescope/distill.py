@@ -8,6 +8,7 @@ recipe of the sparse-transfer work this project builds on (e.g. Kurtic et al. 20
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,23 @@ from torch import nn
 
 from prunescope import checkpoint
 from prunescope.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Knowledge distillation from a teacher checkpoint (Hinton et al. 2015), used by every
+    training run of the recipe except the dense baseline; ``teacher: dense`` is this run's own
+    trained dense model."""
+
+    teacher: str = ""
+    temperature: float = 4.0
+    weight: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.teacher:
+            raise ConfigError("distill.teacher must name a checkpoint (a model.safetensors)")
+        if not self.temperature > 0 or not 0 <= self.weight <= 1:
+            raise ConfigError("distill needs temperature > 0 and weight in [0, 1]")
 
 
 class DistillationLoss:

@@ -12,7 +12,10 @@ mask computed from them) stay identical on all ranks. Parameter names are untouc
 wrapper), so masks keep working. Only rank 0 writes files and prints; the others read what rank
 0 wrote where they need to (resume).
 
-Batch-norm statistics are computed per process, as with DDP's default.
+Batch-norm statistics are computed per process, as with DDP's default. On GPUs the backend is
+NCCL (``auto``, the default, picks it for a CUDA device and gloo otherwise) and each process
+uses the GPU of its ``LOCAL_RANK``; the few numbers exchanged besides gradients (epoch totals,
+masks) travel on that device too, as NCCL requires.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from torch import nn
 
 from prunescope.errors import ConfigError
 
-BACKENDS = ("gloo", "nccl", "mpi")
+BACKENDS = ("auto", "gloo", "nccl", "mpi")
+_DEVICE = torch.device("cpu")  # where collectives' tensors live (the GPU under NCCL)
 
 
 def requested() -> bool:
@@ -54,14 +58,26 @@ def is_writer() -> bool:
     return rank() == 0
 
 
-def setup(backend: str = "gloo") -> None:
+def local_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun a bare ``cuda`` becomes ``cuda:<LOCAL_RANK>``."""
+    if device.type == "cuda" and device.index is None and requested():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
+
+
+def setup(backend: str = "auto", device: torch.device | None = None) -> None:
     """Join the process group described by torchrun's environment, if any.
 
-    Raises ConfigError when ``backend`` is unknown or not available in this PyTorch build or
-    on this machine (e.g. ``nccl`` without a GPU).
+    ``auto`` is NCCL for a CUDA ``device`` and gloo otherwise. Raises ConfigError when
+    ``backend`` is unknown or not available in this PyTorch build or on this machine (e.g.
+    ``nccl`` without a GPU).
     """
+    global _DEVICE
     if not requested() or active():
         return
+    device = device or torch.device("cpu")
+    if backend == "auto":
+        backend = "nccl" if device.type == "cuda" else "gloo"
     available = {"gloo": dist.is_gloo_available, "nccl": dist.is_nccl_available,
                  "mpi": dist.is_mpi_available}
     if backend not in available:
@@ -71,6 +87,9 @@ def setup(backend: str = "gloo") -> None:
             f"distributed backend {backend!r} is not available here; use 'gloo' on CPU "
             "(--set distributed.backend=gloo)"
         )
+    if backend == "nccl":
+        _DEVICE = local_device(device if device.type == "cuda" else torch.device("cuda"))
+        torch.cuda.set_device(_DEVICE)
     dist.init_process_group(backend=backend)
 
 
@@ -117,7 +136,7 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum a few numbers over the processes (for logging totals)."""
     if not active():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64)
+    tensor = torch.tensor(values, dtype=torch.float64, device=_DEVICE)
     dist.all_reduce(tensor)
     return tensor.tolist()
 
@@ -131,7 +150,7 @@ def broadcast_bool(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return tensors
     shared = {}
     for name, tensor in tensors.items():
-        buffer = tensor.to(torch.uint8)
+        buffer = tensor.to(device=_DEVICE, dtype=torch.uint8)
         dist.broadcast(buffer, src=0)
-        shared[name] = buffer.bool()
+        shared[name] = buffer.bool().to(tensor.device)
     return shared

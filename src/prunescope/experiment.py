@@ -1,110 +1,91 @@
-"""Running a recipe: train the dense baseline, then every method at its sparsities.
+"""Running a recipe: the dense baseline, then every method at its sparsities, then the audit.
 
-Each stage reads and writes files in the run directory, so each can be resumed and a finished
-stage is skipped when the same recipe runs again::
+This is the only layer that reads a recipe. It builds one :class:`~prunescope.run.Run` from
+it (:func:`run_for`), hands each method its own config and that run, and wraps every unit of
+work in a stage (:mod:`prunescope.stages`) that reuses a finished result of the same key,
+resumes an unfinished one and refuses to mix configurations::
 
-    OUT/config.yaml                      the resolved recipe
-    OUT/dense/{init,last,model}.safetensors, metrics.jsonl, result.json
-    OUT/<method label>/s<sparsity>/...   each method's runs (see prunescope.methods)
+    OUT/config.yaml                      the resolved recipe of the last run
+    OUT/dense/{init,last,model}.safetensors, metrics.jsonl, stage.json, result.json
+    OUT/<method label>/method.json       the method's config (its shared files depend on it)
+    OUT/<method label>/s<sparsity>/...   each method's stages (see prunescope.methods)
     OUT/results.json                     dense + one entry per method and sparsity
     OUT/accuracy_vs_sparsity.png         the plot
-    OUT/populations/, audit.json, report.html   with an ``audit`` section (prunescope.audit)
+    OUT/populations/seed<s>/...          with an ``audit`` section: the other seeds' runs
+    OUT/audit.json, OUT/report.html      the compression audit (prunescope.audit)
+    OUT/tensorboard/                     with ``log.tensorboard: true``
 
 Everything a recipe could get wrong (names, ranges, a pattern that does not fit the model, a
-schedule that does not fit the training, a teacher for other classes, an unavailable
-distributed backend) is checked before the first file is written.
+schedule that does not fit the training, a teacher for other classes, a device or distributed
+backend that is not there, a directory holding a finished run of another configuration) is
+checked before the first file is written.
 """
 
 from __future__ import annotations
 
-import sys
-import time
-from collections.abc import Callable
+import dataclasses
+import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from prunescope import checkpoint, data, distributed
+from prunescope import checkpoint, data, devices, distributed, stages
 from prunescope import recipe as recipes
 from prunescope.errors import ConfigError
 from prunescope.files import atomic_write_bytes, write_json
-from prunescope.methods import Context, Method
-from prunescope.methods.base import build_model as _build_model
-from prunescope.recipe import Recipe
-from prunescope.train import fit
+from prunescope.logs import TensorBoardLogger
+from prunescope.methods import Method
+from prunescope.recipe import PruneConfig, Recipe
+from prunescope.run import INIT, Run, Scoring, Stopwatch, Targets, registry_model
+from prunescope.train import FINAL
 
-Log = Callable[[str], None]
-
-
-def _stderr(message: str) -> None:
-    if distributed.is_writer():
-        print(message, file=sys.stderr, flush=True)
+POPULATIONS = "populations"
+METHOD_KEY = "method.json"
+logger = logging.getLogger(__name__)
 
 
-def run(recipe: Recipe, out: str | Path, *, progress: bool | None = None,
-        log: Log = _stderr) -> dict[str, Any]:
-    """Run ``recipe`` into ``out`` (resuming whatever is there) and return ``results.json``."""
+def run(recipe: Recipe, out: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
+    """Run ``recipe`` into ``out`` (reusing and resuming what is there) and return
+    ``results.json``."""
     out = Path(out)
-    distributed.setup(recipe.distributed.backend)
+    device = devices.resolve(recipe.device)
+    distributed.setup(recipe.distributed.backend, device)
     torch.use_deterministic_algorithms(recipe.deterministic)
-    splits = load_data(recipe)
-    context = Context(recipe, splits, out, progress, log)
-    preflight(context)  # before claiming ``out``: a bad recipe leaves nothing behind
-    _claim(out, recipe)
-    log(f"data: {splits.name}, {len(splits.train)} train / {len(splits.val)} val / "
-        f"{len(splits.test)} test" + (f"; {distributed.world_size()} processes"
-                                      if distributed.active() else ""))
-    dense = train_dense(recipe, splits, out / "dense", progress, log)
-    runs: list[dict[str, Any]] = []
-    plan = _plan(recipe)
-    total = sum(len(sparsities) * m.results_per_sparsity for m, sparsities in plan)
-    for method, sparsities in plan:
-        for result in method.run(context, sparsities):
-            runs.append(result)
-            log(f"[{len(runs)}/{total}] {_summary(result)}")
-    results = {"recipe": recipe.name, "dataset": recipe.data.name, "model": recipe.model.name,
-               "dense": dense, "runs": runs}
-    write_json(out / "results.json", results)
-    if runs:
-        from prunescope.plots import plot_accuracy_vs_sparsity
-
-        plot_accuracy_vs_sparsity(results, out / "accuracy_vs_sparsity.png")
-    if recipe.audit is not None:  # populations, then OUT/audit.json and OUT/report.html
-        from prunescope.audit.populations import audit_recipe
-
-        audit_recipe(recipe, out, splits=splits, progress=progress, log=log)
+    main = run_for(recipe, out, progress=progress)
+    preflight(recipe, main)  # before writing anything: a bad recipe leaves nothing behind
+    atomic_write_bytes(out / "config.yaml", recipes.dump(recipe).encode())
+    if recipe.log.tensorboard and distributed.is_writer():
+        main.metrics_logger = TensorBoardLogger(out / "tensorboard")
+    splits = main.splits
+    logger.info("data: %s, %d train / %d val / %d test%s; device %s", splits.name,
+                len(splits.train), len(splits.val), len(splits.test),
+                f"; {distributed.world_size()} processes" if distributed.active() else "",
+                main.device)
+    try:
+        results = sweep(recipe, main)
+        if recipe.audit is not None:
+            audit_stage(recipe, main)
+    finally:
+        if main.metrics_logger is not None:
+            main.metrics_logger.close()
     distributed.barrier()
     return results
 
 
-def preflight(context: Context) -> None:
-    """Raise what the recipe would fail on, before any training."""
-    distill = context.recipe.distill
-    if distill is not None and distill.teacher != "dense":
-        context.loss_fn()  # loads the teacher: a missing file or other classes fails here
-    for method, sparsities in _plan(context.recipe):
-        method.check(context, sparsities)
-    for method in context.recipe.audit.methods if context.recipe.audit else ():
-        method.check(context, context.recipe.audit.sparsities)
-
-
-def _plan(recipe: Recipe) -> list[tuple[Method, tuple[float, ...]]]:
-    if recipe.prune is None:
-        return []
-    return [(m, m.sparsities or recipe.prune.sparsities) for m in recipe.prune.methods]
-
-
-def _summary(result: dict[str, Any]) -> str:
-    line = f"{result['method']} s={result['sparsity']:g}: test accuracy {result['accuracy']:.4f}"
-    if "accuracy_before_finetune" in result:
-        line += f" (one-shot {result['accuracy_before_finetune']:.4f})"
-    if result.get("dense_accuracy") is not None:
-        line += f", its dense model {result['dense_accuracy']:.4f}"
-    if "effective_sparsity" in result:
-        line += f", effective sparsity {result['effective_sparsity']:.4f}"
-    return line
+def run_for(recipe: Recipe, out: Path, *, progress: bool | None = None,
+            splits: data.Splits | None = None) -> Run:
+    """The :class:`Run` of ``recipe`` in ``out`` (its data loaded unless ``splits`` is given)."""
+    splits = splits or load_data(recipe)
+    prune = recipe.prune or PruneConfig()
+    device = distributed.local_device(devices.resolve(recipe.device))
+    return Run(splits, registry_model(recipe.model.name, splits), out, train=recipe.train,
+               finetune=recipe.finetune, scoring=Scoring(prune.batches, prune.batch_size),
+               targets=Targets(prune.include, prune.exclude, prune.min_density),
+               seed=recipe.seed, device=device, distill=recipe.distill, progress=progress,
+               data_spec={"name": recipe.data.name, "root": recipe.data.root,
+                          "val_size": recipe.data.val_size, "seed": recipe.seed})
 
 
 def load_data(recipe: Recipe) -> data.Splits:
@@ -113,42 +94,181 @@ def load_data(recipe: Recipe) -> data.Splits:
                      seed=recipe.seed)
 
 
-def build_model(recipe: Recipe, splits: data.Splits) -> nn.Module:
-    """The recipe's model, sized for the dataset, initialised from the recipe's seed."""
-    return _build_model(recipe, splits)
+def plan(recipe: Recipe) -> list[tuple[Method, tuple[float, ...]]]:
+    """Every method of the sweep with its sparsities."""
+    if recipe.prune is None:
+        return []
+    return [(m, m.sparsities or recipe.prune.sparsities) for m in recipe.prune.methods]
 
 
-def train_dense(recipe: Recipe, splits: data.Splits, run_dir: Path, progress: bool | None,
-                log: Log = _stderr) -> dict[str, Any]:
-    """Train (or resume, or reuse) the dense baseline; returns its ``result.json``."""
-    context = Context(recipe, splits, run_dir.parent, progress, log)
-    if (done := context.cached(run_dir)) is not None:
-        return done
-    model = build_model(recipe, splits)
-    if not (run_dir / "init.safetensors").exists():
-        checkpoint.save(run_dir / "init.safetensors", model, meta={**context.meta(model),
-                                                                   "epoch": 0})
-    started = time.perf_counter()
-    fit(model, splits, recipe.train, run_dir, seed=recipe.seed, meta=context.meta(model),
-        progress=progress, desc="dense")
-    result = context.finish(run_dir, model, None, started)
-    log(f"dense {recipe.model.name}: test accuracy {result['accuracy']:.4f}")
+def preflight(recipe: Recipe, run: Run) -> None:
+    """Raise what the recipe would fail on, before any training or writing."""
+    if run.distill is not None and run.distill.teacher != "dense":
+        run.loss_fn()  # loads the teacher: a missing file or other classes fails here
+    audit = [(m, recipe.audit.sparsities) for m in recipe.audit.methods] if recipe.audit else []
+    for method, sparsities in [*plan(recipe), *audit]:
+        method.check(run, sparsities)
+    stages.check([run.out / "dense"], dense_key(run))
+    key = run.key()
+    for method, sparsities in [*plan(recipe), *audit]:
+        _check_method_dir(run, method)
+        for sparsity in sparsities:
+            stages.check(method.directories(run, sparsity), stage_key(key, method, sparsity))
+
+
+def sweep(recipe: Recipe, run: Run) -> dict[str, Any]:
+    """The dense stage, every method at every sparsity, ``results.json`` and the plot."""
+    dense = dense_stage(run)
+    runs: list[dict[str, Any]] = []
+    steps = plan(recipe)
+    total = sum(len(sparsities) * m.results_per_sparsity for m, sparsities in steps)
+    key = run.key()
+    for method, sparsities in steps:
+        for sparsity in sparsities:
+            for result in method_stage(run, method, sparsity, key):
+                runs.append(result)
+                logger.info("[%d/%d] %s", len(runs), total, summary(result))
+    results = {"recipe": recipe.name, "dataset": recipe.data.name, "model": recipe.model.name,
+               "dense": dense, "runs": runs}
+    write_json(run.out / "results.json", results)
+    if runs:
+        from prunescope.plots import plot_accuracy_vs_sparsity
+
+        plot_accuracy_vs_sparsity(results, run.out / "accuracy_vs_sparsity.png")
+    return results
+
+
+# -- stages ---------------------------------------------------------------------------------
+def dense_key(run: Run) -> dict[str, Any]:
+    """What determines the dense model: data, model, seed and training."""
+    key = run.key()
+    return {name: key[name] for name in ("data", "model", "seed", "train")}
+
+
+def stage_key(run_key: dict[str, Any], method: Method, sparsity: float) -> dict[str, Any]:
+    """What determines a method's results at one sparsity."""
+    return {**run_key, "method": method.key(), "sparsity": sparsity}
+
+
+def dense_stage(run: Run) -> dict[str, Any]:
+    """Train (or resume, or read back) the dense baseline; returns its result."""
+    directory = run.out / "dense"
+
+    def train() -> list[dict[str, Any]]:
+        watch = Stopwatch(run)
+        model = run.fresh_model()
+        if not (directory / INIT).exists():
+            checkpoint.save(directory / INIT, model, meta=run.meta(model, epoch=0))
+        run.fit(model, directory, run.train, desc="dense", distill=False)
+        return [{**run.result(model, None), "seconds": watch.seconds()}]
+
+    result = stages.run([directory], dense_key(run), train)[0]
+    logger.info("dense: test accuracy %.4f", result["accuracy"])
     return result
 
 
-def prune_and_finetune(recipe: Recipe, splits: data.Splits, out: Path, method: Method,
-                       sparsity: float, progress: bool | None = None) -> dict[str, Any]:
-    """One one-shot method at one sparsity (see :class:`prunescope.methods.one_shot.OneShot`)."""
-    return method.run(Context(recipe, splits, out, progress, _stderr), (sparsity,))[0]
+def method_stage(run: Run, method: Method, sparsity: float,
+                 key: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """``method`` at ``sparsity`` on ``run`` (read back when finished with the same key)."""
+    _claim_method_dir(run, method)
+
+    def compute() -> list[dict[str, Any]]:
+        watch = Stopwatch(run)
+        results = method.run_one(run, sparsity)
+        seconds = watch.seconds()
+        return [{**result, "seconds": seconds} for result in results]
+
+    return stages.run(method.directories(run, sparsity),
+                      stage_key(key or run.key(), method, sparsity), compute)
 
 
-def _claim(out: Path, recipe: Recipe) -> None:
-    """Save the resolved recipe, or check that ``out`` holds a run of the same recipe."""
-    text = recipes.dump(recipe)
-    config = out / "config.yaml"
-    if config.exists() and config.read_text(encoding="utf-8") != text:
-        raise ConfigError(
-            f"{out} holds a run of a different recipe ({config}); pass another --out, or delete "
-            "the directory to start over"
-        )
-    atomic_write_bytes(config, text.encode())
+def _check_method_dir(run: Run, method: Method) -> None:
+    path = run.dir(method.label) / METHOD_KEY
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != json.loads(json.dumps(method.key(), default=str)):
+            name, old, new = stages.difference(stored, method.key())
+            raise ConfigError(
+                f"{run.dir(method.label)} holds runs of method {method.label!r} with "
+                f"{name}={old!r}, but this recipe asks {name}={new!r}; give the method another "
+                f"name (name: ...), pass another --out, or delete {run.dir(method.label)}")
+
+
+def _claim_method_dir(run: Run, method: Method) -> None:
+    _check_method_dir(run, method)
+    path = run.dir(method.label) / METHOD_KEY
+    if not path.is_file():
+        write_json(path, method.key())
+
+
+def summary(result: dict[str, Any]) -> str:
+    """One line of a method's result."""
+    line = f"{result['method']} s={result['sparsity']:g}: test accuracy {result['accuracy']:.4f}"
+    if "accuracy_before_finetune" in result and result.get("finetuned"):
+        line += f" (one-shot {result['accuracy_before_finetune']:.4f})"
+    if result.get("dense_accuracy") is not None:
+        line += f", its dense model {result['dense_accuracy']:.4f}"
+    if "effective_sparsity" in result:
+        line += f", effective sparsity {result['effective_sparsity']:.4f}"
+    return line
+
+
+# -- populations and the audit -----------------------------------------------------------------
+def population_recipe(recipe: Recipe, offset: int) -> Recipe:
+    """``recipe`` with its seed moved by ``offset`` and its prune section narrowed to the
+    audit's methods and sparsities."""
+    assert recipe.audit is not None
+    prune = dataclasses.replace(recipe.prune or PruneConfig(), methods=recipe.audit.methods,
+                                sparsities=recipe.audit.sparsities)
+    return dataclasses.replace(recipe, seed=recipe.seed + offset, prune=prune)
+
+
+def seed_dir(out: Path, recipe: Recipe, offset: int) -> Path:
+    """Where population member ``offset`` lives (``out`` itself for offset 0)."""
+    return out if offset == 0 else out / POPULATIONS / f"seed{recipe.seed + offset}"
+
+
+def train_populations(recipe: Recipe, main: Run) -> tuple[list[Path], list[Path]]:
+    """Train (or resume, or reuse) every population member (Hooker et al.: K models that
+    differ only in their seed); returns (dense run dirs, compressed run dirs of the audit's
+    methods x sparsities), seed 0 (the sweep's own runs) first."""
+    assert recipe.audit is not None
+    dense, compressed = [], []
+    for offset in range(recipe.audit.seeds):
+        member = population_recipe(recipe, offset)
+        where = seed_dir(main.out, recipe, offset)
+        run = main if offset == 0 else run_for(member, where, progress=main.progress)
+        run.metrics_logger = main.metrics_logger if offset == 0 else None
+        result = dense_stage(run)
+        dense.append(where / "dense")
+        line = [f"population seed {member.seed}: dense {result['accuracy']:.4f}"]
+        key = run.key()
+        for method in recipe.audit.methods:
+            for sparsity in recipe.audit.sparsities:
+                done = method_stage(run, method, sparsity, key)[0]
+                compressed.append(method.directories(run, sparsity)[0])
+                line.append(f"{method.label} s={sparsity:g} {done['accuracy']:.4f}")
+        logger.info("; ".join(line))
+    return dense, compressed
+
+
+def sweep_runs(out: Path) -> list[Path]:
+    """The finished compressed runs of the sweep itself (``OUT/<label>/s<sparsity>``)."""
+    return sorted(p.parent for p in out.glob(f"*/s*/{FINAL}")
+                  if p.parent.parent.name not in ("dense", POPULATIONS))
+
+
+def audit_stage(recipe: Recipe, main: Run) -> Any:
+    """Populations, then ``OUT/audit.json`` and ``OUT/report.html`` over the whole sweep plus
+    the populations. Skipped (returns None) when both files exist."""
+    from prunescope.audit import run_audit
+
+    assert recipe.audit is not None
+    out = main.out
+    if (out / "audit.json").is_file() and (out / "report.html").is_file():
+        logger.info("audit: %s exists; delete it to audit again", out / "audit.json")
+        return None
+    dense, population = train_populations(recipe, main)
+    compressed = list(dict.fromkeys([*sweep_runs(out), *population]))
+    return run_audit(dense, compressed, out, split=recipe.audit.split,
+                     n_boot=recipe.audit.bootstrap, log=logger.info)

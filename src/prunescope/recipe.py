@@ -22,12 +22,14 @@ from typing import Any
 import yaml
 
 from prunescope.allocation import check_sparsity
+from prunescope.distill import DistillConfig
 from prunescope.errors import ConfigError
 from prunescope.methods import METHODS, Method
-from prunescope.methods.one_shot import OneShot
+from prunescope.methods.one_shot import START_POINTS, OneShot
+from prunescope.pipeline import FinetuneConfig
+from prunescope.run import Scoring
 from prunescope.train import TrainConfig
 
-START_POINTS = ("trained", "init")
 # PyYAML (YAML 1.1) reads 1e-3 and 1e30 (no dot, or no exponent sign) as strings
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
@@ -51,7 +53,10 @@ class ModelConfig:
 @dataclass(frozen=True)
 class PruneConfig:
     """Methods x sparsities to run; ``batches`` of ``batch_size`` training examples feed the
-    data-driven criteria; ``start`` prunes the trained dense weights or its initialisation.
+    data-driven criteria; ``include``/``exclude`` select the pruned tensors by glob and
+    ``min_density`` is their floor (default: one weight per output unit; 0: none); ``start``
+    is the default of one-shot methods' ``start`` (the trained dense weights or the
+    initialisation).
 
     Each entry of ``methods`` picks a method with its ``method:`` key (default ``one_shot``;
     see :mod:`prunescope.methods`) and takes that method's keys."""
@@ -60,33 +65,26 @@ class PruneConfig:
     sparsities: tuple[float, ...] = (0.9,)
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
-    batches: int = 10
-    batch_size: int = 100
+    batches: int = Scoring.batches
+    batch_size: int = Scoring.batch_size
     start: str = "trained"
-
-
-@dataclass(frozen=True)
-class DistillConfig:
-    """Knowledge distillation from a teacher checkpoint (Hinton et al. 2015), used by every
-    training run of the recipe except the dense baseline; ``teacher: dense`` is this run's own
-    trained dense model."""
-
-    teacher: str = ""
-    temperature: float = 4.0
-    weight: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not self.teacher:
-            raise ConfigError("distill.teacher must name a checkpoint (a model.safetensors)")
-        if not self.temperature > 0 or not 0 <= self.weight <= 1:
-            raise ConfigError("distill needs temperature > 0 and weight in [0, 1]")
+    min_density: float | None = None
 
 
 @dataclass(frozen=True)
 class DistributedConfig:
-    """The torch.distributed backend used when launched with torchrun (gloo on CPU)."""
+    """The torch.distributed backend used when launched with torchrun: ``auto`` is NCCL on
+    GPUs and gloo on CPUs."""
 
-    backend: str = "gloo"
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """``tensorboard``: write every epoch's metrics and per-layer sparsity to
+    ``OUT/tensorboard`` (needs ``pip install 'prunescope[tensorboard]'``)."""
+
+    tensorboard: bool = False
 
 
 AUDIT_SPLITS = ("train", "val", "test")
@@ -124,14 +122,16 @@ class Recipe:
     name: str = "experiment"
     seed: int = 0
     deterministic: bool = True
+    device: str = "cpu"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     prune: PruneConfig | None = None
-    finetune: TrainConfig | None = None
+    finetune: FinetuneConfig | None = None
     distill: DistillConfig | None = None
     distributed: DistributedConfig = DistributedConfig()
     audit: AuditConfig | None = None
+    log: LogConfig = LogConfig()
 
 
 def load(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
@@ -152,7 +152,7 @@ def from_dict(raw: Any, overrides: Sequence[str] = (), source: str = "recipe") -
         _apply_override(merged, item)
     recipe = _convert(merged, Recipe, "")
     validate(recipe)
-    return recipe
+    return _with_start(recipe)
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -166,9 +166,14 @@ def dump(recipe: Recipe) -> str:
 
 
 def validate(recipe: Recipe) -> None:
-    """Check names against the registries and numbers against their ranges."""
-    from prunescope import data, models
+    """Check names against the registries, numbers against their ranges, and that the device
+    is there."""
+    from prunescope import data, devices, models
 
+    device = devices.resolve(recipe.device)
+    for config in (recipe.train, recipe.finetune):
+        if config is not None:
+            devices.check_precision(config.precision, device)
     data.DATASETS.get(recipe.data.name)
     models.MODELS.get(recipe.model.name)
     if recipe.train.sparse_kernels:
@@ -185,6 +190,25 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"prune.start must be one of {START_POINTS}, got {prune.start!r}")
     if prune.batches < 1 or prune.batch_size < 1:
         raise ConfigError("prune.batches and prune.batch_size must be >= 1")
+    if prune.min_density is not None and not 0 <= prune.min_density < 1:
+        raise ConfigError(f"prune.min_density must be in [0, 1), got {prune.min_density}")
+
+
+def _with_start(recipe: Recipe) -> Recipe:
+    """``prune.start: init`` made the ``start`` of every one-shot method (of the sweep and the
+    audit) that kept the default."""
+    prune = recipe.prune
+    if prune is None or prune.start == "trained":
+        return recipe
+
+    def started(methods: tuple[Method, ...]) -> tuple[Method, ...]:
+        return tuple(dataclasses.replace(m, start=prune.start)
+                     if isinstance(m, OneShot) and m.start == "trained" else m for m in methods)
+
+    audit = recipe.audit and dataclasses.replace(recipe.audit,
+                                                 methods=started(recipe.audit.methods))
+    return dataclasses.replace(recipe, prune=dataclasses.replace(
+        prune, methods=started(prune.methods)), audit=audit)
 
 
 def _apply_override(tree: dict[str, Any], item: str) -> None:

@@ -4,9 +4,13 @@
 AdamW, a constant / step / cosine / one-cycle learning rate computed from the step (stateless),
 label smoothing and weight decay, and an optional loss (e.g. distillation). A training hook
 (:class:`prunescope.sparsifier.MaskHold`, :class:`~prunescope.sparsifier.ScheduledPruning`, or a
-sparse-training method's) is called around every optimizer step; see :class:`Hook`. Under
-``torchrun`` each process trains on its share of every global batch (see
-:mod:`prunescope.distributed`).
+sparse-training method's) is called around every optimizer step; see
+:class:`prunescope.hooks.Hook`. The model trains on its own device (or the one ``fit`` is given),
+each batch moved there as it is used, optionally in mixed precision (:mod:`prunescope.devices`).
+Under ``torchrun`` each process trains on its share of every global batch (see
+:mod:`prunescope.distributed`). Every epoch ends with one log line (logger ``prunescope.train``)
+that stays on screen after the progress bar, and optionally with a metrics logger's record
+(:mod:`prunescope.logs`: TensorBoard).
 
 Each epoch ends with an atomic checkpoint ``last.safetensors`` (weights, mask, optimizer, the
 torch RNG and the shuffling generator) and a line in ``metrics.jsonl``. Calling :func:`fit` again
@@ -18,24 +22,28 @@ uninterrupted run; a finished run is not trained again. The final weights are wr
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from prunescope import checkpoint, distributed
+from prunescope import checkpoint, devices, distributed
 from prunescope.data import Loader, Splits, Subset, random_crop_flip
 from prunescope.errors import ConfigError, TrainingError
 from prunescope.files import append_jsonl, atomic_write_bytes, read_jsonl
-from prunescope.mask import Mask
+from prunescope.hooks import Hook
+from prunescope.logs import MetricsLogger
+
+logger = logging.getLogger(__name__)
 
 LAST, FINAL, METRICS = "last.safetensors", "model.safetensors", "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adamw")
@@ -43,31 +51,15 @@ LR_SCHEDULES = ("constant", "step", "cosine", "onecycle")
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-Closure = Callable[[], tuple[torch.Tensor, torch.Tensor]]
-
-
-class Hook(Protocol):
-    """What :func:`fit` calls; every method is optional except ``mask``.
-
-    - ``mask``: the current mask or None (saved in and restored from checkpoints);
-    - ``on_step(model, step, optimizer)``: before the forward pass of ``step``;
-    - ``before_optimizer_step(model, step, optimizer, closure)``: after the backward pass, with
-      the dense gradients in ``.grad``; ``closure()`` re-runs the forward and backward pass on
-      the same batch and returns ``(loss, logits)`` (CrAM's second gradient); returning
-      ``False`` skips this step's optimizer update (RigL's mask-update steps);
-    - ``after_optimizer_step(model, step, optimizer)``;
-    - ``hold_(model)``: zero the held weights before training starts (default ``mask.apply_``);
-    - ``state_dict()`` / ``load_state_dict(state)``: any other JSON-able state to checkpoint.
-    """
-
-    mask: Mask | None
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train. ``milestones`` are epochs (for the step schedule); lr is the peak rate.
     ``sparse_kernels`` runs the layers of a fixed mask on :mod:`prunescope.kernels` where they are
-    measured faster (fixed-mask fine-tuning only; see :mod:`prunescope.kernels.training`)."""
+    measured faster (fixed-mask fine-tuning only; see :mod:`prunescope.kernels.training`);
+    ``precision`` is ``fp32``, ``bf16`` or ``fp16`` (mixed precision, :mod:`prunescope.devices`).
+    """
 
     epochs: int = 8
     batch_size: int = 128
@@ -82,6 +74,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     eval_batch_size: int = 1000
     sparse_kernels: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -92,8 +85,9 @@ class TrainConfig:
                 f"choose one of: {', '.join(LR_SCHEDULES)}"
             )
         for name in ("epochs", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < (0 if name == "epochs" else 1):
+            if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        devices.check_precision(self.precision)
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
@@ -142,12 +136,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 @torch.no_grad()
 def predict(model: nn.Module, subset: Subset, batch_size: int = 1000) -> torch.Tensor:
-    """Logits of ``model`` (in eval mode) on every example of ``subset``, in order."""
+    """Logits of ``model`` (in eval mode, on its own device) on every example of ``subset``, in
+    order, as a float32 CPU tensor."""
     was_training = model.training
     model.eval()
+    device = devices.model_device(model)
     try:
         starts = range(0, len(subset), batch_size)
-        return torch.cat([model(subset.x[i:i + batch_size]) for i in starts])
+        return torch.cat([model(subset.x[i:i + batch_size].to(device)).float().cpu()
+                          for i in starts])
     finally:
         model.train(was_training)
 
@@ -166,15 +163,32 @@ def evaluate(model: nn.Module, subset: Subset, batch_size: int = 1000) -> dict[s
 def fit(model: nn.Module, splits: Splits, config: TrainConfig, run_dir: str | Path, *,
         hook: Hook | None = None, loss_fn: LossFn | None = None, seed: int = 0,
         meta: dict[str, Any] | None = None, progress: bool | None = None,
-        desc: str = "train") -> dict[str, Any]:
-    """Train ``model`` in place on ``splits.train``; returns the last epoch's metrics record.
+        desc: str = "train", device: str | torch.device | None = None,
+        metrics_logger: MetricsLogger | None = None) -> dict[str, Any]:
+    """Train ``model`` in place on ``splits.train``; returns the last epoch's metrics record,
+    with ``resumed_seconds``: the training seconds of the epochs an earlier call trained.
 
-    Resumes from ``run_dir/last.safetensors`` when present. ``hook`` keeps or changes the mask
-    (see :class:`Hook`). ``loss_fn(logits, targets, inputs)`` replaces the default
-    cross-entropy (with the config's label smoothing). ``meta`` (e.g. the model spec and
-    dataset) is stored in every checkpoint. Raises TrainingError when the loss is not finite.
+    Resumes from ``run_dir/last.safetensors`` when present. ``hook`` (a
+    :class:`~prunescope.hooks.Hook`) keeps or changes the mask. ``loss_fn(logits, targets,
+    inputs)`` replaces the default cross-entropy (with the config's label smoothing). ``meta``
+    (e.g. the model spec and dataset) is stored in every checkpoint. ``device`` moves the model
+    there first (default: where it is). A model still carrying ``torch.nn.utils.prune``'s
+    reparametrization is made plain first and, without a hook, its mask is held. Raises
+    TrainingError when the loss is not finite.
     """
+    from prunescope.interop import fold_torch_prune
+
     run_dir = Path(run_dir)
+    if hook is not None and not isinstance(hook, Hook):
+        raise TypeError(f"hook must be a prunescope.hooks.Hook, got {type(hook).__name__}")
+    folded = fold_torch_prune(model)
+    if folded is not None and hook is None:
+        from prunescope.sparsifier import MaskHold
+
+        hook = MaskHold(folded)
+    if device is not None:
+        model.to(devices.resolve(device))
+    devices.check_precision(config.precision, devices.model_device(model))
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.sparse_kernels:
         from prunescope.kernels.training import sparse_layers
@@ -183,16 +197,19 @@ def fit(model: nn.Module, splits: Splits, config: TrainConfig, run_dir: str | Pa
         with sparse_layers(model, hook, example, run_dir,
                            resuming=(run_dir / LAST).exists()) as held:
             return _train(model, splits, config, run_dir, held, seed, meta, loss_fn, progress,
-                          desc)
-    return _train(model, splits, config, run_dir, hook, seed, meta, loss_fn, progress, desc)
+                          desc, metrics_logger)
+    return _train(model, splits, config, run_dir, hook, seed, meta, loss_fn, progress, desc,
+                  metrics_logger)
 
 
-def _train(model, splits, config, run_dir, hook, seed, meta, loss_fn, progress, desc
-           ) -> dict[str, Any]:
-    loop = _Loop(model, splits, config, run_dir, hook, seed, meta or {}, loss_fn)
+def _train(model, splits, config, run_dir, hook, seed, meta, loss_fn, progress, desc,
+           metrics_logger) -> dict[str, Any]:
+    loop = _Loop(model, splits, config, run_dir, hook or Hook(), seed, meta or {}, loss_fn)
     loop.resume()
     for epoch in range(loop.epoch, config.epochs):
         loop.train_epoch(epoch, progress, desc)
+        if metrics_logger is not None:
+            metrics_logger.log_epoch(desc, loop.last, model, loop.hook.mask)
     return loop.finish()
 
 
@@ -203,6 +220,10 @@ class _Loop:
         self.model, self.splits, self.config, self.run_dir = model, splits, config, run_dir
         self.hook, self.meta = hook, meta
         self.loss_fn = loss_fn or self._cross_entropy
+        self.device = devices.model_device(model)
+        self.autocast = lambda: devices.autocast(self.device, config.precision)
+        self.scaler = devices.grad_scaler(self.device, config.precision)
+        self.resumed_seconds = 0.0
         self.optimizer = make_optimizer(model, config)
         self.generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
@@ -212,10 +233,7 @@ class _Loop:
         if len(self.loader) == 0:
             raise ConfigError("the training set is empty; check the dataset and val_size")
         self.epoch, self.step, self.last = 0, 0, None
-        if hasattr(hook, "hold_"):
-            hook.hold_(model)
-        elif hook is not None and hook.mask is not None:
-            hook.mask.apply_(model)
+        hook.hold_(model)
 
     def resume(self) -> None:
         path = self.run_dir / LAST
@@ -228,13 +246,13 @@ class _Loop:
             self.optimizer.load_state_dict(state.optimizer)
         torch.set_rng_state(state.rng["torch"])
         self.generator.set_state(state.rng["loader"])
-        if self.hook is not None:
-            self.hook.mask = state.mask
-            if hasattr(self.hook, "load_state_dict"):
-                self.hook.load_state_dict(state.meta.get("hook", {}))
+        self.hook.mask = state.mask
+        self.hook.load_state_dict(state.meta.get("hook", {}))
+        self.hook.hold_(self.model)
         self.epoch, self.step = state.meta["epoch"], state.meta["step"]
         self.last = state.meta.get("metrics")
         records = [r for r in read_jsonl(self.run_dir / METRICS) if r["epoch"] < self.epoch]
+        self.resumed_seconds = sum(r.get("seconds", 0.0) for r in records)
         atomic_write_bytes(self.run_dir / METRICS,
                            "".join(json.dumps(r) + "\n" for r in records).encode())
 
@@ -255,51 +273,56 @@ class _Loop:
                   "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
                   **{f"val_{k}": v for k, v in evaluate(self.model, self.splits.val,
                                                         self.config.eval_batch_size).items()},
-                  "sparsity": self._mask().sparsity if self._mask() else 0.0,
+                  "sparsity": self.hook.mask.sparsity if self.hook.mask is not None else 0.0,
                   "seconds": time.perf_counter() - start}
         self.epoch, self.last = epoch + 1, record
         # the line first: a run killed between the two redoes this epoch and drops the line
         append_jsonl(self.run_dir / METRICS, record)
         self._save(self.run_dir / LAST, with_state=True)
         distributed.barrier()
-        if _quiet(progress) and distributed.is_writer():
-            print(f"{desc} epoch {epoch + 1}/{self.config.epochs}: loss {record['train_loss']:.4f}"
-                  f" val acc {record['val_accuracy']:.4f}", file=sys.stderr)
+        if distributed.is_writer():
+            logger.info("%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1f s)", desc,
+                        epoch + 1, self.config.epochs, record["train_loss"],
+                        record["train_accuracy"], record["val_accuracy"], record["seconds"])
 
     def _step(self, inputs: torch.Tensor, targets: torch.Tensor, epoch: int
               ) -> tuple[float, int, int]:
         """One optimizer step on a global batch; returns this process's (loss, hits, count)."""
-        call = self._call_hook
-        call("on_step", self.model, self.step, self.optimizer)
+        self.hook.on_step(self.model, self.step, self.optimizer)
         for group in self.optimizer.param_groups:
             group["lr"] = self._lr(self.step)
         local_inputs, local_targets = distributed.shard(inputs, targets)
         share = len(local_targets) / len(targets)
+        local_inputs, local_targets = next(devices.batches_to(
+            self.device, [(local_inputs, local_targets)]))
+        scaler = self.scaler
 
         def closure() -> tuple[torch.Tensor, torch.Tensor]:
             self.optimizer.zero_grad(set_to_none=True)
-            logits = self.model(local_inputs)
-            loss = self.loss_fn(logits, local_targets, local_inputs)
+            with self.autocast():
+                logits = self.model(local_inputs)
+                loss = self.loss_fn(logits, local_targets, local_inputs)
             self._check_finite(loss, epoch)
-            (loss * share).backward()  # summed over processes: the global batch's gradient
+            scaled = loss * share  # summed over processes: the global batch's gradient
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
             distributed.all_reduce_gradients(self.model)
             return loss.detach(), logits.detach()
 
         loss, logits = closure()
-        method = getattr(self.hook, "before_optimizer_step", None)
-        skip = method is not None and method(self.model, self.step, self.optimizer,
-                                             closure) is False
-        if not skip:
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)  # hooks see (and mask) the true gradients
+        update = self.hook.before_optimizer_step(self.model, self.step, self.optimizer,
+                                                 closure) is not False
+        if scaler is not None:
+            if update:
+                scaler.step(self.optimizer)
+            scaler.update()
+        elif update:
             self.optimizer.step()
-        call("after_optimizer_step", self.model, self.step, self.optimizer)
+        self.hook.after_optimizer_step(self.model, self.step, self.optimizer)
         self.step += 1
         hits = int((logits.argmax(1) == local_targets).sum())
         return loss.item(), hits, len(local_targets)
-
-    def _call_hook(self, name: str, *args) -> None:
-        method = getattr(self.hook, name, None)
-        if method is not None:
-            method(*args)
 
     def _cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
                        inputs: torch.Tensor) -> torch.Tensor:
@@ -318,21 +341,17 @@ class _Loop:
 
     def finish(self) -> dict[str, Any]:
         self._save(self.run_dir / FINAL, with_state=False)
-        return self.last or {}
+        return {**(self.last or {}), "resumed_seconds": self.resumed_seconds}
 
     def _lr(self, step: int) -> float:
         return lr_at(self.config, max(step, 0), len(self.loader))
 
-    def _mask(self) -> Mask | None:
-        return self.hook.mask if self.hook is not None else None
-
     def _save(self, path: Path, *, with_state: bool) -> None:
         meta = {**self.meta, "epoch": self.epoch, "step": self.step, "metrics": self.last,
                 "train": asdict(self.config)}
-        if hasattr(self.hook, "state_dict"):
-            meta["hook"] = self.hook.state_dict()
+        meta["hook"] = self.hook.state_dict()
         rng = {"torch": torch.get_rng_state(), "loader": self.generator.get_state()}
-        checkpoint.save(path, self.model, meta=meta, mask=self._mask(),
+        checkpoint.save(path, self.model, meta=meta, mask=self.hook.mask,
                         optimizer=self.optimizer if with_state else None,
                         rng=rng if with_state else None)
 

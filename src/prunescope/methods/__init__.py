@@ -1,9 +1,9 @@
 """Pruning and sparse-training methods, selected in a recipe by ``method:``.
 
-Each method is a frozen config dataclass (its recipe keys) with a ``run(context, sparsities)``
-that produces one result per sparsity (more for methods with controls) and skips work whose
-``result.json`` exists. Methods combine the core pieces (criteria, allocations, patterns,
-schedules, the mask hooks, the training loop) and add only their own mechanics:
+Each method is a frozen config dataclass (its recipe keys) whose ``run_one(run, sparsity)``
+computes its results on a :class:`~prunescope.run.Run` (see :mod:`prunescope.methods.base`).
+Methods combine the core pieces (criteria, allocations, patterns, schedules, the mask hooks, the
+training loop, the compression pipeline) and add only their own mechanics:
 
 - ``one_shot``: prune the trained dense model, fine-tune with the mask held.
 - ``gmp``: gradual magnitude pruning (Zhu & Gupta 2017).
@@ -13,9 +13,12 @@ schedules, the mask hooks, the training loop) and add only their own mechanics:
   2020) and its random re-initialisation control.
 - ``cram``: compression-aware training, then one-shot pruning to many sparsities (Peste et al.
   2023).
+
+The built-in methods are registered here, in one place: importing this package registers them
+all (a method of your own registers itself with :func:`prunescope.methods.base.register`).
 """
 
-from prunescope.methods import acdc, cram, gmp, lottery, one_shot, rigl  # noqa: E402, F401, I001
-from prunescope.methods.base import METHODS, Context, Method
+from prunescope.methods import acdc, cram, gmp, lottery, one_shot, rigl  # noqa: F401, I001
+from prunescope.methods.base import METHODS, Method
 
-__all__ = ["METHODS", "Context", "Method"]
+__all__ = ["METHODS", "Method"]

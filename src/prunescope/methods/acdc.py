@@ -3,14 +3,15 @@
 After a dense warm-up, training alternates compressed phases (at each phase start the weights
 are pruned to the target sparsity by global magnitude top-k and the mask is held) and
 decompressed phases (every weight trains again; pruned ones restart from zero), and ends with a
-longer compressed phase. Optionally the optimizer's momentum is reset at every phase change.
+longer compressed phase (the phases: :class:`prunescope.schedules.Phases`). Optionally the
+optimizer's momentum is reset: at the end of every decompressed phase (``after_decompression``,
+as the authors' code does when it compresses again) or at every phase change (``every_phase``).
 One run yields two models: the final sparse one and the dense one co-trained with it (the best,
 by validation accuracy, of the models at the ends of the decompressed phases).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,57 +23,14 @@ from prunescope import checkpoint
 from prunescope.allocation import ALLOCATIONS
 from prunescope.errors import ConfigError
 from prunescope.mask import Mask
-from prunescope.methods.base import Context, Method, check_unit, register, run_dir
+from prunescope.methods.base import Method, check_unit, register
+from prunescope.run import Run
+from prunescope.schedules import Phases
 from prunescope.sparsifier import MaskHold, agree, prune
 from prunescope.train import evaluate
 
 DENSE = "dense.safetensors"
-
-
-@dataclass(frozen=True)
-class Phases:
-    """AC/DC's phases in optimizer steps, as a pure function of the step.
-
-    ``[0, warmup)`` dense; then ``cycles`` of a compressed phase of ``compressed`` steps and a
-    decompressed one of ``decompressed`` steps; then a final compressed phase to ``total``.
-    """
-
-    warmup: int
-    compressed: int
-    decompressed: int
-    final: int
-    total: int
-
-    def __post_init__(self) -> None:
-        lengths = (self.compressed, self.decompressed, self.final)
-        if self.warmup < 0 or min(lengths) < 1:
-            raise ConfigError("acdc: phase lengths must be positive (warmup may be 0)")
-        if self.warmup + self.final > self.total:
-            raise ConfigError(
-                f"acdc: warm-up ({self.warmup} steps) and the final compressed phase "
-                f"({self.final} steps) do not fit in the {self.total} training steps; shorten "
-                "them or raise train.epochs"
-            )
-
-    @property
-    def final_start(self) -> int:
-        return self.total - self.final
-
-    @property
-    def cycle(self) -> int:
-        return self.compressed + self.decompressed
-
-    def is_compressed(self, step: int) -> bool:
-        if step >= self.final_start:
-            return True
-        return step >= self.warmup and (step - self.warmup) % self.cycle < self.compressed
-
-    def starts_compression(self, step: int) -> bool:
-        """True at the first step of a compressed phase (the mask is recomputed there)."""
-        return self.is_compressed(step) and (step == 0 or not self.is_compressed(step - 1))
-
-    def starts_phase(self, step: int) -> bool:
-        return step > 0 and self.is_compressed(step) != self.is_compressed(step - 1)
+MOMENTUM_RESETS = ("never", "after_decompression", "every_phase")
 
 
 class ACDCHook(MaskHold):
@@ -80,7 +38,7 @@ class ACDCHook(MaskHold):
     phases, train densely otherwise; hands each decompressed phase's end to ``on_dense``."""
 
     def __init__(self, phases: Phases, sparsity: float, allocation: str, *,
-                 reset_momentum: bool, on_dense: Callable[[nn.Module, int], None],
+                 reset_momentum: str, on_dense: Callable[[nn.Module, int], None],
                  prune_options: dict[str, Any]) -> None:
         super().__init__(None)
         self.phases, self.sparsity, self.allocation = phases, sparsity, allocation
@@ -95,8 +53,15 @@ class ACDCHook(MaskHold):
                                            rounds=1, **self.prune_options))
         elif not self.phases.is_compressed(step):
             self.mask = None
-        if self.reset_momentum and optimizer is not None and self.phases.starts_phase(step):
+        if optimizer is not None and self._resets_at(step):
             reset_optimizer_state(optimizer)
+
+    def _resets_at(self, step: int) -> bool:
+        if self.reset_momentum == "every_phase":
+            return self.phases.starts_phase(step)
+        if self.reset_momentum == "after_decompression":
+            return self.phases.starts_compression(step) and step > self.phases.warmup
+        return False
 
 
 def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -112,7 +77,9 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 class ACDC(Method):
     """Phase lengths in ``unit``: epochs, steps, or (the default) fractions of the
     budget-scaled training, by default the paper's ImageNet proportions (10 warm-up epochs,
-    5-epoch phases, final 15 of 100)."""
+    5-epoch phases, final 15 of 100: compressed phases start at epochs 10, 20, ..., 70, the
+    last dense phase is 75-85); ``reset_momentum``: ``never``, ``after_decompression`` (the
+    authors') or ``every_phase``."""
 
     method: str = "acdc"
     allocation: str = "global"
@@ -121,60 +88,54 @@ class ACDC(Method):
     decompressed: float = 0.05
     final: float = 0.15
     unit: str = "fraction"
-    reset_momentum: bool = False
+    reset_momentum: str = "never"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         ALLOCATIONS.get(self.allocation)
         check_unit("acdc", self.unit)
+        if self.reset_momentum not in MOMENTUM_RESETS:
+            raise ConfigError(f"acdc: reset_momentum must be one of {', '.join(MOMENTUM_RESETS)},"
+                              f" got {self.reset_momentum!r}")
 
-    def phases(self, context: Context) -> Phases:
-        steps = [context.steps(v, self.unit, self.budget)
+    def phases(self, run: Run, sparsity: float = 0.0) -> Phases:
+        steps = [run.steps(v, self.unit, self.budget)
                  for v in (self.warmup, self.compressed, self.decompressed, self.final)]
-        total = context.total_steps(self.budget)
-        return Phases(*steps, total=total)
+        return Phases(*steps, total=run.total_steps(self.budget), sparsity=sparsity)
 
-    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
-        self.phases(context)
+    def check(self, run: Run, sparsities: tuple[float, ...]) -> None:
+        self.phases(run)
 
-    def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
-        directory = run_dir(context, self.label, sparsity)
-        if (done := context.cached(directory)) is not None:
-            return done
-        started = time.perf_counter()
-        model = context.fresh_model()
-        best = _BestDense(context, directory)
-        prune_config = context.recipe.prune
-        hook = ACDCHook(self.phases(context), sparsity, self.allocation,
+    def run_one(self, run: Run, sparsity: float) -> list[dict[str, Any]]:
+        directory = self.directories(run, sparsity)[0]
+        model = run.fresh_model()
+        best = _BestDense(run, directory)
+        hook = ACDCHook(self.phases(run, sparsity), sparsity, self.allocation,
                         reset_momentum=self.reset_momentum, on_dense=best,
-                        prune_options={"include": prune_config.include,
-                                       "exclude": prune_config.exclude})
+                        prune_options=run.targets.options())
         fields = {"method": self.label, "sparsity": sparsity}
         directory.mkdir(parents=True, exist_ok=True)
-        context.fit(model, directory, context.train_config(self.budget), hook=hook,
-                    desc=f"{self.label} s={sparsity:g}", method=fields)
-        dense = best.accuracy()
+        run.fit(model, directory, run.train_config(self.budget), hook=hook,
+                desc=f"{self.label} s={sparsity:g}", method=fields)
         mask = hook.mask if hook.mask is not None else Mask.from_weights(model)
-        return context.finish(directory, model, mask, started, **fields, **dense)
+        return [run.result(model, mask, **fields, **best.accuracy())]
 
 
 class _BestDense:
     """Keeps the co-trained dense model with the best validation accuracy on disk."""
 
-    def __init__(self, context: Context, directory) -> None:
-        self.context, self.path = context, directory / DENSE
+    def __init__(self, run: Run, directory) -> None:
+        self.run, self.path = run, directory / DENSE
 
     def __call__(self, model: nn.Module, step: int) -> None:
-        val = evaluate(model, self.context.splits.val)["accuracy"]
+        val = evaluate(model, self.run.splits.val)["accuracy"]
         if self.path.exists() and checkpoint.load(self.path).meta["val_accuracy"] >= val:
             return
-        checkpoint.save(self.path, model, meta=self.context.meta(
-            model, step=step, val_accuracy=val))
+        checkpoint.save(self.path, model, meta=self.run.meta(model, step=step, val_accuracy=val))
 
     def accuracy(self) -> dict[str, Any]:
         if not self.path.exists():
             return {"dense_accuracy": None}
-        dense = self.context.load(self.path)
-        scores = self.context.scores(dense)
+        scores = self.run.scores(self.run.load(self.path))
         return {"dense_accuracy": scores["accuracy"], "dense_val_accuracy": scores["val_accuracy"],
                 "dense_checkpoint": str(self.path)}

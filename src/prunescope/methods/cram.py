@@ -15,9 +15,9 @@ with the same one-shot pruning of the recipe's SGD-trained dense model.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,18 +25,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from prunescope.allocation import ALLOCATIONS
-from prunescope.bn import recalibrate_bn
 from prunescope.errors import ConfigError
-from prunescope.methods.base import (
-    Context,
-    Method,
-    generator_state,
-    register,
-    restore_generator,
-    run_dir,
-)
+from prunescope.hooks import Hook
+from prunescope.methods.base import Method, generator_state, register, restore_generator
 from prunescope.patterns import parse_pattern
-from prunescope.sparsifier import check, prune
+from prunescope.pipeline import PruneSpec, compress
+from prunescope.run import Run
+from prunescope.sparsifier import prune
 
 SGD_BASELINE = "sgd-one-shot"
 
@@ -55,11 +50,9 @@ def frozen_bn_statistics(model: nn.Module):
             norm.momentum = momentum
 
 
-class CrAMHook:
+class CrAMHook(Hook):
     """Replaces each step's gradient by CrAM's (see the module docstring); the model stays
     dense, so ``mask`` is None."""
-
-    mask = None
 
     def __init__(self, sparsities: tuple[float, ...], rho: float, plus: bool, sparse_grad: bool,
                  allocation: str, pattern: str, prune_options: dict[str, Any], seed: int) -> None:
@@ -78,7 +71,7 @@ class CrAMHook:
         return self.sparsities[index]
 
     def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
-                              closure=None) -> None:
+                              closure=None) -> bool:
         params = [p for p in model.parameters() if p.grad is not None]
         clean = [p.grad.detach().clone() for p in params]
         saved = [p.detach().clone() for p in params]
@@ -97,6 +90,7 @@ class CrAMHook:
                 param.copy_(weights)
                 if self.plus:
                     param.grad.add_(grad)
+        return True
 
 
 @register("cram")
@@ -131,59 +125,52 @@ class CrAM(Method):
         return ("cram+" if self.plus else "cram") + (
             "-multi" if len(self.train_sparsities) > 1 else "")
 
-    results_per_sparsity = 2  # CrAM and the SGD baseline, side by side
+    def outputs(self) -> tuple[str, ...]:
+        return (self.label, SGD_BASELINE)  # CrAM and the SGD baseline, side by side
 
-    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
-        prune_config = context.recipe.prune
-        model = context.fresh_model()
+    def directories(self, run: Run, sparsity: float) -> list[Path]:
+        return [run.dir(self.label, sparsity), run.dir(self.label) / SGD_BASELINE /
+                f"s{sparsity:g}"]
+
+    def spec(self) -> PruneSpec:
+        return PruneSpec("magnitude", self.allocation, self.pattern)
+
+    def pattern_sparsity(self, sparsity: float) -> float | None:
+        return None if parse_pattern(self.pattern).kind == "nm" else sparsity
+
+    def check(self, run: Run, sparsities: tuple[float, ...]) -> None:
+        if run.train.precision == "fp16":
+            raise ConfigError("cram: its second gradient is not supported under fp16 loss "
+                              "scaling; use train.precision bf16 or fp32")
+        model = run.fresh_model()
         for sparsity in {*sparsities, *self.train_sparsities}:
-            nm = parse_pattern(self.pattern).kind == "nm"
-            check(model, "magnitude", self.allocation, None if nm else sparsity,
-                  pattern=self.pattern, include=prune_config.include,
-                  exclude=prune_config.exclude)
+            self.spec().check(run, model, self.pattern_sparsity(sparsity))
 
-    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        dense_dir = run_dir(context, self.label, None) / "dense"
-        trained = self.train(context, dense_dir)
-        results = []
-        for sparsity in sparsities:
-            results.append(self.one_shot(context, trained, self.label, sparsity))
-            results.append(self.one_shot(context, context.dense_model(), SGD_BASELINE, sparsity,
-                                         dense_dir=context.out / "dense"))
-        return results
+    def run_one(self, run: Run, sparsity: float) -> list[dict[str, Any]]:
+        """CrAM's dense model (trained once for every sparsity, resumed when there) and the
+        run's SGD-trained dense model, each pruned one-shot and recalibrated, no fine-tuning."""
+        trained = self.train(run, run.dir(self.label) / "dense")
+        cram, sgd = self.directories(run, sparsity)
+        return [self.one_shot(run, trained, cram, self.label, sparsity),
+                self.one_shot(run, run.load(run.dense_path()), sgd, SGD_BASELINE, sparsity)]
 
-    def train(self, context: Context, directory) -> nn.Module:
-        """The CrAM-trained dense model (trained once, cached)."""
-        if context.cached(directory) is None:
-            started = time.perf_counter()
-            model = context.fresh_model()
-            prune_config = context.recipe.prune
-            hook = CrAMHook(self.train_sparsities, self.rho, self.plus, self.sparse_grad,
-                            self.allocation, self.pattern,
-                            {"include": prune_config.include, "exclude": prune_config.exclude},
-                            context.recipe.seed)
-            context.fit(model, directory, context.train_config(self.budget), hook=hook,
-                        desc=self.label, method={"method": self.label})
-            context.finish(directory, model, None, started, method=self.label)
-        return context.load(directory / "model.safetensors")
+    def train(self, run: Run, directory: Path) -> nn.Module:
+        """The CrAM-trained dense model."""
+        model = run.fresh_model()
+        hook = CrAMHook(self.train_sparsities, self.rho, self.plus, self.sparse_grad,
+                        self.allocation, self.pattern, run.targets.options(), run.seed)
+        run.fit(model, directory, run.train_config(self.budget), hook=hook, desc=self.label,
+                method={"method": self.label})
+        return model
 
-    def one_shot(self, context: Context, dense: nn.Module, label: str, sparsity: float, *,
-                 dense_dir=None) -> dict[str, Any]:
+    def one_shot(self, run: Run, dense: nn.Module, directory: Path, label: str,
+                 sparsity: float) -> dict[str, Any]:
         """Prune a copy of ``dense`` one-shot, recalibrate batch norm, evaluate (no training)."""
-        directory = run_dir(context, label, sparsity)
-        if (done := context.cached(directory)) is not None:
-            return done
-        started = time.perf_counter()
-        dense_scores = context.scores(dense)
-        model = context.fresh_model()
+        dense_accuracy = run.scores(dense)["accuracy"]
+        model = run.fresh_model()
         model.load_state_dict(dense.state_dict())
-        prune_config = context.recipe.prune
-        pattern_sparsity = None if parse_pattern(self.pattern).kind == "nm" else sparsity
-        mask = prune(model, "magnitude", self.allocation, pattern_sparsity, pattern=self.pattern,
-                     include=prune_config.include, exclude=prune_config.exclude)
-        recalibrated = recalibrate_bn(model, context.batches(self.calibration_batches, 100, 1))
-        directory.mkdir(parents=True, exist_ok=True)
-        mask.save(directory / "mask.safetensors")
-        return context.finish(directory, model, mask, started, method=label, sparsity=sparsity,
-                              dense_accuracy=dense_scores["accuracy"],
-                              bn_recalibration_batches=recalibrated, finetuned=False)
+        return compress(run, model, directory, spec=self.spec(),
+                        sparsity=self.pattern_sparsity(sparsity),
+                        bn_batches=self.calibration_batches, finetune=None,
+                        fields={"method": label, "sparsity": sparsity,
+                                "dense_accuracy": dense_accuracy}, desc=label)

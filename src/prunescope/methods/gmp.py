@@ -13,7 +13,8 @@ from typing import Any
 
 from prunescope.allocation import ALLOCATIONS, check_sparsity
 from prunescope.errors import ConfigError
-from prunescope.methods.base import Context, Method, check_unit, register, train_from_scratch
+from prunescope.methods.base import Method, check_unit, register, train_from_scratch
+from prunescope.run import Run
 from prunescope.schedules import Gradual
 from prunescope.sparsifier import ScheduledPruning
 
@@ -46,11 +47,11 @@ class GMP(Method):
     def default_label(self) -> str:
         return "gmp" if self.allocation == "global" else f"gmp+{self.allocation}"
 
-    def schedule(self, context: Context, sparsity: float) -> Gradual:
+    def schedule(self, run: Run, sparsity: float) -> Gradual:
         """The cubic schedule in optimizer steps; it must end within the training."""
-        total = context.total_steps(self.budget)
-        start = context.steps(self.start, self.unit, self.budget)
-        end = context.steps(self.end, self.unit, self.budget)
+        total = run.total_steps(self.budget)
+        start = run.steps(self.start, self.unit, self.budget)
+        end = run.steps(self.end, self.unit, self.budget)
         if end > total:
             raise ConfigError(
                 f"gmp: the pruning schedule ends at step {end}, after the training's {total} "
@@ -59,12 +60,11 @@ class GMP(Method):
         return Gradual(final=sparsity, start=start, end=end, every=self.every,
                        initial=min(self.initial_sparsity, sparsity))
 
-    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
+    def check(self, run: Run, sparsities: tuple[float, ...]) -> None:
         for sparsity in sparsities:
-            self.schedule(context, sparsity)
+            self.schedule(run, sparsity)
 
-    def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
-        prune = context.recipe.prune
-        return train_from_scratch(context, self, sparsity, lambda model: ScheduledPruning(
-            self.schedule(context, sparsity), "magnitude", self.allocation,
-            include=prune.include, exclude=prune.exclude))
+    def run_one(self, run: Run, sparsity: float) -> list[dict[str, Any]]:
+        return train_from_scratch(run, self, sparsity, lambda model: ScheduledPruning(
+            self.schedule(run, sparsity), "magnitude", self.allocation,
+            **run.targets.options()))

@@ -10,12 +10,13 @@ the target instead (every layer's rate scaled by one factor). The control trains
 mask from a fresh random initialisation.
 
 Differences from the papers, stated: every round trains the recipe's full schedule from step 0
-(with rewinding to step k the papers continue the schedule from k).
+(with rewinding to step k the papers continue the schedule from k). Each target's ticket is the
+regular rounds that stay below it plus one round exactly to it, so tickets of several targets
+share their regular rounds and none depends on which other targets were asked for.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -26,20 +27,22 @@ from torch import nn
 
 from prunescope import checkpoint
 from prunescope.errors import ConfigError
+from prunescope.hooks import Hook
 from prunescope.mask import Mask
-from prunescope.methods.base import Context, Method, check_unit, register, run_dir
+from prunescope.methods.base import Method, check_unit, register
 from prunescope.patterns import topk_mask
+from prunescope.run import Run
+from prunescope.schedules import Rounds
 from prunescope.sparsifier import MaskHold
 from prunescope.targets import select
+from prunescope.train import FINAL
 
 REWIND = "rewind.safetensors"
 CONTROL_SEED_OFFSET = 1000
 
 
-class Snapshot:
+class Snapshot(Hook):
     """Training hook saving the weights when step ``at`` begins (the rewind point)."""
-
-    mask = None
 
     def __init__(self, at: int, path: Path, meta: dict[str, Any]) -> None:
         self.at, self.path, self.meta = at, path, meta
@@ -90,41 +93,48 @@ class Lottery(Method):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_unit("lottery", self.unit)
+        Rounds(self.rate)
         for what, value in {"rate": self.rate, **self.rates}.items():
             if not 0 < value < 1:
                 raise ConfigError(f"lottery: {what} must be a fraction in (0, 1), got {value}")
         if self.rewind < 0:
             raise ConfigError(f"lottery: rewind must be >= 0, got {self.rewind}")
 
-    @property
-    def results_per_sparsity(self) -> int:
-        return 2 if self.control else 1
+    def outputs(self) -> tuple[str, ...]:
+        return (self.label, f"{self.label}-reinit") if self.control else (self.label,)
 
-    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
-        total = context.total_steps(self.budget)
-        if context.steps(self.rewind, self.unit) >= total:
+    def directories(self, run: Run, sparsity: float) -> list[Path]:
+        main = [run.dir(self.label, sparsity)]
+        return main + [run.dir(self.label) / f"reinit-s{sparsity:g}"] if self.control else main
+
+    def check(self, run: Run, sparsities: tuple[float, ...]) -> None:
+        total = run.total_steps(self.budget)
+        if run.steps(self.rewind, self.unit) >= total:
             raise ConfigError(f"lottery: the rewind point (step "
-                              f"{context.steps(self.rewind, self.unit)}) is past the end of "
+                              f"{run.steps(self.rewind, self.unit)}) is past the end of "
                               f"training ({total} steps)")
 
-    def run(self, context: Context, sparsities: tuple[float, ...]) -> list[dict[str, Any]]:
-        base = run_dir(context, self.label)
-        model, mask = self.round_zero(context, base)
+    def run_one(self, run: Run, sparsity: float) -> list[dict[str, Any]]:
+        """Regular rounds while they stay below ``sparsity``, then one round exactly to it;
+        the regular rounds are shared by every target (``OUT/<label>/roundNN``), the exact one
+        is the target's own (``roundNN-s<sparsity>``)."""
+        base = run.dir(self.label)
+        model, mask = self.round_zero(run, base)
         rates = self.tensor_rates(mask)
-        results, round_number = [], 0
-        result = context.cached(base / "round00")
-        for target in sorted(sparsities):
-            while mask.sparsity < target - 1e-12:
-                round_number += 1
-                regular = keep_counts(mask, rates, 1.0)
-                exact = 1 - sum(regular.values()) / mask.num_total > target
-                counts = keep_counts(mask, rates, scale_for(mask, rates, target)) if exact \
-                    else regular
-                mask = prune_round(model, mask, counts)
-                model, result = self.train_round(context, base, round_number, mask)
-            results.append({**result, "sparsity": target})
-            if self.control:
-                results.append(self.control_run(context, base, target, mask))
+        number, directory = 0, base / "round00"
+        while mask.sparsity < sparsity - 1e-12:
+            number += 1
+            regular = keep_counts(mask, rates, 1.0)
+            exact = 1 - sum(regular.values()) / mask.num_total > sparsity
+            counts = keep_counts(mask, rates, scale_for(mask, rates, sparsity)) if exact \
+                else regular
+            mask = prune_round(model, mask, counts)
+            directory = base / (f"round{number:02d}" + (f"-s{sparsity:g}" if exact else ""))
+            model = self.train_round(run, base, directory, number, mask)
+        results = [run.result(model, mask, method=self.label, sparsity=sparsity, rounds=number,
+                              checkpoint=str(directory / FINAL))]
+        if self.control:
+            results.append(self.control_run(run, sparsity, mask))
         return results
 
     def tensor_rates(self, mask: Mask) -> dict[str, float]:
@@ -134,45 +144,32 @@ class Lottery(Method):
             rates[name] = matches[0] if matches else self.rate
         return rates
 
-    def round_zero(self, context: Context, base: Path) -> tuple[nn.Module, Mask]:
-        """Train the dense network, saving its weights at the rewind point."""
-        model = context.fresh_model()
-        prune_config = context.recipe.prune
-        names = select(model, prune_config.include, prune_config.exclude)
-        rewind_step = context.steps(self.rewind, self.unit)
-        directory = base / "round00"
-        if context.cached(directory) is None:
-            started = time.perf_counter()
-            hook = Snapshot(rewind_step, base / REWIND, context.meta(model))
-            context.fit(model, directory, context.train_config(self.budget), hook=hook,
-                        desc=f"{self.label} round 0")
-            context.finish(directory, model, None, started, round=0)
-        return context.load(directory / "model.safetensors"), Mask.ones(model, names)
+    def round_zero(self, run: Run, base: Path) -> tuple[nn.Module, Mask]:
+        """Train the dense network (resumed, or read back when trained), saving its weights at
+        the rewind point."""
+        model = run.fresh_model()
+        names = select(model, run.targets.include, run.targets.exclude)
+        hook = Snapshot(run.steps(self.rewind, self.unit), base / REWIND, run.meta(model))
+        run.fit(model, base / "round00", run.train_config(self.budget), hook=hook,
+                desc=f"{self.label} round 0")
+        return model, Mask.ones(model, names)
 
-    def train_round(self, context: Context, base: Path, number: int, mask: Mask
-                    ) -> tuple[nn.Module, dict[str, Any]]:
-        """Rewind the survivors, train with the mask held; cached per round."""
-        directory = base / f"round{number:02d}"
-        fields = {"method": self.label, "round": number}
-        if (done := context.cached(directory)) is None:
-            started = time.perf_counter()
-            model = context.load(base / REWIND)
-            mask.apply_(model)
-            context.fit(model, directory, context.train_config(self.budget),
-                        hook=MaskHold(mask), desc=f"{self.label} round {number}", method=fields)
-            done = context.finish(directory, model, mask, started, **fields)
-        return context.load(directory / "model.safetensors"), done
-
-    def control_run(self, context: Context, base: Path, target: float, mask: Mask
-                    ) -> dict[str, Any]:
-        """The same mask trained from a fresh random initialisation."""
-        directory = base / f"reinit-s{target:g}"
-        fields = {"method": f"{self.label}-reinit", "sparsity": target}
-        if (done := context.cached(directory)) is not None:
-            return done
-        started = time.perf_counter()
-        model = context.fresh_model(seed=context.recipe.seed + CONTROL_SEED_OFFSET)
+    def train_round(self, run: Run, base: Path, directory: Path, number: int, mask: Mask
+                    ) -> nn.Module:
+        """Rewind the survivors and train with the mask held (resumed when there)."""
+        model = run.load(base / REWIND)
         mask.apply_(model)
-        context.fit(model, directory, context.train_config(self.budget), hook=MaskHold(mask),
-                    desc=f"{self.label} reinit s={target:g}", method=fields)
-        return context.finish(directory, model, mask, started, **fields)
+        run.fit(model, directory, run.train_config(self.budget), hook=MaskHold(mask),
+                desc=f"{self.label} round {number}", method={"method": self.label,
+                                                             "round": number})
+        return model
+
+    def control_run(self, run: Run, target: float, mask: Mask) -> dict[str, Any]:
+        """The same mask trained from a fresh random initialisation."""
+        directory = self.directories(run, target)[1]
+        fields = {"method": f"{self.label}-reinit", "sparsity": target}
+        model = run.fresh_model(seed=run.seed + CONTROL_SEED_OFFSET)
+        mask.apply_(model)
+        run.fit(model, directory, run.train_config(self.budget), hook=MaskHold(mask),
+                desc=f"{self.label} reinit s={target:g}", method=fields)
+        return run.result(model, mask, **fields)

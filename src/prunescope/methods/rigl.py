@@ -10,7 +10,6 @@ optimizer step is skipped on update steps, and every layer keeps its count of we
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,6 @@ from prunescope.allocation import ALLOCATIONS
 from prunescope.errors import ConfigError
 from prunescope.mask import Mask
 from prunescope.methods.base import (
-    Context,
     Method,
     check_unit,
     generator_state,
@@ -30,22 +28,9 @@ from prunescope.methods.base import (
     train_from_scratch,
 )
 from prunescope.patterns import topk_mask
+from prunescope.run import Run
+from prunescope.schedules import DropGrow
 from prunescope.sparsifier import MaskHold, agree, prune
-
-
-@dataclass(frozen=True)
-class DropGrow:
-    """When and how much a run rewires, in optimizer steps (a pure function of the step)."""
-
-    every: int
-    end: int
-    alpha: float
-
-    def is_update(self, step: int) -> bool:
-        return 0 < step < self.end and step % self.every == 0
-
-    def fraction(self, step: int) -> float:
-        return self.alpha / 2 * (1 + math.cos(math.pi * step / self.end))
 
 
 class DropGrowHook(MaskHold):
@@ -65,8 +50,7 @@ class DropGrowHook(MaskHold):
     def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
                               closure=None) -> bool:
         if not self.schedule.is_update(step):
-            super().before_optimizer_step(model, step)
-            return True
+            return super().before_optimizer_step(model, step)
         fraction = self.schedule.fraction(step)
         params = dict(model.named_parameters())
         rewired = {n: self.rewire(params[n], keep, fraction) for n, keep in self.mask.items()}
@@ -126,27 +110,26 @@ class RigL(Method):
         if not 0 < self.alpha <= 1:
             raise ConfigError(f"{self.method}: alpha must be in (0, 1], got {self.alpha}")
 
-    def schedule(self, context: Context) -> DropGrow:
-        total = context.total_steps(self.budget)
-        end = context.steps(self.end, self.unit, self.budget)
+    def schedule(self, run: Run, sparsity: float = 0.0) -> DropGrow:
+        total = run.total_steps(self.budget)
+        end = run.steps(self.end, self.unit, self.budget)
         if not 0 < end <= total:
             raise ConfigError(f"{self.method}: end must fall within the {total} training steps, "
                               f"got step {end}")
-        return DropGrow(self.every, end, self.alpha)
+        return DropGrow(self.every, end, self.alpha, sparsity)
 
-    def check(self, context: Context, sparsities: tuple[float, ...]) -> None:
-        self.schedule(context)
+    def check(self, run: Run, sparsities: tuple[float, ...]) -> None:
+        self.schedule(run)
 
-    def run_one(self, context: Context, sparsity: float) -> dict[str, Any]:
-        return train_from_scratch(context, self, sparsity, lambda model: self.hook(
-            context, model, sparsity))
+    def run_one(self, run: Run, sparsity: float) -> list[dict[str, Any]]:
+        return train_from_scratch(run, self, sparsity, lambda model: self.hook(
+            run, model, sparsity))
 
-    def hook(self, context: Context, model: nn.Module, sparsity: float) -> DropGrowHook:
+    def hook(self, run: Run, model: nn.Module, sparsity: float) -> DropGrowHook:
         """A random mask of the allocation's per-layer sparsities, then drop and grow."""
-        prune_config = context.recipe.prune
-        mask = prune(model, "random", self.allocation, sparsity, include=prune_config.include,
-                     exclude=prune_config.exclude, seed=context.recipe.seed)
-        return DropGrowHook(mask, self.schedule(context), self.grow, context.recipe.seed)
+        mask = prune(model, "random", self.allocation, sparsity, seed=run.seed,
+                     **run.targets.options())
+        return DropGrowHook(mask, self.schedule(run, sparsity), self.grow, run.seed)
 
 
 @register("set")

@@ -1,0 +1,137 @@
+"""Stages: result caching and stage skipping, for every method, in one place.
+
+A *stage* is one unit of work with a directory per output (the dense model; a method at one
+sparsity; a pruned checkpoint). Its directories hold ``stage.json`` (the *key*: everything that
+determines the result, written before the work starts) and ``result.json`` (written last, so a
+stage with one is finished). Before running a stage :func:`run` compares keys:
+
+- same key, finished: the result is read back, nothing runs;
+- same key, unfinished: the work runs again and resumes from its checkpoints;
+- another key, unfinished (e.g. a loss went NaN and the learning rate was lowered): the
+  stale files are removed and the stage starts over, with a warning;
+- another key, finished: refused with a ConfigError naming the first key that differs, its
+  value on disk and the value asked for; nothing is written;
+- files but no key (another program's, or an older prunescope's): refused; nothing is removed.
+
+So a run directory only ever holds results of the configuration its ``stage.json`` files name,
+adding a sparsity to a finished sweep runs only the new stages, and a finished dense model is
+reused by every later stage of the same data, model, seed and training. Methods never see
+this: they compute; :func:`run` decides.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from prunescope.errors import ConfigError
+from prunescope.files import write_json
+
+KEY, RESULT = "stage.json", "result.json"
+logger = logging.getLogger(__name__)
+
+
+def finished(directory: Path) -> dict[str, Any] | None:
+    """The result of a finished stage directory, else None."""
+    path = directory / RESULT
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def check(directories: Sequence[Path], key: Mapping[str, Any]) -> None:
+    """Raise the ConfigError :func:`run` would raise for this stage, writing nothing."""
+    for directory in directories:
+        _compare(directory, _normal(key), resumable=True)
+
+
+def run(directories: Sequence[Path], key: Mapping[str, Any],
+        compute: Callable[[], Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The stage's results, one per directory: read back when finished with the same key, else
+    computed by ``compute()`` (which returns them in the same order) and written."""
+    key = _normal(key)
+    done = [finished(d) if _compare(d, key, resumable=False) else None for d in directories]
+    if all(result is not None for result in done):
+        return done  # type: ignore[return-value]
+    for directory in directories:
+        write_json(directory / KEY, key)
+    results = list(compute())
+    if len(results) != len(directories):
+        raise RuntimeError(f"stage computed {len(results)} results for {len(directories)} "
+                           "directories")
+    for directory, result in zip(directories, results, strict=True):
+        write_json(directory / RESULT, result)
+    return results
+
+
+def _compare(directory: Path, key: dict[str, Any], *, resumable: bool) -> bool:
+    """True when ``directory`` holds this stage (finished or resumable); removes a stale
+    unfinished stage (unless only checking); raises for a finished stage of another key."""
+    if not directory.exists() or not any(directory.iterdir()):
+        return False
+    path = directory / KEY
+    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if stored == key:
+        return True
+    if stored is None or (directory / RESULT).is_file():
+        raise ConfigError(_refusal(directory, stored, key))
+    if not resumable:
+        where, old, new = difference(stored or {}, key)
+        logger.warning("%s holds an unfinished run of another configuration (%s: %s on disk, "
+                       "%s now); starting it over", directory, where, old, new)
+        _clear(directory)
+    return False
+
+
+def _refusal(directory: Path, stored: dict[str, Any] | None, key: dict[str, Any]) -> str:
+    if stored is None:
+        return (f"{directory} is not empty and holds no stage key ({KEY}): files of an older "
+                "prunescope or of your own; pass another --out, or delete it to run again")
+    where, old, new = difference(stored, key)
+    return (f"{directory} holds a finished run with {where}={_show(old)}, but this one asks "
+            f"{where}={_show(new)}; pass another --out, or delete {directory} to replace it")
+
+
+def difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, Any, Any]:
+    """The first dotted key whose values differ, with both values (``<missing>`` when absent)."""
+    flat_old, flat_new = _flatten(old), _flatten(new)
+    for name in [*flat_new, *(k for k in flat_old if k not in flat_new)]:
+        if flat_old.get(name, _MISSING) != flat_new.get(name, _MISSING):
+            return name, flat_old.get(name, _MISSING), flat_new.get(name, _MISSING)
+    return "", None, None
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "<missing>"
+
+
+_MISSING = _Missing()
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, Mapping) and tree:
+        flat: dict[str, Any] = {}
+        for name, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}.{name}" if prefix else str(name)))
+        return flat
+    return {prefix: tree}
+
+
+def _show(value: Any) -> str:
+    return repr(value) if isinstance(value, _Missing) else json.dumps(value)
+
+
+def _normal(key: Mapping[str, Any]) -> dict[str, Any]:
+    """The key as it reads back from JSON (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(key, sort_keys=False, default=str))
+
+
+def _clear(directory: Path) -> None:
+    for entry in directory.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
