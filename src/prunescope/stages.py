@@ -95,9 +95,12 @@ def _refusal(directory: Path, stored: dict[str, Any] | None, key: dict[str, Any]
 
 
 def difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[str, Any, Any]:
-    """The first dotted key whose values differ, with both values (``<missing>`` when absent)."""
+    """The first dotted key whose values differ, with both values: keys both sides have first,
+    then keys one side lacks (shown as ``<missing>``)."""
     flat_old, flat_new = _flatten(old), _flatten(new)
-    for name in [*flat_new, *(k for k in flat_old if k not in flat_new)]:
+    shared = [k for k in flat_new if k in flat_old]
+    for name in [*shared, *(k for k in flat_new if k not in flat_old),
+                 *(k for k in flat_old if k not in flat_new)]:
         if flat_old.get(name, _MISSING) != flat_new.get(name, _MISSING):
             return name, flat_old.get(name, _MISSING), flat_new.get(name, _MISSING)
     return "", None, None
