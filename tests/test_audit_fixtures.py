@@ -18,6 +18,7 @@ import numpy as np
 
 from prunescope.audit import build
 from prunescope.audit.predictions import Predictions
+from prunescope.audit.schema import AuditResult
 
 TINY_AUDIT_RECIPE = {
     "name": "tiny-audit",
@@ -65,7 +66,7 @@ def synthetic_predictions(*, seed: int, accuracy: float, n: int = 400, split: st
     return Predictions(logits, labels, np.arange(n), group if groups else None, meta)
 
 
-def synthetic_audit(n_boot: int = 10) -> dict:
+def synthetic_audit(n_boot: int = 10) -> AuditResult:
     """An audit of 3 dense and 3 + 1 compressed synthetic models (binary task, two groups)."""
     dense = [synthetic_predictions(seed=s, accuracy=0.95, run=f"dense-{s}") for s in range(3)]
     compressed = []
@@ -79,7 +80,7 @@ def synthetic_audit(n_boot: int = 10) -> dict:
 
 
 def test_synthetic_audit_has_the_group_sections():
-    audit = synthetic_audit(n_boot=0)
+    audit = synthetic_audit(n_boot=0).to_dict()
     assert audit["focus"] == ["magnitude+global s=0.9"]
     focus = audit["populations"][1]
     assert set(focus["by_group"]) == {"accuracy", "false_positive_rate", "false_negative_rate"}

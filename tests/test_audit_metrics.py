@@ -95,10 +95,11 @@ def test_model_metrics_block_for_a_binary_task():
     assert block["accuracy"] == 0.5
     assert block["recall"] == [0.5, 0.5]
     p1 = metrics.softmax(logits)[:, 1]
-    assert block["uncertain_fraction"] == pytest.approx(np.mean(np.abs(p1 - 0.5) < 0.4))
-    assert block["binary_ece"] == pytest.approx(metrics.expected_calibration_error(p1, labels))
+    assert block["values"]["uncertain_fraction"] == pytest.approx(np.mean(np.abs(p1 - 0.5) < 0.4))
+    ece = metrics.expected_calibration_error(p1, labels)
+    assert block["values"]["binary_ece"] == pytest.approx(ece)
     loss = -np.log(metrics.softmax(logits)[np.arange(4), labels]).mean()
-    assert block["loss"] == pytest.approx(loss)
+    assert block["values"]["loss"] == pytest.approx(loss)
 
 
 def test_clean_makes_json_data():
@@ -114,18 +115,18 @@ def test_non_finite_logits_are_never_a_prediction():
     block = metrics.model_metrics(logits, labels, 3)
     # only rows 1 and 3 are scored; rows 0 and 2 (labels 0, the "predicted" argmax) are wrong
     assert block["non_finite"] == 2
-    assert block["accuracy"] == 0.5 and block["top5"] == 0.5
+    assert block["accuracy"] == 0.5 and block["values"]["top5"] == 0.5
     assert block["recall"][0] == pytest.approx(1 / 3)
     p = metrics.softmax(logits[[1, 3]])
-    assert block["mean_entropy"] == pytest.approx(metrics.entropy(p).mean())
-    assert block["mean_max_prob"] == pytest.approx(p.max(axis=1).mean())
+    assert block["values"]["mean_entropy"] == pytest.approx(metrics.entropy(p).mean())
+    assert block["values"]["mean_max_prob"] == pytest.approx(p.max(axis=1).mean())
     np.testing.assert_array_equal(metrics.predicted(logits), [-1, 0, -1, 1])
 
 
 def test_all_non_finite_logits_score_nothing():
     block = metrics.model_metrics(np.full((4, 3), np.nan), np.array([0, 1, 2, 0]), 3)
-    assert block["non_finite"] == 4 and block["accuracy"] == 0.0 and block["top5"] == 0.0
-    assert math.isnan(block["mean_entropy"]) and block["reliability"] is None
+    assert block["non_finite"] == 4 and block["accuracy"] == 0.0 and block["values"]["top5"] == 0.0
+    assert math.isnan(block["values"]["mean_entropy"]) and block["reliability"] is None
 
 
 def test_collapsed_is_chance_plus_a_margin_or_nan():

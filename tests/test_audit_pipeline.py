@@ -44,10 +44,10 @@ def test_experiment_writes_populations_audit_and_report(run):
 def test_population_of_one_degrades_to_flips(run, tmp_path):
     dense, _ = load_or_compute(run / "dense", cache_dir=tmp_path)
     single, _ = load_or_compute(run / "magnitude+global" / "s0.5", cache_dir=tmp_path)
-    block = build([dense], [single], n_boot=0)["populations"][0]
+    block = build([dense], [single], n_boot=0).to_dict()["populations"][0]
     assert block["welch"] is None
     flipped = np.flatnonzero(dense.predicted != single.predicted).tolist()
-    assert block["cie"]["positions"] == flipped and block["models"][0]["flip_count"] > 0
+    assert block["cie"]["positions"] == flipped and block["models"][0]["flips"]["count"] > 0
 
 
 def test_cie_block_is_consistent(run):
@@ -132,7 +132,7 @@ def test_report_json_of_another_version_is_refused(tmp_path, capsys):
     path = tmp_path / "audit.json"
     path.write_text(json.dumps({"version": "prunescope.audit/0"}))
     code, _, err = cli(capsys, "report", path)
-    assert "version 'prunescope.audit/0'" in assert_user_error(code, err)
+    assert "version 'prunescope.audit/0', older than" in assert_user_error(code, err)
     assert files_under(tmp_path) == ["audit.json"]
     path.write_text("not json")
     code, _, err = cli(capsys, "report", path)
@@ -200,7 +200,8 @@ def test_non_finite_logits_are_counted_wrong_and_the_models_marked(caplog):
     from prunescope.report import render
 
     with caplog.at_level("WARNING"):
-        audit = _nan_audit()
+        result = _nan_audit()
+    audit = result.to_dict()
     dense_models = audit["dense"]["models"]
     assert [m["non_finite"] for m in dense_models] == [0, 200, 0]
     assert dense_models[1]["accuracy"] <= 0.5  # half the examples never scored
@@ -210,7 +211,7 @@ def test_non_finite_logits_are_counted_wrong_and_the_models_marked(caplog):
     assert any("sparse-2" in w and "collapsed" in w for w in audit["warnings"])
     assert any("dense-1" in w and "non-finite" in w for w in audit["warnings"])
     assert "sparse-2" in caplog.text and "collapsed" in caplog.text
-    html = render(audit)
+    html = render(result)
     assert "class='banner'" in html and "sparse-2" in html
 
 
@@ -225,7 +226,7 @@ def test_a_dense_model_without_a_finite_logit_is_refused():
 def test_a_collapsed_compressed_model_is_flagged():
     dense = synthetic_predictions(seed=0, accuracy=0.95)
     chance = synthetic_predictions(seed=1, accuracy=0.4, run="chance")
-    block = build([dense], [chance], n_boot=0)
+    block = build([dense], [chance], n_boot=0).to_dict()
     assert block["populations"][0]["collapsed"] == ["chance"]
     assert not block["dense"]["collapsed"]
 
@@ -233,7 +234,7 @@ def test_a_collapsed_compressed_model_is_flagged():
 def test_affected_classes_name_their_correction_and_the_chance_count():
     from test_audit_fixtures import synthetic_audit
 
-    audit = synthetic_audit(n_boot=0)
+    audit = synthetic_audit(n_boot=0).to_dict()
     summary = audit["populations"][1]["welch_summary"]
     assert summary["correction"] == audit["settings"]["correction"] == "holm-bonferroni"
     assert summary["tested"] == 2
@@ -246,13 +247,13 @@ def test_a_single_seed_population_says_what_its_cies_are_beside_its_flips(caplog
     single = synthetic_predictions(seed=30, accuracy=0.8, run="single")
     single.meta.update(method={"label": "m", "sparsity": 0.5}, seed=0)
     with caplog.at_level("WARNING"):
-        block = build(dense, [single], n_boot=0)["populations"][0]
+        block = build(dense, [single], n_boot=0).to_dict()["populations"][0]
     cie = block["cie"]
     assert cie["dense_models"] == 5 and cie["compressed_models"] == 1
     assert "modal label" in cie["definition"] and "1 compressed model" in cie["definition"]
     assert "seed" in cie["warning"] and "seed noise" in caplog.text
     flips = int((single.predicted != dense[0].predicted).sum())
-    assert block["flip_count"] == flips and block["models"][0]["paired_dense"] == "dense-0"
+    assert block["flip_count"] == flips and block["models"][0]["flips"]["paired_dense"] == "dense-0"
     modal = exemplars.modal_labels(np.stack([d.predicted for d in dense]), 2)
     assert cie["count"] == int((single.predicted != modal).sum()) != flips
 
@@ -260,7 +261,7 @@ def test_a_single_seed_population_says_what_its_cies_are_beside_its_flips(caplog
 def test_populations_of_several_seeds_carry_no_seed_noise_warning():
     from test_audit_fixtures import synthetic_audit
 
-    block = synthetic_audit(n_boot=0)["populations"][1]
+    block = synthetic_audit(n_boot=0).to_dict()["populations"][1]
     assert block["cie"]["warning"] is None and block["cie"]["compressed_models"] == 3
 
 

@@ -1,4 +1,5 @@
-"""The report: self-contained HTML from an audit dictionary, re-rendered without torch."""
+"""The report: self-contained HTML from the typed audit result, re-rendered without torch; the
+result's JSON round trip and version lines; a metric added in one place."""
 
 from __future__ import annotations
 
@@ -11,12 +12,50 @@ from pathlib import Path
 import pytest
 from test_audit_fixtures import synthetic_audit
 
+from prunescope.audit.schema import VERSION, AuditResult
 from prunescope.report import ReportError, load_audit, render, rerender
 
 
 @pytest.fixture(scope="module")
-def audit() -> dict:
-    return json.loads(json.dumps(synthetic_audit()))  # as read back from audit.json
+def audit() -> AuditResult:
+    return AuditResult.from_json(synthetic_audit().to_json())  # as read back from audit.json
+
+
+def test_the_typed_result_round_trips_exactly_through_json(audit):
+    result = synthetic_audit()
+    back = AuditResult.from_json(result.to_json())
+    assert back == result and back.to_json() == result.to_json()
+    assert back.version == VERSION and back.populations[1].welch[0].test == "welch"
+    assert back.populations[1].cie.positions == result.populations[1].cie.positions
+
+
+@pytest.mark.parametrize(("version", "message"), [
+    ("prunescope.audit/1", "older than"), ("prunescope.audit/99", "newer than"),
+    ("something", "re-run `prunescope audit`")])
+def test_another_version_is_one_line(audit, version, message):
+    data = {**audit.to_dict(), "version": version}
+    with pytest.raises(ReportError, match=message) as exc:
+        AuditResult.from_json(json.dumps(data))
+    assert "\n" not in str(exc.value)
+
+
+def test_a_metric_added_to_the_table_reaches_the_result_and_the_page(monkeypatch):
+    import numpy as np
+
+    from prunescope.audit import metrics
+
+    def median_margin(outputs: metrics.Outputs) -> float:
+        top2 = np.sort(outputs.probs, axis=1)[:, -2:]
+        return float(np.median(top2[:, 1] - top2[:, 0]))
+
+    extra = metrics.ModelMetric("median_margin", median_margin, "median margin XYZ")
+    monkeypatch.setattr(metrics, "MODEL_METRICS", [*metrics.MODEL_METRICS, extra])
+    result = AuditResult.from_json(synthetic_audit(n_boot=0).to_json())
+    model = result.populations[1].models[0]
+    assert model.values["median_margin"] > 0
+    mean = np.mean([m.values["median_margin"] for m in result.populations[1].models])
+    assert result.populations[1].values["median_margin"] == pytest.approx(mean)
+    assert "median margin XYZ" in render(result)
 
 
 def test_report_is_self_contained(audit):
@@ -36,15 +75,15 @@ def test_report_has_headline_figures_and_tables(audit):
     assert html.index("Headline") < html.index("Figures") < html.index("Worst classes")
     assert len(re.findall(r"<img src='data:image/png", html)) >= 5
     assert html.count("<figcaption>") == html.count("<img ")
-    focus = audit["populations"][1]
-    assert f"CIEs <b>{focus['cie']['count']}</b>" in html
+    focus = audit.populations[1]
+    assert f"CIEs <b>{focus.cie.count}</b>" in html
     assert "blue" in html and "orange" in html and "Bias amplification" in html
 
 
 def test_report_escapes_names(audit):
-    hostile = json.loads(json.dumps(audit))
-    hostile["dataset"]["name"] = "<b>x</b>"
-    hostile["dataset"]["classes"] = ["<i>no</i>", "yes"]
+    hostile = AuditResult.from_json(audit.to_json())
+    hostile.dataset.name = "<b>x</b>"
+    hostile.dataset.classes = ["<i>no</i>", "yes"]
     html = render(hostile)
     assert "<b>x</b>" not in html and "&lt;b&gt;x&lt;/b&gt;" in html
     assert "<i>no</i>" not in html
@@ -52,11 +91,11 @@ def test_report_escapes_names(audit):
 
 def test_rerender_writes_beside_the_json_and_refuses_other_versions(audit, tmp_path):
     path = tmp_path / "audit.json"
-    path.write_text(json.dumps(audit))
+    path.write_text(audit.to_json())
     assert rerender(path) == tmp_path / "report.html"
     assert (tmp_path / "report.html").stat().st_size > 10_000
-    path.write_text(json.dumps({**audit, "version": "prunescope.audit/999"}))
-    with pytest.raises(ReportError, match="re-run `prunescope audit`"):
+    path.write_text(json.dumps({**audit.to_dict(), "version": "prunescope.audit/999"}))
+    with pytest.raises(ReportError, match="upgrade prunescope"):
         load_audit(path)
     with pytest.raises(ReportError, match="no such audit file"):
         load_audit(tmp_path / "missing.json")
@@ -64,7 +103,7 @@ def test_rerender_writes_beside_the_json_and_refuses_other_versions(audit, tmp_p
 
 def test_an_audit_of_the_right_version_with_missing_parts_is_one_line(tmp_path):
     path = tmp_path / "audit.json"
-    path.write_text(json.dumps({"version": "prunescope.audit/1"}))
+    path.write_text(json.dumps({"version": VERSION}))
     with pytest.raises(ReportError, match="incomplete or malformed") as exc:
         rerender(path)
     assert "\n" not in str(exc.value) and not (tmp_path / "report.html").exists()
@@ -73,8 +112,9 @@ def test_an_audit_of_the_right_version_with_missing_parts_is_one_line(tmp_path):
 def test_a_failed_render_leaves_no_audit_files(audit, tmp_path, monkeypatch):
     from prunescope.audit import audit as audit_module
 
-    broken = {**audit, "populations": "not a list"}
-    with pytest.raises(ReportError):
+    broken = AuditResult.from_json(audit.to_json())
+    broken.populations = "not a list"
+    with pytest.raises((TypeError, AttributeError)):
         audit_module.write(broken, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -98,7 +138,7 @@ raise SystemExit(code)
 
 def test_prunescope_report_runs_without_torch(audit, tmp_path):
     path = tmp_path / "audit.json"
-    path.write_text(json.dumps(audit))
+    path.write_text(audit.to_json())
     done = subprocess.run([sys.executable, "-c", POISON, str(path)], capture_output=True,
                           text=True, timeout=300, cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr

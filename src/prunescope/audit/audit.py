@@ -31,7 +31,7 @@ from prunescope.audit import disaggregation, exemplars, metrics, risk
 from prunescope.audit import predictions as cache
 from prunescope.audit.errors import AuditError
 from prunescope.audit.predictions import CHECKPOINT, Predictions, load_or_compute, load_splits
-from prunescope.report import AUDIT_VERSION as VERSION
+from prunescope.audit.schema import VERSION, AuditResult
 
 MAX_FOCUS = 4
 CACHE = Path(".cache") / "predictions"  # under the audit's output directory
@@ -47,12 +47,13 @@ def _stderr(message: str) -> None:
 def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out: str | Path, *,
               split: str = "test", n_boot: int = 100, alpha: float = exemplars.ALPHA,
               data_root: str | None = None, log: Log = _stderr,
-              cache_dir: str | Path | None = None) -> dict:
+              cache_dir: str | Path | None = None) -> AuditResult:
     """Audit ``compressed`` runs against ``dense`` runs; write ``out/audit.json`` and
     ``out/report.html`` (nothing is written to ``out`` unless the inputs fit together).
 
     Predictions are cached in ``cache_dir`` (default ``out/.cache/predictions``), never in the
-    input runs, which may be read-only; new cache files are written after the audit files."""
+    input runs, which may be read-only; new cache files are written after the audit files.
+    Returns the typed :class:`~prunescope.audit.schema.AuditResult` (also in ``audit.json``)."""
     dense_dirs, compressed_dirs = _run_dirs(dense, "--dense"), _run_dirs(compressed, "--compressed")
     _distinct(dense_dirs + compressed_dirs)
     seeds = precheck(dense_dirs, compressed_dirs)
@@ -62,52 +63,53 @@ def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out
                               log)
     predicted = time.perf_counter()
     result = build(loaded[:len(dense_dirs)], loaded[len(dense_dirs):], n_boot=n_boot, alpha=alpha)
-    result["images"] = cie_images(result, loaded[0], data_root)
-    result["seconds"] = {"predictions": predicted - started,
-                         "analysis": time.perf_counter() - predicted}
+    result.images = cie_images(result, loaded[0], data_root)
+    result.seconds = {"predictions": predicted - started,
+                      "analysis": time.perf_counter() - predicted}
     write(result, Path(out))
     for member in fresh:
         cache.save(member, cache_dir)
-    log(f"audit: {len(loaded)} models, {result['seconds']['analysis']:.1f} s beyond predictions "
-        f"({result['seconds']['predictions']:.1f} s loading/computing them)")
+    log(f"audit: {len(loaded)} models, {result.seconds['analysis']:.1f} s beyond predictions "
+        f"({result.seconds['predictions']:.1f} s loading/computing them)")
     for line in summary_lines(result):
         log(line)
     return result
 
 
-def summary_lines(result: dict) -> list[str]:
+def summary_lines(result: AuditResult) -> list[str]:
     """One line per focus population: CIEs and flips, and the dense accuracy on CIEs vs the
     rest."""
     lines = []
-    for block in result["populations"]:
-        if block["label"] not in result["focus"]:
+    for block in result.populations:
+        if block.label not in result.focus:
             continue
-        cie, head = block["cie"], f"audit {block['label']} ({block['k']} seeds)"
-        if not cie["count"]:
-            lines.append(f"{head}: no CIEs; {block['flip_count']:.1f} flips")
+        cie, head = block.cie, f"audit {block.label} ({block.k} seeds)"
+        if not cie.count:
+            lines.append(f"{head}: no CIEs; {block.flip_count:.1f} flips")
             continue
-        lines.append(f"{head}: {cie['count']} CIEs ({100 * cie['fraction']:.2f}%), "
-                     f"{block['flip_count']:.1f} flips; dense accuracy on CIEs "
-                     f"{100 * cie['dense_accuracy_cie']:.1f}% vs "
-                     f"{100 * cie['dense_accuracy_rest']:.1f}% on the rest")
+        lines.append(f"{head}: {cie.count} CIEs ({100 * cie.fraction:.2f}%), "
+                     f"{block.flip_count:.1f} flips; dense accuracy on CIEs "
+                     f"{100 * cie.dense_accuracy_cie:.1f}% vs "
+                     f"{100 * cie.dense_accuracy_rest:.1f}% on the rest")
     return lines
 
 
-def write(result: dict, out: Path) -> None:
+def write(result: AuditResult, out: Path) -> None:
     """``out/audit.json`` and ``out/report.html``, each written atomically; the page is
     rendered first, so a rendering failure leaves neither file behind."""
-    from prunescope.files import atomic_write_bytes, write_json
+    from prunescope.files import atomic_write_bytes
     from prunescope.report import render
 
     html = render(result)
+    text = result.to_json()
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "audit.json", result)
+    atomic_write_bytes(out / "audit.json", text.encode("utf-8"))
     atomic_write_bytes(out / "report.html", html.encode("utf-8"))
 
 
 def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: int = 100,
-          alpha: float = exemplars.ALPHA, seed: int = 0) -> dict:
-    """The audit dictionary (without images and timings) from loaded predictions."""
+          alpha: float = exemplars.ALPHA, seed: int = 0) -> AuditResult:
+    """The typed audit (without images and timings) from loaded predictions."""
     if not dense or not compressed:
         raise AuditError("an audit needs at least one dense and one compressed run; pass "
                          "--dense RUN... and --compressed RUN...")
@@ -131,12 +133,15 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
         if block["label"] not in focus:
             for key in ("positions", "dense_modal", "compressed_modal"):
                 block["cie"].pop(key)
-    return metrics.clean({
+    columns = [{"name": m.name, "label": m.label, "percent": m.percent}
+               for m in metrics.table(info["num_classes"])]
+    return AuditResult.from_dict(metrics.clean({
         "version": VERSION, "dataset": info, "settings": {"n_boot": n_boot, "alpha": alpha,
                                                       "correction": exemplars.CORRECTION},
         "dense": dense_block, "populations": blocks, "focus": focus,
-        "risk_signals": list(risk.SIGNALS), "warnings": model_warnings([dense_block, *blocks]),
-    })
+        "risk_signals": list(risk.SIGNALS), "metric_columns": columns,
+        "warnings": model_warnings([dense_block, *blocks]),
+    }))
 
 
 def model_warnings(blocks: list[dict]) -> list[str]:
@@ -210,22 +215,19 @@ def population_block(label: str, method: str | None, sparsity: float | None,
         "label": label, "method": method, "sparsity": sparsity, "k": len(members),
         "models": models, "accuracy": _spread(accuracy, len(labels)),
         "recall": mean_recall.tolist(), "worst_class": worst, "worst_class_recall": worst_recall,
-        "ece": _mean([m["ece"] for m in models]),
+        "values": {m.name: m.aggregate([model["values"][m.name] for model in models])
+                   for m in metrics.table(num_classes)},
         "reliability": _pooled_reliability(members, labels),
-        "mean_entropy": _mean([m["mean_entropy"] for m in models]),
-        "mean_max_prob": _mean([m["mean_max_prob"] for m in models]),
         "direct_sparsity": _mean_cost(models, "sparsity"),
         "effective_sparsity": _mean_cost(models, "effective_sparsity"),
         "collapsed": [m["run"] for m in models if m["collapsed"]],
         "_predictions": predictions,
     }
-    if num_classes == 2:
-        block["uncertain_fraction"] = _mean([m["uncertain_fraction"] for m in models])
     if dense is not None:
         dense_predictions = np.stack([d.predicted for d in dense])
         block["cie"] = exemplars.summary(dense_predictions, predictions, labels, num_classes)
-        block["flip_count"] = float(np.mean([m["flip_count"] for m in models]))
-        block["flip_rate"] = float(np.mean([m["flip_rate"] for m in models]))
+        block["flip_count"] = float(np.mean([m["flips"]["count"] for m in models]))
+        block["flip_rate"] = float(np.mean([m["flips"]["rate"] for m in models]))
     return block
 
 
@@ -263,7 +265,7 @@ def add_welch_and_risk(block: dict, dense_block: dict, risk_signals: dict, alpha
     cie[block["cie"]["positions"]] = True
     flipped = np.zeros_like(cie)
     for model in block["models"]:
-        flipped[model.pop("flips")] = True
+        flipped[model.pop("_flipped")] = True
     block["risk"] = {"cie": risk.evaluate_all(risk_signals, cie),
                      "flip": risk.evaluate_all(risk_signals, flipped)}
     if not keep_curves:
@@ -281,7 +283,7 @@ def choose_focus(blocks: list[dict]) -> list[str]:
     return [b["label"] for b in blocks if b["label"] in chosen]
 
 
-def cie_images(result: dict, first: Predictions, data_root: str | None,
+def cie_images(result: AuditResult, first: Predictions, data_root: str | None,
                limit: int = IMAGES) -> dict:
     """Up to ``limit`` CIE images per focus population (those the dense population gets right
     first), as base64 uint8 pixels ``[n, C, H, W]`` in [0, 255]; empty if the data is missing."""
@@ -293,26 +295,26 @@ def cie_images(result: dict, first: Predictions, data_root: str | None,
         return {}
     subset = getattr(splits, first.meta["split"])
     out = {}
-    for block in result["populations"]:
-        if block["label"] not in result["focus"] or not block["cie"].get("positions"):
+    for block in result.populations:
+        if block.label not in result.focus or not block.cie.positions:
             continue
-        order = _image_order(block["cie"], first.labels)[:limit]
-        positions = [block["cie"]["positions"][i] for i in order]
+        order = _image_order(block.cie, first.labels)[:limit]
+        positions = [block.cie.positions[i] for i in order]
         pixels = splits.unnormalise(subset.x[positions]).clamp(0, 1).mul(255).round()
         array = pixels.numpy().astype(np.uint8)
-        out[block["label"]] = {
+        out[block.label] = {
             "shape": list(array.shape), "pixels": base64.b64encode(array.tobytes()).decode(),
             "labels": [int(first.labels[p]) for p in positions],
-            "dense_modal": [block["cie"]["dense_modal"][i] for i in order],
-            "compressed_modal": [block["cie"]["compressed_modal"][i] for i in order],
+            "dense_modal": [block.cie.dense_modal[i] for i in order],
+            "compressed_modal": [block.cie.compressed_modal[i] for i in order],
             "index": [int(first.index[p]) for p in positions],
         }
     return out
 
 
-def _image_order(cie: dict, labels: np.ndarray) -> list[int]:
-    right = [i for i, p in enumerate(cie["positions"]) if cie["dense_modal"][i] == labels[p]]
-    wrong = [i for i, p in enumerate(cie["positions"]) if cie["dense_modal"][i] != labels[p]]
+def _image_order(cie, labels: np.ndarray) -> list[int]:
+    right = [i for i, p in enumerate(cie.positions) if cie.dense_modal[i] == labels[p]]
+    wrong = [i for i, p in enumerate(cie.positions) if cie.dense_modal[i] != labels[p]]
     return right + wrong
 
 
@@ -326,9 +328,9 @@ def _model_entry(member: Predictions, labels: np.ndarray, num_classes: int,
         parent = next((d for d in dense if d.meta.get("seed") == member.meta.get("seed")),
                       dense[0])
         flipped = metrics.flips(parent.predicted, member.predicted)
-        entry["flips"] = np.flatnonzero(flipped)
-        entry["flip_count"], entry["flip_rate"] = int(flipped.sum()), float(flipped.mean())
-        entry["paired_dense"] = parent.meta.get("run")
+        entry["_flipped"] = np.flatnonzero(flipped)
+        entry["flips"] = {"count": int(flipped.sum()), "rate": float(flipped.mean()),
+                          "paired_dense": parent.meta.get("run")}
     return entry
 
 
@@ -359,10 +361,7 @@ def _pooled_reliability(members: list[Predictions], labels: np.ndarray) -> dict 
     return metrics.reliability_curve(confidence, correct)
 
 
-def _mean(values: list[float]) -> float:
-    """Mean over the finite values (NaN when there is none)."""
-    finite = [v for v in values if v is not None and np.isfinite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+
 
 
 def _mean_cost(models: list[dict], key: str) -> float | None:

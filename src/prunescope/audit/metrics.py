@@ -15,6 +15,9 @@ their code (IST-DASLab/pruned-vision-model-bias, ``bias_utils/runs.py``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -174,45 +177,106 @@ def flips(before: np.ndarray, after: np.ndarray) -> np.ndarray:
     return np.asarray(before) != np.asarray(after)
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """One model's logits ``[N, C]`` and the labels, with the views the metrics need: the rows
+    with finite logits (``finite``), their softmax (``probs``) and labels (``scored_labels``)."""
+
+    logits: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+    @cached_property
+    def finite(self) -> np.ndarray:
+        return finite_rows(self.logits)
+
+    @cached_property
+    def probs(self) -> np.ndarray:
+        return softmax(self.logits[self.finite])
+
+    @cached_property
+    def scored_labels(self) -> np.ndarray:
+        return self.labels[self.finite]
+
+
+@dataclass(frozen=True)
+class ModelMetric:
+    """One per-model scalar metric: ``function(outputs) -> float`` (NaN when undefined), the
+    ``aggregate`` of a population's values, the report's column ``label``, whether it is a
+    fraction (shown as a percentage) and whether it applies to binary tasks only."""
+
+    name: str
+    function: Callable[[Outputs], float]
+    label: str
+    aggregate: Callable[[list[float]], float] = field(default=lambda v: finite_mean(v))
+    percent: bool = False
+    binary_only: bool = False
+
+
+def finite_mean(values: list[float | None]) -> float:
+    """Mean over the finite values (NaN when there is none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _over_finite(function: Callable[[Outputs], float]) -> Callable[[Outputs], float]:
+    """``function`` on the finite rows, NaN when there are none."""
+    return lambda o: float(function(o)) if len(o.scored_labels) else float("nan")
+
+
+def _loss(o: Outputs) -> float:
+    p = o.probs[np.arange(len(o.scored_labels)), o.scored_labels]
+    return -np.log(np.clip(p, 1e-300, None)).mean()
+
+
+def _ece(o: Outputs) -> float:
+    return expected_calibration_error(o.probs.max(axis=1), o.probs.argmax(axis=1)
+                                      == o.scored_labels)
+
+
+MODEL_METRICS: list[ModelMetric] = [
+    ModelMetric("top5", lambda o: top_k_accuracy(o.logits, o.labels, 5), "top-5", percent=True),
+    ModelMetric("loss", _over_finite(_loss), "loss"),
+    ModelMetric("ece", _over_finite(_ece), "ECE"),
+    ModelMetric("mean_entropy", _over_finite(lambda o: entropy(o.probs).mean()),
+                "mean entropy"),
+    ModelMetric("mean_max_prob", _over_finite(lambda o: o.probs.max(axis=1).mean()),
+                "mean max-prob.", percent=True),
+    ModelMetric("binary_ece", _over_finite(
+        lambda o: expected_calibration_error(o.probs[:, 1], o.scored_labels)),
+        "ECE (p of class 1)", binary_only=True),
+    ModelMetric("uncertain_fraction", _over_finite(lambda o: uncertain_fraction(o.probs[:, 1])),
+                "uncertain (0.1<p<0.9)", percent=True, binary_only=True),
+]
+"""Every per-model scalar metric of the audit, in column order: adding one entry here puts it
+in every model's and population's ``values`` and in the report's population table."""
+
+
+def table(num_classes: int) -> list[ModelMetric]:
+    """The entries of :data:`MODEL_METRICS` that apply to a task of ``num_classes`` classes."""
+    return [m for m in MODEL_METRICS if num_classes == 2 or not m.binary_only]
+
+
 def model_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """The per-model block of the audit: top-1/top-5, loss, per-class recall and precision,
-    worst class, calibration (ECE and reliability curve), uncertainty, and ``non_finite`` (rows
-    of non-finite logits: wrong in top-1/top-5, left out of the probability measures, which are
-    NaN, or None for the curve, when no row is finite)."""
-    logits, labels = np.asarray(logits), np.asarray(labels)
-    finite = finite_rows(logits)
-    predictions = predicted(logits)
-    matrix = confusion(labels, predictions, num_classes)
-    recall = per_class_recall(matrix, np.bincount(labels, minlength=num_classes))
-    precision = per_class_precision(matrix)
+    """The per-model block of the audit: top-1 accuracy, ``non_finite`` (rows of non-finite
+    logits: wrong, and left out of the probability measures), per-class recall and precision,
+    worst class, the reliability curve (None without a finite row), and ``values``: every
+    applicable metric of :data:`MODEL_METRICS`."""
+    outputs = Outputs(np.asarray(logits), np.asarray(labels), num_classes)
+    predictions = predicted(outputs.logits)
+    matrix = confusion(outputs.labels, predictions, num_classes)
+    recall = per_class_recall(matrix, np.bincount(outputs.labels, minlength=num_classes))
     worst, worst_recall = worst_class(recall)
+    probs = outputs.probs
     return {
-        "accuracy": float(np.mean(predictions == labels)),
-        "top5": top_k_accuracy(logits, labels, 5), "non_finite": int((~finite).sum()),
-        "recall": recall.tolist(), "precision": precision.tolist(),
+        "accuracy": float(np.mean(predictions == outputs.labels)),
+        "non_finite": int((~outputs.finite).sum()),
+        "recall": recall.tolist(), "precision": per_class_precision(matrix).tolist(),
         "worst_class": worst, "worst_class_recall": worst_recall,
-        **_probability_metrics(logits[finite], labels[finite], num_classes),
+        "reliability": reliability_curve(probs.max(axis=1), probs.argmax(axis=1)
+                                         == outputs.scored_labels) if len(probs) else None,
+        "values": {m.name: m.function(outputs) for m in table(num_classes)},
     }
-
-
-def _probability_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:
-    """Loss, calibration and uncertainty over finite rows (NaN / None when there are none)."""
-    nan = float("nan")
-    if not len(labels):
-        out = {"loss": nan, "ece": nan, "reliability": None, "mean_entropy": nan,
-               "mean_max_prob": nan}
-        return {**out, "binary_ece": nan, "uncertain_fraction": nan} if num_classes == 2 else out
-    probs = softmax(logits)
-    max_prob = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
-    loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
-    out = {"loss": float(loss.mean()), "ece": expected_calibration_error(max_prob, correct),
-           "reliability": reliability_curve(max_prob, correct),
-           "mean_entropy": float(entropy(probs).mean()), "mean_max_prob": float(max_prob.mean())}
-    if num_classes == 2:
-        out["binary_ece"] = expected_calibration_error(probs[:, 1], labels)
-        out["uncertain_fraction"] = uncertain_fraction(probs[:, 1])
-    return out
 
 
 def clean(value):

@@ -1,61 +1,52 @@
 """The audit report: ``audit.json`` -> one self-contained HTML page (no torch, no network).
 
-:func:`render` turns an audit dictionary (:func:`prunescope.audit.run_audit`) into HTML whose
+:func:`render` turns a typed audit result (:class:`prunescope.audit.schema.AuditResult`, what
+:func:`prunescope.audit.run_audit` returns) into HTML whose
 figures are PNG data URIs drawn with matplotlib's Agg backend; the page loads no script, style
-sheet, font or image from anywhere. :func:`rerender` reads an ``audit.json`` (refusing one of
-another version) and writes the page; ``prunescope report audit.json`` calls it. This package
-imports neither torch nor the audit code, so a report can be re-rendered on a machine without
-torch.
+sheet, font or image from anywhere. :func:`rerender` reads an ``audit.json`` (one line for a
+file of an older or newer version) and writes the page; ``prunescope report audit.json`` calls
+it. This package imports no torch and of the audit only its torch-free schema, so a report can
+be re-rendered on a machine without torch.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from prunescope.atomic import replace_file
-from prunescope.errors import PrunescopeError
+from prunescope.audit.schema import VERSION as AUDIT_VERSION
+from prunescope.audit.schema import AuditFileError, AuditResult
 
-AUDIT_VERSION = "prunescope.audit/1"
-
-
-class ReportError(PrunescopeError):
-    """An audit file that cannot be rendered (missing, not JSON, another version)."""
+__all__ = ["AUDIT_VERSION", "ReportError", "load_audit", "render", "rerender", "write_report"]
+ReportError = AuditFileError  # an audit file that cannot be rendered; one line
 
 
-def render(audit: dict) -> str:
-    """The HTML page of an audit dictionary; ReportError when its content is incomplete."""
-    check_version(audit, "the audit")
+def render(audit: AuditResult) -> str:
+    """The HTML page of a typed audit result."""
     from prunescope.report.page import page
 
-    try:
-        return page(audit)
-    except (KeyError, TypeError, IndexError, ValueError) as exc:
-        raise ReportError(
-            f"the audit is incomplete or malformed ({type(exc).__name__}: {exc}); re-run "
-            "`prunescope audit` to regenerate it"
-        ) from None
+    return page(audit)
 
 
-def write_report(audit: dict, path: str | os.PathLike) -> None:
+def write_report(audit: AuditResult, path: str | os.PathLike) -> None:
     """Render ``audit`` and write it to ``path`` atomically."""
     replace_file(path, render(audit).encode("utf-8"))
 
 
-def load_audit(path: str | os.PathLike) -> dict:
-    """An ``audit.json`` as a dictionary, or a one-line ReportError."""
+def load_audit(path: str | os.PathLike) -> AuditResult:
+    """An ``audit.json`` as the typed result, or a one-line ReportError (missing, not JSON,
+    older or newer version, incomplete)."""
     path = Path(path)
     if not path.is_file():
         raise ReportError(f"no such audit file: {path}; give the audit.json written by "
                           "`prunescope audit`")
     try:
-        audit = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
         raise ReportError(f"{path} is not JSON; give the audit.json written by "
                           "`prunescope audit`") from None
-    check_version(audit, str(path))
-    return audit
+    return AuditResult.from_json(text, str(path))
 
 
 def rerender(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
@@ -64,11 +55,3 @@ def rerender(path: str | os.PathLike, out: str | os.PathLike | None = None) -> P
     target = Path(out) if out is not None else Path(path).with_name("report.html")
     write_report(audit, target)
     return target
-
-
-def check_version(audit: object, where: str) -> None:
-    """ReportError unless ``audit`` is a mapping with ``version == AUDIT_VERSION``."""
-    version = audit.get("version") if isinstance(audit, dict) else None
-    if version != AUDIT_VERSION:
-        raise ReportError(f"{where} has version {version!r}, but this prunescope renders "
-                          f"{AUDIT_VERSION!r}; re-run `prunescope audit` to regenerate it")

@@ -199,7 +199,8 @@ def reliability_figure(audit: dict) -> str:
         curve = block["reliability"] or {"confidence": [], "accuracy": []}
         axis.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1)
         axis.plot(curve["confidence"], curve["accuracy"], marker="o", markersize=4)
-        ece = "-" if block["ece"] is None else f"{block['ece']:.4f}"
+        ece = block["values"]["ece"]
+        ece = "-" if ece is None else f"{ece:.4f}"
         axis.set_title(f"{block['label']}\nECE {ece}", fontsize=9)
         axis.set_xlabel("confidence (max probability)")
         axis.set_xlim(0, 1)

@@ -1,6 +1,9 @@
 """The report page: headline numbers first, then the figures with one-line captions, then tables.
 
 Everything is inline (CSS in a ``<style>`` element, figures as data URIs); there is no script.
+:func:`page` takes the typed :class:`~prunescope.audit.schema.AuditResult`; the warning banner
+and the per-model metric columns read it directly, the older sections read its JSON form
+(``to_dict()``), the same data by key.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
+from prunescope.audit.schema import AuditResult
 from prunescope.report import figures
 
 STYLE = """
@@ -32,12 +36,14 @@ figcaption { color: #333; font-size: 0.92em; margin-top: 4px; }
 """
 
 
-def page(audit: dict) -> str:
+def page(result: AuditResult) -> str:
     """The whole HTML document."""
+    audit = result.to_dict()
     data = audit["dataset"]
     title = f"Compression audit: {data['name']}"
     body = [f"<h1>{_e(title)}</h1>", f"<p class='sub'>{_e(_subtitle(audit))}</p>",
-            _banner(audit), _headline(audit), _figures(audit), _tables(audit), _notes(audit)]
+            _banner(result), _headline(audit), _figures(audit), _tables(audit, result),
+            _notes(audit)]
     return ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
@@ -56,9 +62,9 @@ def _subtitle(audit: dict) -> str:
 # -- headline -------------------------------------------------------------------------------
 
 
-def _banner(audit: dict) -> str:
-    """Collapsed models and non-finite logits, above everything else."""
-    lines = audit.get("warnings") or []
+def _banner(result: AuditResult) -> str:
+    """Collapsed models, non-finite logits and one-seed CIEs, above everything else."""
+    lines = result.warnings
     if not lines:
         return ""
     return ("<div class='banner'>Warning: " + "".join(f"<div>{_e(line)}</div>" for line in lines)
@@ -71,7 +77,8 @@ def _headline(audit: dict) -> str:
     cards = [_card("dense", f"{_pct(dense['accuracy']['mean'])}",
                    [f"{dense['k']} model(s); worst class "
                     f"{_class(audit, dense['worst_class'])} at "
-                    f"{_pct(dense['worst_class_recall'])}", f"ECE {_num(dense['ece'], 4)}"])]
+                    f"{_pct(dense['worst_class_recall'])}",
+                    f"ECE {_num(dense['values']['ece'], 4)}"])]
     cards += [_focus_card(audit, block) for block in focus]
     findings = [_finding(audit, block) for block in focus]
     return ("<h2>Headline</h2>" + "".join(f"<p class='finding'>{_e(f)}</p>" for f in findings)
@@ -98,8 +105,8 @@ def _focus_card(audit: dict, block: dict) -> str:
         "on the rest",
         _welch_line(audit, block.get("welch_summary"), hurt, helped),
         f"flips {_num(block.get('flip_count'), 1)} (vs the same-seed dense run); flip rate "
-        f"{_pct(block['flip_rate'], 2)}; ECE {_num(dense['ece'], 4)} &rarr; "
-        f"{_num(block['ece'], 4)}",
+        f"{_pct(block['flip_rate'], 2)}; ECE {_num(dense['values']['ece'], 4)} &rarr; "
+        f"{_num(block['values']['ece'], 4)}",
     ]
     return _card(block["label"], _pct(block["accuracy"]["mean"]), lines, escape=False)
 
@@ -188,11 +195,11 @@ def _figure(uri: str | None, alt: str, caption: str) -> str:
 # -- tables ---------------------------------------------------------------------------------
 
 
-def _tables(audit: dict) -> str:
+def _tables(audit: dict, result: AuditResult) -> str:
     parts = ["<h2>Worst classes and groups</h2>", _worst_classes(audit), _groups(audit),
              "<h2>Risk before pruning</h2>", _risk(audit),
              "<h2>Sparsity and cost</h2>", _cost(audit),
-             "<h2>Every population</h2>", _all_populations(audit)]
+             "<h2>Every population</h2>", _all_populations(result)]
     return "\n".join(p for p in parts if p)
 
 
@@ -289,22 +296,26 @@ def _cost(audit: dict) -> str:
                       "size compressed", "checkpoint file", "latency 1", "latency batch"], rows))
 
 
-def _all_populations(audit: dict) -> str:
+def _all_populations(result: AuditResult) -> str:
+    """One row per population: accuracy, sparsity, worst class, CIEs and flips, then one column
+    per entry of the audit's metric table (``metric_columns``, population aggregates)."""
+    classes = result.dataset.classes
     rows = []
-    for block in [audit["dense"], *audit["populations"]]:
-        acc = block["accuracy"]
-        cie = block.get("cie")
-        rows.append([block["label"], block["k"], _pct(acc["mean"]),
-                     f"[{_pct(acc['interval'][0])}, {_pct(acc['interval'][1])}]",
-                     _num(block["direct_sparsity"], 4), _num(block["effective_sparsity"], 4),
-                     _class(audit, block["worst_class"]), _pct(block["worst_class_recall"]),
-                     cie["count"] if cie else "-", _num(block.get("flip_count"), 1),
-                     _pct(block.get("flip_rate"), 2),
-                     _num(block["ece"], 4), _num(block["mean_entropy"], 4)])
+    for block in [result.dense, *result.populations]:
+        acc, cie = block.accuracy, block.cie
+        row = [block.label, block.k, _pct(acc.mean),
+               f"[{_pct(acc.interval[0])}, {_pct(acc.interval[1])}]",
+               _num(block.direct_sparsity, 4), _num(block.effective_sparsity, 4),
+               "-" if block.worst_class is None else classes[block.worst_class],
+               _pct(block.worst_class_recall), cie.count if cie else "-",
+               _num(block.flip_count, 1), _pct(block.flip_rate, 2)]
+        for column in result.metric_columns:
+            value = block.values.get(column.name)
+            row.append(_pct(value, 2) if column.percent else _num(value, 4))
+        rows.append(row)
     return _table(["population", "seeds", "accuracy", "interval", "direct", "effective",
-                   "worst class", "its recall", "CIEs", "flips", "flip rate", "ECE",
-                   "mean entropy"],
-                  rows)
+                   "worst class", "its recall", "CIEs", "flips", "flip rate",
+                   *[c.label for c in result.metric_columns]], rows)
 
 
 def _notes(audit: dict) -> str:

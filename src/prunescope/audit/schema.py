@@ -1,0 +1,293 @@
+"""The typed audit result and its JSON form (standard library only: no torch, no numpy).
+
+:class:`AuditResult` is what :func:`prunescope.audit.run_audit` returns, what ``audit.json``
+holds and what :mod:`prunescope.report` renders. ``to_json()`` and ``from_json()`` round-trip
+exactly (floats are written with ``repr`` precision; NaN is stored as null). ``version`` is
+:data:`VERSION`; reading a file of another version is one :class:`AuditFileError` line saying
+whether it is older or newer. The layout is described in ``docs/audit.md``.
+
+Per-model scalar metrics live in ``values`` (``{name: value}``) beside the typed fields, so a
+metric added to :data:`prunescope.audit.metrics.MODEL_METRICS` needs no change here;
+``metric_columns`` carries each one's column label and format to the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunescope.errors import PrunescopeError
+
+VERSION = "prunescope.audit/2"
+Json = Any  # a JSON value kept as is (MetricFrame summaries, cost records, risk scores)
+
+
+class AuditFileError(PrunescopeError):
+    """An audit file that cannot be read (missing, not JSON, another version, incomplete)."""
+
+
+@dataclass
+class MetricColumn:
+    """How the report shows one per-model metric: its key in ``values``, column label, and
+    whether it is a fraction (shown as a percentage)."""
+
+    name: str
+    label: str
+    percent: bool = False
+
+
+@dataclass
+class Reliability:
+    """Points of a reliability diagram: mean confidence, observed accuracy, count per bin."""
+
+    confidence: list[float]
+    accuracy: list[float]
+    count: list[int]
+
+
+@dataclass
+class FlipRecord:
+    """A compressed model's disagreements with the dense run of the same seed."""
+
+    count: int
+    rate: float
+    paired_dense: str | None
+
+
+@dataclass
+class ModelMetrics:
+    """One model: top-1 accuracy, class recall/precision, the table's scalar ``values``,
+    rows of non-finite logits, whether it collapsed, its cost record and (compressed) flips."""
+
+    run: str | None
+    seed: int | None
+    accuracy: float
+    non_finite: int
+    collapsed: bool
+    recall: list[float | None]
+    precision: list[float | None]
+    worst_class: int | None
+    worst_class_recall: float | None
+    values: dict[str, float | None]
+    reliability: Reliability | None = None
+    cost: Json = None
+    flips: FlipRecord | None = None
+
+
+@dataclass
+class Spread:
+    """Mean, std, min, max over a population's models and an interval (``interval_kind``)."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    interval: list[float]
+    interval_kind: str
+
+
+@dataclass
+class CIESummary:
+    """Compression-identified exemplars: ``definition`` says what was counted."""
+
+    definition: str
+    dense_models: int
+    compressed_models: int
+    warning: str | None
+    count: int
+    fraction: float
+    per_class: list[int]
+    dense_accuracy_cie: float | None
+    dense_accuracy_rest: float | None
+    compressed_accuracy_cie: float | None
+    compressed_accuracy_rest: float | None
+    positions: list[int] | None = None
+    dense_modal: list[int] | None = None
+    compressed_modal: list[int] | None = None
+
+
+@dataclass
+class ClassTest:
+    """Welch's test of one class (``test`` says when none was possible)."""
+
+    t: float | None
+    p: float | None
+    p_holm: float | None
+    affected: bool
+    affected_uncorrected: bool
+    direction: str
+    test: str
+
+
+@dataclass
+class WelchSummary:
+    """The multiple-testing correction and what to expect by chance without it."""
+
+    correction: str
+    alpha: float
+    tested: int
+    affected: int
+    affected_uncorrected: int
+    expected_false_uncorrected: float
+
+
+@dataclass
+class PopulationAudit:
+    """One population (the dense one, or a compressed method at one sparsity)."""
+
+    label: str
+    method: str | None
+    sparsity: float | None
+    k: int
+    models: list[ModelMetrics]
+    accuracy: Spread
+    recall: list[float | None]
+    worst_class: int | None
+    worst_class_recall: float | None
+    values: dict[str, float | None]
+    collapsed: list[str]
+    by_class: Json
+    interdependence: Json
+    reliability: Reliability | None = None
+    direct_sparsity: float | None = None
+    effective_sparsity: float | None = None
+    by_group: Json = None
+    bias_amplification: Json = None
+    cie: CIESummary | None = None
+    flip_count: float | None = None
+    flip_rate: float | None = None
+    normalised_change: list[float | None] | None = None
+    welch: list[ClassTest] | None = None
+    welch_summary: WelchSummary | None = None
+    risk: Json = None
+
+
+@dataclass
+class DatasetInfo:
+    name: str | None
+    split: str | None
+    num_examples: int
+    num_classes: int
+    classes: list[str]
+    group_names: list[str]
+    binary: bool
+
+
+@dataclass
+class Settings:
+    n_boot: int
+    alpha: float
+    correction: str
+
+
+@dataclass
+class AuditResult:
+    """The whole audit (see ``docs/audit.md``)."""
+
+    version: str
+    dataset: DatasetInfo
+    settings: Settings
+    dense: PopulationAudit
+    populations: list[PopulationAudit]
+    focus: list[str]
+    risk_signals: list[str]
+    metric_columns: list[MetricColumn]
+    warnings: list[str] = field(default_factory=list)
+    images: Json = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON-able form (nested dicts and lists)."""
+        return _encode(self)
+
+    def to_json(self) -> str:
+        """``audit.json`` text; :meth:`from_json` reads it back equal to ``self``."""
+        return json.dumps(self.to_dict(), allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: object, where: str = "the audit") -> AuditResult:
+        """The typed result of a dictionary of this :data:`VERSION`, or one AuditFileError
+        line."""
+        check_version(data, where)
+        try:
+            return _decode(cls, data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise AuditFileError(f"{where} is incomplete or malformed ({type(exc).__name__}: "
+                                 f"{exc}); re-run `prunescope audit` to regenerate it") from None
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "the audit") -> AuditResult:
+        """Parse ``audit.json`` text (see :meth:`from_dict`)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            raise AuditFileError(f"{where} is not JSON; give the audit.json written by "
+                                 "`prunescope audit`") from None
+        return cls.from_dict(data, where)
+
+
+def check_version(data: object, where: str) -> None:
+    """AuditFileError (one line: older or newer) unless ``data["version"] == VERSION``."""
+    version = data.get("version") if isinstance(data, dict) else None
+    if version == VERSION:
+        return
+    number = _number(version)
+    if number is not None and number < _number(VERSION):
+        raise AuditFileError(f"{where} has version {version!r}, older than the "
+                             f"{VERSION!r} this prunescope reads; re-run `prunescope audit` "
+                             "to regenerate it")
+    if number is not None:
+        raise AuditFileError(f"{where} has version {version!r}, newer than the {VERSION!r} "
+                             "this prunescope reads; upgrade prunescope to render it")
+    raise AuditFileError(f"{where} has version {version!r}, but this prunescope reads "
+                         f"{VERSION!r}; re-run `prunescope audit` to regenerate it")
+
+
+def _number(version: object) -> int | None:
+    prefix, _, number = str(version).rpartition("/")
+    return int(number) if prefix == "prunescope.audit" and number.isdigit() else None
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, list | tuple):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value
+
+
+def _decode(kind: Any, value: Any) -> Any:
+    if value is None or kind is Any:
+        return value
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _decode(options[0], value) if len(options) == 1 else value
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise TypeError(f"{kind.__name__} needs an object, got {type(value).__name__}")
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: _decode(hints[f.name], value[f.name])
+                       for f in dataclasses.fields(kind) if f.name in value
+                       or _required(f)})
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"expected a list, got {type(value).__name__}")
+        return [_decode(args[0], v) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected an object, got {type(value).__name__}")
+        return {k: _decode(args[1], v) for k, v in value.items()}
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
