@@ -197,3 +197,43 @@ def test_check_sparsity_rejects(bad) -> None:
 @pytest.mark.parametrize("good", [0, 0.0, 0.5, 0.999])
 def test_check_sparsity_accepts(good) -> None:
     assert check_sparsity(good) == float(good) and isinstance(check_sparsity(good), float)
+
+
+# -- floors ----------------------------------------------------------------------------------
+def test_a_floor_moves_the_budget_to_the_other_tensors_by_hand(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # global keeps the 4 highest: all in "a"; "b" (floor 2) would be pruned away
+    scores = {"a": torch.tensor([[9.0, 8.0, 7.0], [6.0, 5.0, 4.0]]),
+              "b": torch.tensor([[0.1, 0.2], [0.4, 0.3]])}
+    assert allocate(scores, 0.6, "global") == {"a": 4, "b": 0}
+    with caplog.at_level("WARNING", logger="prunescope.allocation"):
+        counts = allocate(scores, 0.6, "global", floors={"a": 2, "b": 2})
+    assert counts == {"a": 2, "b": 2}  # still 4 kept in all: the global sparsity holds
+    assert "'b'" in caplog.text and "'a'" not in caplog.text
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS.names())
+def test_floors_that_are_met_change_nothing(allocation: str) -> None:
+    scores = sized(a=40, b=60, c=100)
+    plain = allocate(scores, 0.7, allocation)
+    assert allocate(scores, 0.7, allocation, floors={n: 1 for n in scores}) == plain
+
+
+@pytest.mark.parametrize("allocation", ALLOCATIONS.names())
+def test_every_allocation_meets_its_floors_and_the_budget(allocation: str) -> None:
+    scores = sized(a=400, b=600, c=10)
+    scores["c"] = scores["c"] * 1e-6  # lowest scores: global and lamp would prune it away
+    floors = {"a": 3, "b": 5, "c": 10}
+    counts = allocate(scores, 0.95, allocation, floors=floors)
+    assert sum(counts.values()) == keep_count(1010, 0.95)
+    assert all(counts[n] >= floors[n] for n in scores)
+
+
+def test_floors_above_the_budget_raise() -> None:
+    with pytest.raises(PruningError, match=r"at least 12 weights, more than the 10.*min_density"):
+        allocate(sized(a=50, b=50), 0.9, "uniform", floors={"a": 6, "b": 6})
+
+
+def test_an_override_below_its_floor_is_raised_to_it() -> None:
+    counts = allocate(sized(a=50, b=50), 0.5, "global", {"a": 0.99}, floors={"a": 5, "b": 5})
+    assert counts["a"] == 5 and sum(counts.values()) == 50

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +16,7 @@ from torch.func import functional_call
 
 from prunescope.criteria import CRITERIA, GRASP_TEMPERATURE, Context
 from prunescope.errors import PruningError
+from prunescope.registry import Registry
 
 
 def score(name: str, model: nn.Module, names: list[str], **context) -> dict[str, torch.Tensor]:
@@ -171,3 +178,68 @@ def test_criteria_leave_the_model_untouched(name: str, training: bool) -> None:
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), n
     assert all(m.training == training for m in model.modules())
+
+
+# -- registrations without import cycles -----------------------------------------------------
+def test_second_order_criteria_are_listed_and_loaded_without_importing_them_first() -> None:
+    code = (
+        "import sys\n"
+        "from prunescope.criteria import CRITERIA\n"
+        "assert not any(m.startswith('prunescope.second_order') for m in sys.modules)\n"
+        "assert {'obc', 'woodfisher'} <= set(CRITERIA.names()) and 'obc' in CRITERIA\n"
+        "assert CRITERIA.get('obc').name == 'obc' and CRITERIA.get('obc').solve is not None\n"
+        "assert 'prunescope.second_order.obc' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+CORE = ("mask", "connectivity", "sparsifier", "allocation", "patterns", "criteria", "targets",
+        "registry", "interop", "second_order", "second_order.fisher", "second_order.obc",
+        "second_order.woodfisher")
+
+
+def module_imports(root: Path) -> dict[str, set[str]]:
+    """``prunescope`` module -> the prunescope modules it imports at module level."""
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found = graph.setdefault(name, set())
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+                found.add(node.module)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+    return {n: {m for m in found if m in graph and m != n} for n, found in graph.items()}
+
+
+def test_no_core_module_imports_one_that_imports_it_back() -> None:
+    import prunescope
+
+    graph = module_imports(Path(prunescope.__file__).parent)
+
+    def reaches(start: str, goal: str) -> bool:
+        seen, todo = set(), [start]
+        while todo:
+            node = todo.pop()
+            if node == goal:
+                return True
+            if node not in seen:
+                seen.add(node)
+                todo.extend(graph.get(node, ()))
+        return False
+
+    for name in (f"prunescope.{m}" for m in CORE):
+        assert not any(reaches(dep, name) for dep in graph[name]), name
+
+
+def test_a_lazy_entry_is_listed_and_resolved_on_first_use() -> None:
+    registry = Registry("thing")
+    registry.register_lazy("dumps", "json:dumps")
+    assert "dumps" in registry and registry.names() == ["dumps"] and len(registry) == 1
+    assert registry.get("dumps") is json.dumps
+    with pytest.raises(ValueError, match="twice"):
+        registry.register("dumps")(len)
+    registry.unregister("dumps")
+    assert "dumps" not in registry

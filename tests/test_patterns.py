@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prunescope.errors import ConfigError, PruningError
-from prunescope.patterns import Pattern, parse_pattern, topk_flat, topk_mask
+from prunescope.patterns import Pattern, parse_pattern, topk_flat, topk_mask, topk_rows
 
 
 def stable_topk(flat: torch.Tensor, count: int) -> torch.Tensor:
@@ -138,3 +138,55 @@ def test_parse_pattern(text: str, pattern: Pattern, density: float | None) -> No
 def test_parse_pattern_errors(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_pattern(text)
+
+
+# -- every output unit kept ------------------------------------------------------------------
+def test_topk_rows_keeps_each_rows_best_then_the_highest_scores() -> None:
+    scores = torch.tensor([[9.0, 8.0, 7.0], [1.0, 3.0, 2.0], [-math.inf, -math.inf, -math.inf]])
+    assert topk_rows(scores, 2).tolist() == [[True, False, False], [False, True, False],
+                                             [False, False, False]]
+    assert topk_mask(scores, 2).tolist()[1] == [False, False, False]  # what plain top-k does
+    assert topk_rows(scores, 3).tolist()[0] == [True, True, False]
+    assert torch.equal(topk_rows(scores, 1), topk_mask(scores, 1))  # too few for every row
+
+
+def test_topk_rows_equals_topk_when_every_row_keeps_a_weight() -> None:
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        scores = torch.randint(0, 5, (4, 2, 3), generator=generator).double()
+        count = int(torch.randint(0, 25, (1,), generator=generator))
+        plain = topk_mask(scores, count)
+        if plain.flatten(1).any(1).all():
+            assert torch.equal(topk_rows(scores, count), plain)
+        else:
+            kept = topk_rows(scores, count)
+            assert kept.count_nonzero() == count
+            assert kept.flatten(1).any(1).all() or count < 4
+
+
+def test_every_row_under_block_keeps_a_block_per_band() -> None:
+    scores = torch.cat([torch.full((2, 4), 9.0), torch.full((2, 4), 1.0)])
+    pattern = Pattern("block", 2, 2, every_row=True)
+    keep = pattern.select("w", scores, 8)
+    assert keep[:2].sum() == 4 and keep[2:].sum() == 4
+    assert Pattern("block", 2, 2).select("w", scores, 8)[2:].sum() == 0
+
+
+@pytest.mark.parametrize(("pattern", "min_density", "expected"), [
+    (Pattern("unstructured"), None, 6),      # one per row
+    (Pattern("unstructured"), 0.0, 0),       # no floor
+    (Pattern("unstructured"), 0.25, 12),     # ceil(0.25 * 48) > 6 rows
+    (Pattern("unstructured"), 0.05, 6),      # ceil(0.05 * 48) = 3 < 6 rows
+    (Pattern("block", 2, 4), None, 24),      # three bands of two rows, one 2x4 block each
+    (Pattern("nm", 2, 4), None, 0),          # N:M keeps every row itself
+])
+def test_floor_counts(pattern: Pattern, min_density, expected: int) -> None:
+    assert pattern.floor(torch.zeros(6, 8), min_density) == expected
+
+
+def test_floor_counts_only_live_rows_and_weights() -> None:
+    scores = torch.zeros(3, 4)
+    scores[0] = -math.inf
+    scores[1, 1:] = -math.inf
+    assert Pattern("unstructured").floor(scores, None) == 2
+    assert Pattern("unstructured").floor(scores, 0.9) == 5  # capped at the 5 live weights

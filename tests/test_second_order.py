@@ -235,3 +235,32 @@ def test_hessians_are_the_mean_input_outer_products_with_a_bias_column() -> None
 
 def test_second_order_criteria_are_registered() -> None:
     assert CRITERIA.get("woodfisher").solve is not None and CRITERIA.get("obc").needs_data
+
+
+@pytest.mark.parametrize("criterion", ["obc", "woodfisher"])
+def test_global_second_order_never_prunes_a_layer_away(criterion: str) -> None:
+    import prunescope
+
+    splits = prunescope.data.load("digits", seed=0)
+    torch.manual_seed(0)
+    model = prunescope.models.build("lenet300", image_size=8)
+    x, y = splits.train.x[:256], splits.train.y[:256]
+    mask = prune(model, criterion, "global", 0.9, [(x[:128], y[:128]), (x[128:], y[128:])])
+    for name, keep in mask.items():
+        assert keep.any(dim=1).all(), name  # every output unit keeps a weight
+    assert mask.num_kept == round(0.1 * mask.num_total)
+    for name, keep in mask.items():
+        assert torch.all(model.get_parameter(name)[~keep] == 0)
+
+
+def test_obc_keeps_each_rows_best_weight_when_asked() -> None:
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 10, generator=generator)
+    weight[2] *= 1e-3  # its weights score lowest: a plain exact count leaves the row empty
+    x = torch.randn(10, 64, generator=generator).double()
+    hessian = x @ x.T / 64
+    live = torch.ones(6, 10, dtype=torch.bool)
+    _, plain, _ = reconstruct(weight, hessian, live=live, keep=6, block=4)
+    _, every, _ = reconstruct(weight, hessian, live=live, keep=6, block=4, every_row=True)
+    assert not plain[2].any()
+    assert every.sum() == 6 and every.any(dim=1).all()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import prunescope
 from prunescope import sparsifier
 from prunescope.allocation import ALLOCATIONS, keep_count
 from prunescope.connectivity import effective_sparsity
@@ -361,3 +363,94 @@ def test_effective_target_with_a_weight_correcting_criterion_returns_the_model_i
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(),
                             strict=True):
         torch.testing.assert_close(a, b, msg=name)
+
+
+# -- min_density: no layer pruned away -------------------------------------------------------
+def test_global_magnitude_at_95_keeps_a_weight_per_class_of_resnet20(
+        caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = prunescope.models.build("resnet20")
+    with caplog.at_level("WARNING", logger="prunescope"):
+        mask = prune(model, "magnitude", "global", 0.95)
+    fc = mask["fc.weight"]
+    assert fc.sum() >= 10 and fc.any(dim=1).all()  # one weight per class at least
+    assert mask.num_kept == keep_count(mask.num_total, 0.95)
+    assert "'fc.weight'" in caplog.text
+
+
+def test_min_density_zero_lets_a_layer_go_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(0)
+    model = prunescope.models.build("resnet20")
+    with caplog.at_level("WARNING", logger="prunescope"):
+        mask = prune(model, "magnitude", "global", 0.95, min_density=0.0)
+    assert not mask["fc.weight"].any()
+    assert "'fc.weight' is pruned entirely" in caplog.text
+
+
+def test_unstructured_selection_keeps_every_output_unit(mlp8: nn.Module) -> None:
+    with torch.no_grad():
+        mlp8[2].weight[1].mul_(1e-3)  # the second output's weights are the smallest of the layer
+    counts = {"0.weight": 60, "2.weight": 8}
+    mask = prune(copy.deepcopy(mlp8), "magnitude", "global", 1 - 68 / 96,
+                 overrides={"2.weight": 0.75})
+    assert mask["2.weight"].sum() == counts["2.weight"] and mask["2.weight"].any(dim=1).all()
+    plain = prune(mlp8, "magnitude", "global", 1 - 68 / 96, overrides={"2.weight": 0.75},
+                  min_density=0.0)
+    assert not plain["2.weight"][1].any()
+
+
+def test_a_min_density_floor_per_layer(mlp8: nn.Module) -> None:
+    mask = prune(mlp8, "magnitude", "global", 0.6, min_density=0.35)
+    assert mask["2.weight"].sum() >= math.ceil(0.35 * 32) and mask["0.weight"].sum() >= 23
+    assert mask.num_kept == keep_count(96, 0.6)
+
+
+def test_floors_above_the_budget_raise_in_prune_and_check(mlp8: nn.Module) -> None:
+    with pytest.raises(PruningError, match="min_density"):
+        sparsifier.check(mlp8, "magnitude", "global", 0.95)
+    with pytest.raises(PruningError, match="min_density"):
+        prune(mlp8, "magnitude", "global", 0.95)
+    sparsifier.check(mlp8, "magnitude", "global", 0.95, min_density=0.0)
+
+
+def test_n_m_keeps_its_rows_and_refuses_a_higher_floor(mlp8: nn.Module) -> None:
+    mask = prune(copy.deepcopy(mlp8), "magnitude", pattern="2:4", sparsity=None)
+    assert mask.sparsity == 0.5
+    with pytest.raises(PruningError, match="min_density"):
+        prune(mlp8, "magnitude", pattern="2:4", sparsity=None, min_density=0.6)
+
+
+# -- a new criterion and allocation from this file alone -------------------------------------
+@pytest.fixture
+def registered():
+    """A criterion ("last_input": keep the weights on the highest input indices) and an
+    allocation ("all_in_first": the whole budget to the first tensor that can take it),
+    registered here and removed afterwards."""
+    from prunescope.criteria import register
+
+    @register("last_input")
+    def last_input(model, names, context):
+        params = {n: model.get_parameter(n) for n in names}
+        return {n: torch.arange(p.shape[1]).expand_as(p).double() for n, p in params.items()}
+
+    @ALLOCATIONS.register("all_in_first")
+    def all_in_first(scores, keep):
+        counts = {}
+        for name, score in scores.items():
+            counts[name] = min(keep, score.numel())
+            keep -= counts[name]
+        return counts
+
+    yield
+    CRITERIA.unregister("last_input")
+    ALLOCATIONS.unregister("all_in_first")
+
+
+def test_a_criterion_and_an_allocation_registered_in_one_file_prune(registered,
+                                                                    mlp8: nn.Module) -> None:
+    mask = prune(copy.deepcopy(mlp8), "last_input", "all_in_first", 1 - 64 / 96,
+                 min_density=0.0)
+    assert mask["0.weight"].all() and not mask["2.weight"].any()
+    mask = prune(mlp8, "last_input", "all_in_first", 1 - 64 / 96)  # one weight per output kept
+    assert mask["0.weight"].sum() == 60 and mask["0.weight"][:, 4:].all()
+    assert mask["2.weight"].sum() == 4 and mask["2.weight"][:, -1].all()

@@ -10,7 +10,9 @@ of 128 columns). Which weights a block prunes is chosen adaptively when the bloc
 ``w^2 / U_ii^2`` on the weights as already corrected:
 
 - unstructured, with an exact count per layer: the count is split over the column blocks by the
-  initial scores, then each block keeps its quota of highest current scores;
+  initial scores, then each block keeps its quota of highest current scores; under a pattern
+  with ``every_row`` (``prunescope.prune``'s default ``min_density``) each row's best initial
+  weight is always kept, so no output unit is cut off;
 - N:M: in every group of M consecutive inputs, the M - N lowest current scores;
 - any other pattern (block): the mask is fixed beforehand and only the weights are corrected.
 
@@ -40,7 +42,7 @@ from torch import nn
 from prunescope.criteria import Context, Criterion, Scores
 from prunescope.errors import PruningError
 from prunescope.mask import Mask
-from prunescope.patterns import Pattern, topk_mask
+from prunescope.patterns import Pattern, row_best, topk_mask, topk_rows
 from prunescope.second_order.fisher import inverse_from_factor
 
 CACHE_KEY = "obc"
@@ -145,7 +147,7 @@ def _refit_rows(w: torch.Tensor, hessian: torch.Tensor, keep: torch.Tensor) -> t
 def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, *, live: torch.Tensor,
                 keep: int | None = None, nm: tuple[int, int] | None = None,
                 fixed: torch.Tensor | None = None, dampening: float = 0.01, block: int = 128,
-                bias: torch.Tensor | None = None, refit: bool = True
+                bias: torch.Tensor | None = None, refit: bool = True, every_row: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Prune the matrix ``weight`` ``[rows, cols]`` given its input Hessian, correcting the rest.
 
@@ -154,7 +156,9 @@ def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, *, live: torch.Tens
     pruned. With a ``bias``, ``hessian`` has one more trailing column (the constant input) and
     the bias is corrected too. With ``refit`` the kept weights of each row are finally set to
     the exact OBS solution for the chosen mask (least squares on the row's support, the optimum
-    the column pass approximates). Returns ``(weight, keep-mask, bias)``; pruned weights are 0.
+    the column pass approximates). With ``every_row`` and ``keep``, each row's best initial
+    weight is kept (when ``keep`` covers the rows). Returns ``(weight, keep-mask, bias)``;
+    pruned weights are 0.
     """
     if sum(x is not None for x in (keep, nm, fixed)) != 1:
         raise PruningError("layer-wise reconstruction needs exactly one of keep, nm or fixed")
@@ -172,7 +176,10 @@ def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, *, live: torch.Tens
     scale = factor.diagonal().square()
     scale[hessian.diagonal() == 0] = torch.inf  # weights on inputs that are always 0 score 0
     pruned = torch.zeros(rows, total, dtype=torch.bool)
-    quotas = _quotas(w, scale, live, keep, block, cols) if keep is not None else None
+    protect = torch.zeros(rows, total, dtype=torch.bool)
+    quotas = None
+    if keep is not None:
+        quotas, protect = _quotas(w, scale, live, keep, block, cols, every_row)
     for start in range(0, total, block):
         end = min(start + block, total)
         sub, err = w[:, start:end], torch.zeros(rows, end - start, dtype=torch.float64)
@@ -180,7 +187,7 @@ def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, *, live: torch.Tens
         prune = _block_mask(sub, scale[start:end], live[:, start:end],
                             None if fixed is None else fixed[:, start:end],
                             None if quotas is None else quotas[start // block],
-                            max(0, end - max(start, cols)))
+                            max(0, end - max(start, cols)), protect[:, start:end])
         for i in range(end - start):
             if nm is not None and (start + i) % nm[1] == 0 and start + i < cols:
                 group = slice(i, i + nm[1])
@@ -200,24 +207,30 @@ def reconstruct(weight: torch.Tensor, hessian: torch.Tensor, *, live: torch.Tens
     return w[:, :cols].to(weight.dtype), ~pruned[:, :cols], new_bias
 
 
-def _quotas(w, scale, live, keep, block, cols) -> list[int]:
-    """Kept weights per column block: where the ``keep`` best initial scores lie."""
+def _quotas(w, scale, live, keep, block, cols, every_row
+            ) -> tuple[list[int], torch.Tensor]:
+    """Kept weights per column block: where the ``keep`` best initial scores lie (each row's
+    best first, with ``every_row``); and the weights that must stay (those row bests)."""
     scores = torch.where(live, w.square() / scale, -torch.inf)[:, :cols]
     if keep > int(live[:, :cols].sum()):
         raise PruningError(f"cannot keep {keep} weights of a layer with "
                            f"{int(live[:, :cols].sum())} live ones")
-    best = topk_mask(scores, keep)
-    return [int(best[:, s:s + block].sum()) for s in range(0, w.shape[1], block)]
+    protect = torch.zeros_like(live)
+    if every_row and keep >= int(row_best(scores).sum()):
+        protect[:, :cols] = row_best(scores)
+    best = (topk_rows if every_row else topk_mask)(scores, keep)
+    return [int(best[:, s:s + block].sum()) for s in range(0, w.shape[1], block)], protect
 
 
-def _block_mask(sub, scale, live, fixed, quota, extra) -> torch.Tensor:
+def _block_mask(sub, scale, live, fixed, quota, extra, protect) -> torch.Tensor:
     """Pruned-mask of one column block, chosen on the weights as corrected so far; the last
-    ``extra`` columns (the bias) are always kept."""
+    ``extra`` columns (the bias) and the ``protect`` weights are always kept."""
     if fixed is not None:
         return ~fixed | ~live
     if quota is None:  # N:M: the groups are chosen column by column
         return ~live
     scores = torch.where(live, sub.square() / scale, -torch.inf)
+    scores[protect] = torch.inf
     scores[:, scores.shape[1] - extra:] = torch.inf
     return ~topk_mask(scores, quota + extra * sub.shape[0]) | ~live
 
@@ -337,7 +350,7 @@ def _prune_layer(name: str, layer: nn.Module, hessian: torch.Tensor, live: torch
         if weight.dim() > 2:  # group the input channels of each kernel position together
             order = order.view(weight.shape[1], -1).t().reshape(-1)
     elif pattern.kind == "unstructured":
-        options["keep"] = count
+        options.update(keep=count, every_row=pattern.every_row)
     else:
         scores = torch.where(live, layer_scores(weight, hessian, dampening), -torch.inf)
         options["fixed"] = (pattern.select(name, scores, count) & live).reshape_as(live2d)
