@@ -264,3 +264,22 @@ def test_obc_keeps_each_rows_best_weight_when_asked() -> None:
     _, every, _ = reconstruct(weight, hessian, live=live, keep=6, block=4, every_row=True)
     assert not plain[2].any()
     assert every.sum() == 6 and every.any(dim=1).all()
+
+
+def test_woodfisher_prunes_a_tied_weight_through_its_linear_alias() -> None:
+    class TiedLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5, 4)
+            self.head = nn.Linear(4, 5, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.head(self.embed(tokens))
+
+    torch.manual_seed(0)
+    model = TiedLM()
+    batches = [(torch.randint(0, 5, (16,)), torch.randint(0, 5, (16,)))]
+    mask = prune(model, "woodfisher", "global", 0.5, batches)
+    assert list(mask) == ["head.weight"]
+    assert int(model.embed.weight.count_nonzero()) == mask.num_kept == 10

@@ -23,6 +23,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from prunescope.errors import PruningError
+from prunescope.targets import parameters
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -94,10 +95,11 @@ def per_sample_gradients(model: nn.Module, names: Sequence[str], batches: Sequen
     Computed with ``torch.func`` (vmap of grad) on the model in eval mode, so batch norm uses
     its running statistics and dropout is off; the model itself is not changed.
     """
-    params = {n: p.detach() for n, p in model.named_parameters()}
+    params = parameters(model)
     buffers = {n: b.detach() for n, b in model.named_buffers()}
-    targets = set(names)
-    frozen = {n: p for n, p in params.items() if n not in targets}
+    tied = {id(params[n]) for n in names}  # a target's tied aliases follow it (tie_weights)
+    frozen = {n: p.detach() for n, p in params.items() if id(p) not in tied}
+    params = {n: params[n].detach() for n in names}
     was_training = model.training
     model.eval()
 
@@ -126,7 +128,7 @@ def empirical_fisher(model: nn.Module, keep: Mapping[str, torch.Tensor],
     one chunk of per-sample gradients at a time.
     """
     names = list(keep)
-    params = dict(model.named_parameters())
+    params = parameters(model)
     totals = {n: torch.zeros(params[n].numel() // blocks[n], blocks[n], blocks[n]) for n in names}
     count = 0
     for chunk in per_sample_gradients(model, names, batches, loss_fn):
