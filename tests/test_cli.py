@@ -14,14 +14,13 @@ import torch
 import yaml
 from pipeline_helpers import assert_user_error, cli, files_under, write_recipe
 
-from prunescope import checkpoint, data, experiment, models, recipe
+from prunescope import checkpoint, data, experiment, models, pipeline, recipe
+from prunescope import run as run_module
 from prunescope.allocation import ALLOCATIONS
 from prunescope.cli import main
 from prunescope.criteria import CRITERIA
 from prunescope.errors import ConfigError
 from prunescope.mask import Mask
-from prunescope.methods import base as methods_base
-from prunescope.methods import one_shot
 from prunescope.schedules import SCHEDULES
 
 RUN_FILES = ("config.yaml", "results.json", "accuracy_vs_sparsity.png")
@@ -123,9 +122,8 @@ def test_running_the_same_recipe_again_reuses_every_finished_stage(finished, cap
     def no_work(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(experiment, "fit", no_work)  # the dense stage
-    monkeypatch.setattr(methods_base, "fit", no_work)  # every method's training
-    monkeypatch.setattr(one_shot, "prune", no_work)
+    monkeypatch.setattr(run_module, "fit", no_work)  # every training of every stage
+    monkeypatch.setattr(pipeline, "prune", no_work)
     out = finished["out"]
     stamp = (out / "dense" / "model.safetensors").stat().st_mtime_ns
     code, stdout, err = cli(capsys, "run", finished["recipe"], "--out", out, "--no-progress")
@@ -161,7 +159,8 @@ def test_train_command_trains_only_the_dense_model(tmp_path, capsys):
     assert saved.prune is None and saved.finetune is None and saved.train.epochs == 1
     assert files_under(out) == sorted(["config.yaml", "results.json", "dense/init.safetensors",
                                        "dense/last.safetensors", "dense/metrics.jsonl",
-                                       "dense/model.safetensors", "dense/result.json"])
+                                       "dense/model.safetensors", "dense/result.json",
+                                       "dense/stage.json"])
     assert "dense test accuracy" in stdout
 
 
@@ -570,3 +569,10 @@ def test_device_option_of_checkpoint_commands_reaches_the_command(capsys, monkey
         code, _, err = cli(capsys, *argv)
         assert code == 0, err
     assert [kw["device"] for kw in calls] == ["cuda:1", None]
+
+
+def test_the_command_line_shows_the_pipelines_fine_tuning_defaults():
+    from prunescope import cli
+
+    shown = (cli.FINETUNE_LR, cli.FINETUNE_EPOCHS)
+    assert shown == (pipeline.FINETUNE.lr, pipeline.FINETUNE.epochs)

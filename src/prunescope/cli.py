@@ -16,10 +16,13 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from prunescope import __version__, yamlfile
+from prunescope import __version__, logs, yamlfile
 from prunescope.errors import PrunescopeError
 
 EXIT_USAGE = 2
+# The fine-tuning defaults of prunescope.pipeline.FINETUNE, for --help without importing torch
+# (tests/test_cli.py checks that they agree)
+FINETUNE_LR, FINETUNE_EPOCHS = 0.01, 2
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -49,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``prunescope`` console script; returns the exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    logs.setup()
     try:
         return args.handler(args) or 0
     except PrunescopeError as exc:
@@ -110,7 +114,12 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="epochs of fine-tuning with the mask held (0: none)")
     prune.add_argument("--bn-recalibration", type=int, default=0, metavar="BATCHES",
                        help="re-estimate batch-norm statistics on this many batches of 100")
-    prune.add_argument("--lr", type=float, default=0.01, help="fine-tuning learning rate")
+    prune.add_argument("--lr", type=float,
+                       help=f"fine-tuning learning rate (default: {FINETUNE_LR:g}, the "
+                       "pipeline's fine-tuning default)")
+    prune.add_argument("--min-density", type=float,
+                       help="per-layer floor of kept weights, in [0, 1); 0 lets a layer be "
+                       "pruned away (default: one weight per output unit)")
     prune.add_argument("--sparse-kernels", action="store_true",
                        help="fine-tune on the sparse kernels where measured faster (prints the "
                        "choice per layer; see docs/kernels.md)")
@@ -128,8 +137,11 @@ def _build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--checkpoint", required=True,
                           help="a sparse model.safetensors (from prune or run)")
     transfer.add_argument("--dataset", required=True, help="the target dataset (see 'list')")
-    transfer.add_argument("--epochs", type=int, default=2, help="epochs of training on the target")
-    transfer.add_argument("--lr", type=float, default=0.01, help="learning rate")
+    transfer.add_argument("--epochs", type=int,
+                          help=f"epochs of training on the target (default: {FINETUNE_EPOCHS}, "
+                          "the pipeline's fine-tuning default)")
+    transfer.add_argument("--lr", type=float, help=f"learning rate (default: {FINETUNE_LR:g}, "
+                          "the pipeline's fine-tuning default)")
     transfer.add_argument("--sparse-kernels", action="store_true",
                           help="train on the sparse kernels where measured faster")
     transfer.add_argument("--data-root", help="the target dataset's directory, if it needs one "
@@ -187,6 +199,8 @@ def _build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--bootstrap", type=int, default=100,
                        help="bootstrap resamples for the confidence intervals (0: none)")
     audit.add_argument("--data-root", help="dataset directory, if the dataset needs one")
+    audit.add_argument("--cache-dir", help="where computed predictions are kept for the next "
+                       "audit (default: OUT/.cache/predictions; input runs are never written)")
     audit.set_defaults(handler=_audit)
 
     report = commands.add_parser("report", help="re-render report.html from an audit.json "
@@ -300,7 +314,8 @@ def _audit(args) -> int:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
     run_audit(args.dense, args.compressed, Path(args.out), split=args.split,
-              n_boot=args.bootstrap, data_root=args.data_root)
+              n_boot=args.bootstrap, data_root=args.data_root,
+              cache_dir=Path(args.cache_dir) if args.cache_dir else None)
     print(f"audit:  {Path(args.out) / 'audit.json'}\nreport: {Path(args.out) / 'report.html'}")
     return 0
 
@@ -331,7 +346,7 @@ def _prune(args) -> int:
         Path(args.checkpoint), Path(args.out), criterion=args.criterion,
         allocation=args.allocation, sparsity=args.sparsity, pattern=args.pattern,
         effective=args.effective, finetune_epochs=args.finetune_epochs, lr=args.lr,
-        sparse_kernels=args.sparse_kernels,
+        sparse_kernels=args.sparse_kernels, min_density=args.min_density,
         bn_recalibration=args.bn_recalibration,
         data_root=args.data_root, progress=args.progress, device=args.device,
     )

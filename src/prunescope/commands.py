@@ -93,7 +93,7 @@ def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None =
 def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
                      allocation: str = "global", sparsity: float | None,
                      pattern: str = "unstructured", effective: bool = False,
-                     finetune_epochs: int = 0, lr: float = FINETUNE.lr,
+                     finetune_epochs: int = 0, lr: float | None = None,
                      bn_recalibration: int = 0, sparse_kernels: bool = False,
                      min_density: float | None = None, data_root: str | None = None,
                      progress: bool | None = None, seed: int = 0,
@@ -106,8 +106,8 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
     (:mod:`prunescope.pipeline`)."""
     if finetune_epochs < 0 or bn_recalibration < 0:
         raise ConfigError("--finetune-epochs and --bn-recalibration must be >= 0")
-    finetune = (replace(FINETUNE, epochs=finetune_epochs, lr=lr, sparse_kernels=sparse_kernels)
-                if finetune_epochs else None)
+    finetune = (replace(FINETUNE, epochs=finetune_epochs, lr=FINETUNE.lr if lr is None else lr,
+                        sparse_kernels=sparse_kernels) if finetune_epochs else None)
     spec = PruneSpec(criterion, allocation, pattern, effective=effective)
     model, start, meta, splits = load_checkpoint(path, data_root)
     run = _run(splits, meta["model"], out, meta.get("data") or {}, seed=seed, device=device,
@@ -131,8 +131,8 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
     return stages.run([out], key, compute)[0]
 
 
-def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = FINETUNE.epochs,
-                        lr: float = FINETUNE.lr, sparse_kernels: bool = False,
+def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int | None = None,
+                        lr: float | None = None, sparse_kernels: bool = False,
                         data_root: str | None = None, progress: bool | None = None,
                         seed: int = 0, device: str | None = None) -> dict[str, Any]:
     """Sparse transfer: fine-tune a sparse checkpoint on ``dataset`` with its mask held.
@@ -142,13 +142,16 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int = FI
     every layer whose tensors all fit (names and shapes) is copied from the checkpoint and keeps
     its mask, the others (a classifier head for another number of classes, an input layer for
     other channels or sizes) start from a fresh initialisation, bias included, and train dense.
-    Writes the run to ``out`` (resumable, like any fit) and ``out/result.json``.
-    ``sparse_kernels`` trains on the sparse layers measured faster. Raises ConfigError when no
-    pruned tensor fits the target model.
+    Writes the run to ``out`` (resumable, like any fit) and ``out/result.json``. ``epochs`` and
+    ``lr`` default to the pipeline's fine-tuning defaults. ``sparse_kernels`` trains on the
+    sparse layers measured faster. Raises ConfigError when no pruned tensor fits the target
+    model.
     """
+    epochs = FINETUNE.epochs if epochs is None else epochs
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1 for a transfer, got {epochs}")
-    config = replace(FINETUNE, epochs=epochs, lr=lr, sparse_kernels=sparse_kernels)
+    config = replace(FINETUNE, epochs=epochs, lr=FINETUNE.lr if lr is None else lr,
+                     sparse_kernels=sparse_kernels)
     source, source_mask, meta = _load_model(path)
     splits = data.load(dataset, root=data_root, seed=seed)
     data_spec = {"name": dataset, "root": data_root, "val_size": None, "seed": seed}
