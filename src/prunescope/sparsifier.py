@@ -20,6 +20,7 @@ from prunescope import distributed
 from prunescope.allocation import ALLOCATIONS, allocate, check_min_density, check_sparsity
 from prunescope.criteria import Batch, Context, Criterion, resolve
 from prunescope.errors import PruningError
+from prunescope.hooks import Hook
 from prunescope.interop import fold_torch_prune
 from prunescope.mask import Mask
 from prunescope.patterns import Pattern, parse_pattern
@@ -271,7 +272,7 @@ def _prune_to_effective(model: nn.Module, start: Mask, target: float, rounds: in
     return attempt(low)  # the model's weights are exactly this mask's
 
 
-class MaskHold:
+class MaskHold(Hook):
     """Training hook that keeps a fixed mask: gradients masked before the optimizer step,
     weights re-zeroed after it (so momentum and weight decay never revive them).
 
@@ -294,10 +295,11 @@ class MaskHold:
             mask.zero_(self._params(mask, model))
 
     def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
-                              closure=None) -> None:
+                              closure=None) -> bool:
         mask = self.held()
         if mask is not None:
             mask.zero_grads_(self._params(mask, model))
+        return True
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer=None) -> None:
         self.hold_(model)
