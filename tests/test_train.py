@@ -357,3 +357,17 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     assert all(torch.isfinite(t).all() for t in last.model.values())
     assert [r["epoch"] for r in read_jsonl(tmp_path / METRICS)] == [0]
     assert not (tmp_path / FINAL).exists()
+
+
+def test_fit_accepts_a_torch_pruned_model_and_holds_its_mask(tmp_path):
+    # issue 15: a model still carrying torch.nn.utils.prune's weight_orig / weight_mask was
+    # refused ("the mask names 'classifier.0.weight', which the model does not have")
+    from torch.nn.utils import prune as torch_prune
+
+    model = lenet()
+    torch_prune.l1_unstructured(model.classifier[0], "weight", amount=0.5)
+    keep = model.classifier[0].weight_mask.bool().clone()
+    fit(model, digits(), TrainConfig(epochs=1, **FAST), tmp_path, progress=False)
+    weight = dict(model.named_parameters())["classifier.0.weight"]  # plain again
+    assert not hasattr(model.classifier[0], "weight_orig")
+    assert torch.count_nonzero(weight[~keep]) == 0 and torch.count_nonzero(weight[keep]) > 0
