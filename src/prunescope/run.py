@@ -94,6 +94,7 @@ class Run:
     metrics_logger: MetricsLogger | None = None
     log: logging.Logger = logger
     carried_seconds: float = 0.0  # training seconds of earlier (resumed) segments, per stage
+    _model_spec: dict[str, Any] | str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
@@ -112,13 +113,21 @@ class Run:
 
     def key(self) -> dict[str, Any]:
         """What determines every result of this run (the stages compare it on resume)."""
-        probe = self.fresh_model()
         return {"data": self.data_spec or {"name": self.splits.name},
-                "model": checkpoint.model_spec(probe, self.splits.num_classes)
-                or type(probe).__name__, "seed": self.seed,
+                "model": self._model_key(), "seed": self.seed,
                 "train": _plain(self.train), "finetune": _plain(self.finetune),
                 "scoring": _plain(self.scoring), "targets": _plain(self.targets),
                 "distill": _plain(self.distill)}
+
+    def _model_key(self) -> dict[str, Any] | str:
+        """The registry spec of the run's model (its class name for a model of your own),
+        built once on the CPU without touching the global random state."""
+        if self._model_spec is None:
+            with torch.random.fork_rng(devices=[]):
+                probe = self.model()
+            self._model_spec = (checkpoint.model_spec(probe, self.splits.num_classes)
+                                or type(probe).__name__)
+        return self._model_spec
 
     # -- sizes and configs ----------------------------------------------------------------
     @property
