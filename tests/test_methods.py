@@ -15,9 +15,9 @@ from prunescope import recipe
 from prunescope.bn import recalibrate_bn
 from prunescope.distill import distillation_loss, load_teacher
 from prunescope.errors import ConfigError
+from prunescope.experiment import dense_stage, run_for
 from prunescope.hooks import Hook
 from prunescope.mask import Mask
-from prunescope.experiment import dense_stage, run_for
 from prunescope.methods.acdc import ACDCHook, reset_optimizer_state
 from prunescope.methods.cram import CrAMHook
 from prunescope.methods.lottery import keep_counts, scale_for
