@@ -224,7 +224,38 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="feed each layer the pruned layers' outputs")
     explain.add_argument("--data-root", help="dataset directory, if the dataset needs one")
     explain.set_defaults(handler=_explain)
+    _add_erase(commands)
     return parser
+
+
+def _add_erase(commands) -> None:
+    erase = commands.add_parser("erase", help="SSSE: erase training samples from a checkpoint "
+                                "with one second-order step; erased model + result.json")
+    erase.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
+    chosen = erase.add_mutually_exclusive_group(required=True)
+    chosen.add_argument("--class", dest="label", metavar="K",
+                        help="erase the training samples of class K (index or name)")
+    chosen.add_argument("--samples", metavar="FILE",
+                        help="erase these positions in the training split (a JSON list, or "
+                        "integers separated by spaces, commas or newlines)")
+    erase.add_argument("--fraction", type=float, default=1.0,
+                       help="with --class: erase this seeded fraction of the class")
+    erase.add_argument("--epsilon", type=float, default=1.0,
+                       help="step size of the update (1: the Newton step)")
+    erase.add_argument("--dampening", type=float, default=0.1,
+                       help="Fisher dampening, relative to the mean Fisher diagonal")
+    erase.add_argument("--block-size", type=int, default=128,
+                       help="weights per Fisher block (per tensor, the largest divisor of its "
+                       "size up to this)")
+    erase.add_argument("--fisher-samples", type=int, default=1024,
+                       help="training examples whose gradients form the Fisher")
+    erase.add_argument("--seed", type=int, default=0,
+                       help="draws the Fisher's examples and the --fraction subset")
+    erase.add_argument("--data-root", help="dataset directory, if the dataset needs one "
+                       "(default: the one recorded in the checkpoint)")
+    _add_device(erase)
+    erase.add_argument("--out", required=True, help="output directory")
+    erase.set_defaults(handler=_erase)
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -373,6 +404,20 @@ def _evaluate(args) -> int:
                                                   args.data_root,
                                                   sparse_kernels=args.sparse_kernels,
                                                   device=args.device), indent=2))
+    return 0
+
+
+def _erase(args) -> int:
+    from prunescope.erasure import EraseSpec, erase_checkpoint
+
+    spec = EraseSpec(epsilon=args.epsilon, dampening=args.dampening,
+                     block_size=args.block_size, fisher_samples=args.fisher_samples,
+                     seed=args.seed)
+    result = erase_checkpoint(Path(args.checkpoint), Path(args.out), label=args.label,
+                              samples=Path(args.samples) if args.samples else None,
+                              fraction=args.fraction, spec=spec, data_root=args.data_root,
+                              device=args.device)
+    print(json.dumps(result, indent=2))
     return 0
 
 

@@ -64,13 +64,15 @@ def available_memory() -> int:
 
 
 def check_memory(sizes: dict[str, tuple[int, int]], limit: int | None = None, *,
-                 chunk: int | None = None) -> None:
+                 chunk: int | None = None, label: str = "woodfisher",
+                 advice: str = "prune fewer tensors at once") -> None:
     """Raise PruningError, before allocating anything, when the Fisher work would not fit.
 
     ``sizes`` maps tensor names to ``(numel, block_size)``. Counted: every tensor's Fisher
     blocks (float32) and inverse blocks (float64), which coexist until the weights are updated;
     the largest tensor's float64 factorisation work space (a copy, the Cholesky factor and a
     solve's output); and one chunk of per-sample gradients of all targets with its masked copy.
+    ``label`` names the caller and ``advice`` the second remedy in the message.
     """
     limit = available_memory() if limit is None else limit
     chunk = PER_SAMPLE_CHUNK if chunk is None else chunk
@@ -81,9 +83,8 @@ def check_memory(sizes: dict[str, tuple[int, int]], limit: int | None = None, *,
     if needed > limit:
         largest = max(b for _, b in sizes.values())
         raise PruningError(
-            f"woodfisher with block size {largest} needs {needed / 2**30:.2f} GiB but "
-            f"{limit / 2**30:.2f} GiB is available; choose a smaller block size or prune fewer "
-            "tensors at once"
+            f"{label} with block size {largest} needs {needed / 2**30:.2f} GiB but "
+            f"{limit / 2**30:.2f} GiB is available; choose a smaller block size or {advice}"
         )
 
 
