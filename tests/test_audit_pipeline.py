@@ -331,3 +331,17 @@ def test_read_only_runs_are_audited_with_the_cache_in_the_output(tmp_path):
     finally:
         for d in (dense, sparse):
             os.chmod(d, stat.S_IRWXU)
+
+
+def test_a_sweep_of_single_seed_populations_warns_once(caplog):
+    dense = [synthetic_predictions(seed=s, accuracy=0.8, run=f"dense-{s}") for s in range(5)]
+    singles = []
+    for index, sparsity in enumerate((0.5, 0.8, 0.9, 0.95)):
+        single = synthetic_predictions(seed=40 + index, accuracy=0.8, run=f"single-{index}")
+        single.meta.update(method={"label": "m", "sparsity": sparsity}, seed=0)
+        singles.append(single)
+    with caplog.at_level("WARNING"):
+        audit = build(dense, singles, n_boot=0).to_dict()
+    seed_noise = [w for w in audit["warnings"] if "seed noise" in w]
+    assert len(seed_noise) == 1 and seed_noise[0].startswith("4 populations (")
+    assert caplog.text.count("seed noise") == 1

@@ -158,11 +158,26 @@ def model_warnings(blocks: list[dict]) -> list[str]:
             if model["non_finite"]:
                 lines.append(f"{where} gives non-finite logits (NaN/inf) on "
                              f"{model['non_finite']} examples, counted as wrong")
-    for block in blocks:
-        if (block.get("cie") or {}).get("warning"):
-            lines.append(f"{block['label']}: {block['cie']['warning']}")
+    lines.extend(_grouped_cie_warnings(blocks))
     for line in lines:
         logger.warning("audit: %s", line)
+    return lines
+
+
+def _grouped_cie_warnings(blocks: list[dict]) -> list[str]:
+    """One line per distinct CIE warning, naming the populations it concerns (a sweep of
+    single-seed runs would otherwise repeat the same warning for each of them)."""
+    labels: dict[str, list[str]] = {}
+    for block in blocks:
+        if (warning := (block.get("cie") or {}).get("warning")):
+            labels.setdefault(warning, []).append(block["label"])
+    lines = []
+    for warning, names in labels.items():
+        if len(names) == 1:
+            lines.append(f"{names[0]}: {warning}")
+            continue
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        lines.append(f"{len(names)} populations ({shown}), each: {warning}")
     return lines
 
 
