@@ -66,18 +66,18 @@ def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
 
 
 def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None = None, *,
-                        sparse_kernels: bool = False, device: str | None = None
-                        ) -> dict[str, Any]:
+                        sparse_kernels: bool = False, device: str | None = None,
+                        level: float | None = None) -> dict[str, Any]:
     """Accuracy, loss and sparsity of a checkpoint on one split of its dataset, on ``device``;
     with ``sparse_kernels`` the pass runs on the sparse layers measured faster (the choice is
-    logged) and ``seconds`` and ``sparse_layers`` are added."""
+    logged) and ``seconds`` and ``sparse_layers`` are added. ``level`` picks a level of a
+    nested checkpoint (:mod:`prunescope.nested`; required for one, refused for any other)."""
     from prunescope.train import evaluate
 
-    model, mask, _, splits = load_checkpoint(path, data_root)
+    model, mask, splits, extra = _load_for_evaluation(path, data_root, level)
     summary = sparsity_summary(model, mask)
     model.to(devices.resolve(device))
     subset = getattr(splits, split)
-    extra: dict[str, Any] = {}
     if sparse_kernels:
         from prunescope import kernels
 
@@ -88,6 +88,30 @@ def evaluate_checkpoint(path: Path, split: str = "test", data_root: str | None =
     if sparse_kernels:
         extra["seconds"] = time.perf_counter() - start
     return {"checkpoint": str(path), "split": split, **scores, **summary, **extra}
+
+
+def _load_for_evaluation(path: Path, data_root: str | None, level: float | None
+                         ) -> tuple[nn.Module, Mask, data.Splits, dict[str, Any]]:
+    """Model, mask, dataset and the result's extra fields (``level``) of a checkpoint, or of
+    one level of a nested checkpoint."""
+    from prunescope import nested
+
+    if not nested.is_nested(path):
+        if level is not None:
+            raise CheckpointError(f"{path} is not a nested checkpoint, so it has no levels; "
+                                  "--level needs the nested.safetensors of an elsa run")
+        model, mask, _, splits = load_checkpoint(path, data_root)
+        return model, mask, splits, {}
+    if level is None:
+        raise ConfigError(f"{path} is a nested checkpoint holding levels "
+                          f"{nested.describe(nested.levels_of(path))}; pick one with --level")
+    model, mask = nested.load_at_level(path, level)
+    source = nested.read_meta(path).get("data")
+    if not source:
+        raise CheckpointError(f"{path} does not say which dataset it was trained on")
+    splits = data.load(source["name"], root=data_root or source.get("root"),
+                       val_size=source.get("val_size"), seed=source.get("seed", 0))
+    return model, mask, splits, {"level": level}
 
 
 def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",

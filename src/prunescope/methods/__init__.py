@@ -18,7 +18,7 @@ The built-in methods are registered here, in one place: importing this package r
 all (a method of your own registers itself with :func:`prunescope.methods.base.register`).
 """
 
-from prunescope.methods import acdc, cram, gmp, lottery, one_shot, rigl  # noqa: F401, I001
+from prunescope.methods import acdc, cram, elsa, gmp, lottery, one_shot, rigl  # noqa: F401, I001
 from prunescope.methods.base import METHODS, Method
 
 __all__ = ["METHODS", "Method"]
