@@ -162,6 +162,8 @@ def _build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--sparse-kernels", action="store_true",
                           help="infer on the sparse kernels where measured faster (prints the "
                           "choice per layer and the time of the pass)")
+    evaluate.add_argument("--level", type=float, help="the level (sparsity) of a nested "
+                          "checkpoint to evaluate (an elsa run's nested.safetensors)")
     _add_device(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
@@ -171,6 +173,8 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="a checkpoint (model.safetensors, last.safetensors) or a "
                          "mask.safetensors")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--level", type=float, help="the level of a nested checkpoint whose "
+                         "layers to show (default: the sparsest)")
     inspect.set_defaults(handler=_inspect)
 
     export = commands.add_parser("export", help="write a checkpoint for deployment: compact "
@@ -403,7 +407,8 @@ def _evaluate(args) -> int:
     print(json.dumps(commands.evaluate_checkpoint(Path(args.checkpoint), args.split,
                                                   args.data_root,
                                                   sparse_kernels=args.sparse_kernels,
-                                                  device=args.device), indent=2))
+                                                  device=args.device, level=args.level),
+                     indent=2))
     return 0
 
 
@@ -422,10 +427,15 @@ def _erase(args) -> int:
 
 
 def _inspect(args) -> int:
-    from prunescope import export
+    from prunescope import export, nested
 
-    info = export.inspect(args.file)
-    print(json.dumps(info, indent=2) if args.json else export.format_inspection(info))
+    if args.level is not None or nested.is_nested(args.file):
+        info = nested.inspect(args.file, args.level)
+        text = export.format_inspection(info) + "\n" + nested.format_levels(info)
+    else:
+        info = export.inspect(args.file)
+        text = export.format_inspection(info)
+    print(json.dumps(info, indent=2) if args.json else text)
     return 0
 
 
