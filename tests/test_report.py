@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 from test_audit_fixtures import synthetic_audit
 
-from prunescope.audit.schema import VERSION, AuditResult
+from prunescope.audit.schema import (
+    VERSION,
+    AuditResult,
+    BiasAmplification,
+    GroupMetric,
+    Intervals,
+    RiskScore,
+    RocCurve,
+)
 from prunescope.report import ReportError, load_audit, render, rerender
 
 
@@ -27,6 +35,50 @@ def test_the_typed_result_round_trips_exactly_through_json(audit):
     assert back == result and back.to_json() == result.to_json()
     assert back.version == VERSION and back.populations[1].welch[0].test == "welch"
     assert back.populations[1].cie.positions == result.populations[1].cie.positions
+
+
+def test_disaggregation_risk_and_bias_amplification_are_typed_and_round_trip(audit):
+    focus = audit.populations[1]
+    assert isinstance(focus.by_class["accuracy"], GroupMetric)
+    assert isinstance(focus.by_group["false_positive_rate"].ci, Intervals)
+    assert isinstance(focus.bias_amplification["yes"], BiasAmplification)
+    assert len(focus.bias_amplification["yes"].per_model) == focus.k
+    margin = focus.risk.cie["margin"]
+    assert isinstance(margin, RiskScore) and isinstance(margin.roc, RocCurve)
+    assert margin.positives == focus.cie.count
+    assert set(focus.risk.flip) == set(audit.risk_signals)
+    assert AuditResult.from_json(audit.to_json()) == audit
+
+
+def test_a_field_that_may_be_absent_stays_absent_in_the_json():
+    result = synthetic_audit(n_boot=0)  # no bootstrap: no intervals
+    result.dense.bias_amplification["yes"] = BiasAmplification(None, reason="too few")
+    data = json.loads(result.to_json())
+    assert "ci" not in data["dense"]["by_class"]["accuracy"]
+    assert data["dense"]["bias_amplification"]["yes"] == {"value": None, "reason": "too few"}
+    back = AuditResult.from_json(result.to_json())
+    assert back == result and back.dense.by_class["accuracy"].ci is None
+    assert back.dense.bias_amplification["yes"].per_model is None
+
+
+def test_the_page_reads_the_typed_result_not_its_json_form(audit, monkeypatch):
+    expected = render(audit)
+
+    def refuse(self):
+        raise AssertionError("the report read the dict form")
+
+    monkeypatch.setattr(AuditResult, "to_dict", refuse)
+    assert render(audit) == expected
+
+
+def test_a_metric_table_without_ece_still_renders(monkeypatch):
+    from prunescope.audit import metrics
+
+    monkeypatch.setattr(metrics, "MODEL_METRICS",
+                        [m for m in metrics.MODEL_METRICS if m.name != "ece"])
+    result = synthetic_audit(n_boot=0)
+    assert "ece" not in result.dense.values
+    assert "ECE -" in render(result)
 
 
 @pytest.mark.parametrize(("version", "message"), [

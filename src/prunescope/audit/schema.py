@@ -8,7 +8,11 @@ whether it is older or newer. The layout is described in ``docs/audit.md``.
 
 Per-model scalar metrics live in ``values`` (``{name: value}``) beside the typed fields, so a
 metric added to :data:`prunescope.audit.metrics.MODEL_METRICS` needs no change here;
-``metric_columns`` carries each one's column label and format to the report.
+``metric_columns`` carries each one's column label and format to the report. Three parts stay
+plain JSON (:data:`Json`): a model's ``cost`` record (written by the experiment into its run),
+a population's ``interdependence`` note and the result's ``images``. A field declared with
+:data:`OMIT_IF_NONE` is left out of the JSON form when it is None (as the dictionaries it
+replaced left the key out), and read back as None when absent.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from typing import Any
 from prunescope.errors import PrunescopeError
 
 VERSION = "prunescope.audit/2"
-Json = Any  # a JSON value kept as is (MetricFrame summaries, cost records, risk scores)
+Json = Any  # a JSON value kept as is (cost records, the interdependence note, images)
+OMIT_IF_NONE = {"omit_if_none": True}  # field metadata: no key in the JSON form when None
 
 
 class AuditFileError(PrunescopeError):
@@ -136,6 +141,73 @@ class WelchSummary:
 
 
 @dataclass
+class Intervals:
+    """Bootstrap 95% intervals ``[low, high]`` of each entry of a :class:`GroupMetric`."""
+
+    overall: list[float | None]
+    by_group: dict[str, list[float | None]]
+    min: list[float | None]
+    max: list[float | None]
+    difference: list[float | None]
+    ratio: list[float | None]
+
+
+@dataclass
+class GroupMetric:
+    """One metric disaggregated by class or group (a Fairlearn MetricFrame summary):
+    ``difference`` is max - min over the groups, ``ratio`` min / max; ``ci`` only when the
+    population was bootstrapped."""
+
+    overall: float | None
+    by_group: dict[str, float | None]
+    min: float | None
+    max: float | None
+    difference: float | None
+    ratio: float | None
+    ci: Intervals | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
+@dataclass
+class BiasAmplification:
+    """Bias amplification of one attribute w.r.t. the two groups: the mean over the models
+    (``per_model``), or None with the ``reason`` it is undefined."""
+
+    value: float | None
+    per_model: list[float | None] | None = field(default=None, metadata=OMIT_IF_NONE)
+    reason: str | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
+@dataclass
+class RocCurve:
+    """At most ``risk.ROC_POINTS`` points of a ROC curve."""
+
+    fpr: list[float]
+    tpr: list[float]
+
+
+@dataclass
+class RiskScore:
+    """How well one dense-model signal predicts a target (``risk.evaluate``): AUROC and curve
+    (None for a constant target), precision at k = ``positives``, the base rate, and how many
+    examples had no finite score (``unscored``)."""
+
+    positives: int
+    base_rate: float | None
+    precision_at_k: float | None
+    auroc: float | None
+    roc: RocCurve | None
+    unscored: int
+
+
+@dataclass
+class RiskTargets:
+    """Every risk signal scored against the CIEs and against the flipped examples."""
+
+    cie: dict[str, RiskScore]
+    flip: dict[str, RiskScore]
+
+
+@dataclass
 class PopulationAudit:
     """One population (the dense one, or a compressed method at one sparsity)."""
 
@@ -150,20 +222,20 @@ class PopulationAudit:
     worst_class_recall: float | None
     values: dict[str, float | None]
     collapsed: list[str]
-    by_class: Json
+    by_class: dict[str, GroupMetric]
     interdependence: Json
     reliability: Reliability | None = None
     direct_sparsity: float | None = None
     effective_sparsity: float | None = None
-    by_group: Json = None
-    bias_amplification: Json = None
+    by_group: dict[str, GroupMetric] | None = None
+    bias_amplification: dict[str, BiasAmplification] | None = None
     cie: CIESummary | None = None
     flip_count: float | None = None
     flip_rate: float | None = None
     normalised_change: list[float | None] | None = None
     welch: list[ClassTest] | None = None
     welch_summary: WelchSummary | None = None
-    risk: Json = None
+    risk: RiskTargets | None = None
 
 
 @dataclass
@@ -199,6 +271,10 @@ class AuditResult:
     warnings: list[str] = field(default_factory=list)
     images: Json = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+
+    def focus_populations(self) -> list[PopulationAudit]:
+        """The populations named in ``focus``, in the order of ``populations``."""
+        return [block for block in self.populations if block.label in self.focus]
 
     def to_dict(self) -> dict:
         """The JSON-able form (nested dicts and lists)."""
@@ -254,7 +330,8 @@ def _number(version: object) -> int | None:
 
 def _encode(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _encode(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not (f.metadata.get("omit_if_none") and getattr(value, f.name) is None)}
     if isinstance(value, list | tuple):
         return [_encode(v) for v in value]
     if isinstance(value, dict):
