@@ -24,7 +24,6 @@ checked before the first file is written.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ import torch
 
 from prunescope import checkpoint, data, devices, distributed, stages
 from prunescope import recipe as recipes
-from prunescope.errors import ConfigError
 from prunescope.files import atomic_write_bytes, write_json
 from prunescope.logs import TensorBoardLogger
 from prunescope.methods import Method
@@ -127,7 +125,7 @@ def sweep(recipe: Recipe, run: Run) -> dict[str, Any]:
         for sparsity in sparsities:
             for result in method_stage(run, method, sparsity, key):
                 runs.append(result)
-                logger.info("[%d/%d] %s", len(runs), total, summary(result))
+                run.log.info("[%d/%d] %s", len(runs), total, summary(result))
     results = {"recipe": recipe.name, "dataset": recipe.data.name, "model": recipe.model.name,
                "dense": dense, "runs": runs}
     write_json(run.out / "results.json", results)
@@ -163,7 +161,7 @@ def dense_stage(run: Run) -> dict[str, Any]:
         return [{**run.result(model, None), "seconds": watch.seconds()}]
 
     result = stages.run([directory], dense_key(run), train)[0]
-    logger.info("dense: test accuracy %.4f", result["accuracy"])
+    run.log.info("dense: test accuracy %.4f", result["accuracy"])
     return result
 
 
@@ -183,22 +181,15 @@ def method_stage(run: Run, method: Method, sparsity: float,
 
 
 def _check_method_dir(run: Run, method: Method) -> None:
+    """Refuse a method directory whose shared files belong to another config of the method."""
     path = run.dir(method.label) / METHOD_KEY
     if path.is_file():
-        stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored != json.loads(json.dumps(method.key(), default=str)):
-            name, old, new = stages.difference(stored, method.key())
-            raise ConfigError(
-                f"{run.dir(method.label)} holds runs of method {method.label!r} with "
-                f"{name}={old!r}, but this recipe asks {name}={new!r}; give the method another "
-                f"name (name: ...), pass another --out, or delete {run.dir(method.label)}")
+        stages.claim_config(path, method.key(), f"method {method.label!r}")
 
 
 def _claim_method_dir(run: Run, method: Method) -> None:
-    _check_method_dir(run, method)
-    path = run.dir(method.label) / METHOD_KEY
-    if not path.is_file():
-        write_json(path, method.key())
+    stages.claim_config(run.dir(method.label) / METHOD_KEY, method.key(),
+                        f"method {method.label!r}")
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -248,7 +239,7 @@ def train_populations(recipe: Recipe, main: Run) -> tuple[list[Path], list[Path]
                 done = method_stage(run, method, sparsity, key)[0]
                 compressed.append(method.directories(run, sparsity)[0])
                 line.append(f"{method.label} s={sparsity:g} {done['accuracy']:.4f}")
-        logger.info("; ".join(line))
+        main.log.info("; ".join(line))
     return dense, compressed
 
 

@@ -76,7 +76,9 @@ class Run:
 
     ``model`` builds a freshly initialised model (called after the seed is set);
     ``data_spec`` tells checkpoints how to reload the data (``{"name", "root", "val_size",
-    "seed"}``; None for data that does not come from :func:`prunescope.data.load`).
+    "seed"}``; None for data that does not come from :func:`prunescope.data.load`); ``log`` is
+    the logger the stages report each result through (training logs per epoch on
+    ``prunescope.train``); ``metrics_logger`` receives every epoch's record (TensorBoard).
     """
 
     splits: data.Splits

@@ -44,14 +44,14 @@ def finished(directory: Path) -> dict[str, Any] | None:
 def check(directories: Sequence[Path], key: Mapping[str, Any]) -> None:
     """Raise the ConfigError :func:`run` would raise for this stage, writing nothing."""
     for directory in directories:
-        _compare(directory, _normal(key), resumable=True)
+        _compare(directory, normal(key), resumable=True)
 
 
 def run(directories: Sequence[Path], key: Mapping[str, Any],
         compute: Callable[[], Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The stage's results, one per directory: read back when finished with the same key, else
     computed by ``compute()`` (which returns them in the same order) and written."""
-    key = _normal(key)
+    key = normal(key)
     done = [finished(d) if _compare(d, key, resumable=False) else None for d in directories]
     if all(result is not None for result in done):
         return done  # type: ignore[return-value]
@@ -127,9 +127,26 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, _Missing) else json.dumps(value)
 
 
-def _normal(key: Mapping[str, Any]) -> dict[str, Any]:
+def normal(key: Mapping[str, Any]) -> dict[str, Any]:
     """The key as it reads back from JSON (tuples become lists, keys strings)."""
     return json.loads(json.dumps(key, sort_keys=False, default=str))
+
+
+def claim_config(path: Path, config: Mapping[str, Any], owner: str) -> None:
+    """Write ``config`` to ``path`` (the config of files shared by several stages, e.g. a
+    method's rounds), or check that ``path`` holds the same; another one is a ConfigError naming
+    the first key that differs. ``owner`` names what the files belong to, for the message."""
+    config = normal(config)
+    if path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored != config:
+            name, old, new = difference(stored, config)
+            raise ConfigError(
+                f"{path.parent} holds files of {owner} with {name}={_show(old)}, but this run "
+                f"asks {name}={_show(new)}; give it another name, pass another --out, or "
+                f"delete {path.parent}")
+        return
+    write_json(path, config)
 
 
 def _clear(directory: Path) -> None:
