@@ -14,6 +14,7 @@ from test_audit_fixtures import synthetic_audit
 
 from prunescope.audit.schema import (
     VERSION,
+    AuditFileError,
     AuditResult,
     BiasAmplification,
     GroupMetric,
@@ -195,3 +196,10 @@ def test_prunescope_report_runs_without_torch(audit, tmp_path):
                           text=True, timeout=300, cwd=Path(__file__).parent)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "report.html").read_text().startswith("<!DOCTYPE html>")
+
+
+def test_a_key_the_schema_does_not_hold_is_refused_not_dropped(audit):
+    data = audit.to_dict()
+    data["populations"][0]["surprise"] = 1
+    with pytest.raises(AuditFileError, match="surprise"):
+        AuditResult.from_dict(data)

@@ -349,6 +349,10 @@ def _decode(kind: Any, value: Any) -> Any:
     if dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise TypeError(f"{kind.__name__} needs an object, got {type(value).__name__}")
+        names = {f.name for f in dataclasses.fields(kind)}
+        unknown = sorted(set(value) - names)
+        if unknown:  # a key no field holds would be dropped silently on the way through
+            raise ValueError(f"{kind.__name__} has no field {unknown[0]!r}")
         hints = typing.get_type_hints(kind)
         return kind(**{f.name: _decode(hints[f.name], value[f.name])
                        for f in dataclasses.fields(kind) if f.name in value
