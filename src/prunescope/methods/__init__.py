@@ -13,6 +13,8 @@ training loop, the compression pipeline) and add only their own mechanics:
   2020) and its random re-initialisation control.
 - ``cram``: compression-aware training, then one-shot pruning to many sparsities (Peste et al.
   2023).
+- ``elsa``: nested sparse networks in one dense model, level by level with the sparser levels'
+  weights frozen (Halvachi et al. 2023; :mod:`prunescope.nested`).
 
 The built-in methods are registered here, in one place: importing this package registers them
 all (a method of your own registers itself with :func:`prunescope.methods.base.register`).
