@@ -92,7 +92,7 @@ def test_step_uses_the_block_diagonal_of_the_fisher_over_every_tensor():
     expected = _reference_step(model, train, erased, 1.0, 0.05, structure=structure)
     before = _flat(model)
     erase(model, erased, InverseFisher.build(model, train, block_size=3, dampening=0.05,
-                                             samples=30))
+                                             samples=30), epsilon=1.0)
     assert torch.allclose(_flat(model) - before, expected, rtol=1e-4, atol=1e-7)
     dense = _reference_step(model, train, erased, 1.0, 0.05)
     assert not torch.allclose(dense, expected, rtol=1e-2)  # the block structure matters
@@ -111,7 +111,7 @@ def test_a_mask_keeps_pruned_weights_exactly_zero_and_solves_on_the_kept_ones():
     expected = _reference_step(model, train, erased, 1.0, DAMPENING, keep=keep.reshape(-1))
     before = _flat(model)
     erase(model, erased, InverseFisher.build(model, train, mask=mask, block_size=12,
-                                             samples=25))
+                                             samples=25), epsilon=1.0)
     weight = model[1].weight.detach()
     assert torch.equal(weight[~keep], torch.zeros(int((~keep).sum())))
     assert torch.allclose(_flat(model) - before, expected, rtol=1e-4, atol=1e-7)

@@ -244,8 +244,9 @@ def _add_erase(commands) -> None:
                         "integers separated by spaces, commas or newlines)")
     erase.add_argument("--fraction", type=float, default=1.0,
                        help="with --class: erase this seeded fraction of the class")
-    erase.add_argument("--epsilon", type=float, default=1.0,
-                       help="step size of the update (1: the Newton step)")
+    erase.add_argument("--epsilon", type=float, default=1e-3,
+                       help="step size of the update (1: the plain Newton step, which "
+                       "overshoots on MNIST; see docs/erasure.md)")
     erase.add_argument("--dampening", type=float, default=0.1,
                        help="Fisher dampening, relative to the mean Fisher diagonal")
     erase.add_argument("--block-size", type=int, default=128,
