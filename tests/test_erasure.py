@@ -223,6 +223,15 @@ def test_erase_command_refuses_bad_input_and_writes_nothing(trained, tmp_path, c
     assert code == 2 and "GiB" in err and not out.exists()
 
 
+def test_erase_help_explains_every_option_and_its_default():
+    parser = next(a for a in cli._build_parser()._actions if a.dest == "command").choices["erase"]
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            shown = formatter._expand_help(action)
+            assert action.required or "default" in shown, (action.option_strings, shown)
+
+
 def test_cli_defaults_are_the_erase_spec_defaults():
     parser = cli._build_parser()
     args = parser.parse_args(["erase", "--checkpoint", "x", "--class", "1", "--out", "o"])

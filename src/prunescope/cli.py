@@ -238,10 +238,12 @@ def _add_erase(commands) -> None:
     erase.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
     chosen = erase.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--class", dest="label", metavar="K",
-                        help="erase the training samples of class K (index or name)")
+                        help="erase the training samples of class K (index or name); this or "
+                        "--samples, no default")
     chosen.add_argument("--samples", metavar="FILE",
                         help="erase these positions in the training split (a JSON list, or "
-                        "integers separated by spaces, commas or newlines)")
+                        "integers separated by spaces, commas or newlines); this or --class, "
+                        "no default")
     erase.add_argument("--fraction", type=float, default=1.0,
                        help="with --class: erase this seeded fraction of the class")
     erase.add_argument("--epsilon", type=float, default=1e-3,
