@@ -12,6 +12,8 @@ resumes an unfinished one and refuses to mix configurations::
     OUT/results.json                     dense + one entry per method and sparsity
     OUT/accuracy_vs_sparsity.png         the plot
     OUT/populations/seed<s>/...          with an ``audit`` section: the other seeds' runs
+    OUT/populations/threads<n>/dense     with ``audit.threads``: the seed's dense model
+                                         trained under ``torch.set_num_threads(n)``
     OUT/audit.json, OUT/report.html      the compression audit (prunescope.audit)
     OUT/tensorboard/                     with ``log.tensorboard: true``
 
@@ -23,8 +25,10 @@ checked before the first file is written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,8 @@ def preflight(recipe: Recipe, run: Run) -> None:
     for method, sparsities in [*plan(recipe), *audit]:
         method.check(run, sparsities)
     stages.check([run.out / "dense"], dense_key(run))
+    for n in recipe.audit.threads if recipe.audit else ():
+        stages.check([thread_dir(run.out, n) / "dense"], {**dense_key(run), "threads": n})
     key = run.key()
     for method, sparsities in [*plan(recipe), *audit]:
         _check_method_dir(run, method)
@@ -148,8 +154,9 @@ def stage_key(run_key: dict[str, Any], method: Method, sparsity: float) -> dict[
     return {**run_key, "method": method.key(), "sparsity": sparsity}
 
 
-def dense_stage(run: Run) -> dict[str, Any]:
-    """Train (or resume, or read back) the dense baseline; returns its result."""
+def dense_stage(run: Run, extra_key: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume, or read back) the dense baseline; returns its result. ``extra_key``
+    joins the stage key (e.g. the thread count of a thread population member)."""
     directory = run.out / "dense"
 
     def train() -> list[dict[str, Any]]:
@@ -160,7 +167,7 @@ def dense_stage(run: Run) -> dict[str, Any]:
         run.fit(model, directory, run.train, desc="dense", distill=False)
         return [{**run.result(model, None), "seconds": watch.seconds()}]
 
-    result = stages.run([directory], dense_key(run), train)[0]
+    result = stages.run([directory], {**dense_key(run), **(extra_key or {})}, train)[0]
     run.log.info("dense: test accuracy %.4f", result["accuracy"])
     return result
 
@@ -243,6 +250,40 @@ def train_populations(recipe: Recipe, main: Run) -> tuple[list[Path], list[Path]
     return dense, compressed
 
 
+def thread_dir(out: Path, threads: int) -> Path:
+    """Where the thread-count population member trained under ``threads`` threads lives."""
+    return out / POPULATIONS / f"threads{threads}"
+
+
+@contextlib.contextmanager
+def num_threads(count: int) -> Iterator[None]:
+    """``torch.set_num_threads(count)`` inside the block, the previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def train_thread_population(recipe: Recipe, main: Run) -> list[Path]:
+    """The noise floor's tooling population (Zhuang et al. 2022, on the CPU): one dense model
+    per count of ``audit.threads``, each trained as the sweep's dense model (same seed, data,
+    initialisation and order) under ``torch.set_num_threads(count)``; returns their run
+    dirs. The count is part of each stage's key."""
+    assert recipe.audit is not None
+    dirs = []
+    for count in recipe.audit.threads:
+        run = run_for(recipe, thread_dir(main.out, count), progress=main.progress,
+                      splits=main.splits)
+        with num_threads(count):
+            result = dense_stage(run, {"threads": count})
+        dirs.append(run.out / "dense")
+        main.log.info("thread population: dense %.4f with %d thread(s)", result["accuracy"],
+                      count)
+    return dirs
+
+
 def sweep_runs(out: Path) -> list[Path]:
     """The finished compressed runs of the sweep itself (``OUT/<label>/s<sparsity>``)."""
     return sorted(p.parent for p in out.glob(f"*/s*/{FINAL}")
@@ -260,6 +301,7 @@ def audit_stage(recipe: Recipe, main: Run) -> Any:
         logger.info("audit: %s exists; delete it to audit again", out / "audit.json")
         return None
     dense, population = train_populations(recipe, main)
+    threads = train_thread_population(recipe, main)
     compressed = list(dict.fromkeys([*sweep_runs(out), *population]))
     return run_audit(dense, compressed, out, split=recipe.audit.split,
-                     n_boot=recipe.audit.bootstrap, log=logger.info)
+                     n_boot=recipe.audit.bootstrap, log=logger.info, threads=threads)

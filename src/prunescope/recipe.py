@@ -96,13 +96,16 @@ class AuditConfig:
     ``seeds`` dense models and, for each of ``methods`` x ``sparsities``, ``seeds`` compressed
     ones (seed 0 is the sweep's own run; seed k trains with the recipe's seed + k), audited on
     ``split`` with ``bootstrap`` resamples for the confidence intervals; writes
-    ``OUT/audit.json`` and ``OUT/report.html``."""
+    ``OUT/audit.json`` and ``OUT/report.html``. ``threads`` (two or more distinct counts, or
+    none): dense models of the recipe's own seed trained under each
+    ``torch.set_num_threads`` count, the noise floor's tooling population."""
 
     seeds: int = 5
     methods: tuple[Method, ...] = (OneShot(),)
     sparsities: tuple[float, ...] = (0.9, 0.98)
     split: str = "test"
     bootstrap: int = 100
+    threads: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.seeds < 1 or self.bootstrap < 0:
@@ -113,6 +116,10 @@ class AuditConfig:
             check_sparsity(value, "each of audit.sparsities")
         if self.split not in AUDIT_SPLITS:
             raise ConfigError(f"audit.split must be one of {AUDIT_SPLITS}, got {self.split!r}")
+        if self.threads and (len(set(self.threads)) < 2 or len(set(self.threads))
+                             < len(self.threads) or min(self.threads) < 1):
+            raise ConfigError(f"audit.threads needs two or more distinct thread counts >= 1 "
+                              f"(one model has no pairs to compare), got {list(self.threads)}")
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prunescope.audit import disaggregation, exemplars, metrics, risk
+from prunescope.audit import disaggregation, exemplars, metrics, noise, risk
 from prunescope.audit import predictions as cache
 from prunescope.audit.errors import AuditError
 from prunescope.audit.predictions import CHECKPOINT, Predictions, load_or_compute, load_splits
@@ -47,22 +47,29 @@ def _stderr(message: str) -> None:
 def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out: str | Path, *,
               split: str = "test", n_boot: int = 100, alpha: float = exemplars.ALPHA,
               data_root: str | None = None, log: Log = _stderr,
-              cache_dir: str | Path | None = None) -> AuditResult:
+              cache_dir: str | Path | None = None,
+              threads: Sequence[str | Path] = ()) -> AuditResult:
     """Audit ``compressed`` runs against ``dense`` runs; write ``out/audit.json`` and
     ``out/report.html`` (nothing is written to ``out`` unless the inputs fit together).
 
     Predictions are cached in ``cache_dir`` (default ``out/.cache/predictions``), never in the
     input runs, which may be read-only; new cache files are written after the audit files.
+    ``threads`` are dense runs that differ only in their thread count (the noise floor's
+    tooling population; not part of the dense population). The noise floor reads every
+    population's weights from its checkpoints (:func:`~prunescope.audit.noise.weight_vector`).
     Returns the typed :class:`~prunescope.audit.schema.AuditResult` (also in ``audit.json``)."""
     dense_dirs, compressed_dirs = _run_dirs(dense, "--dense"), _run_dirs(compressed, "--compressed")
-    _distinct(dense_dirs + compressed_dirs)
-    seeds = precheck(dense_dirs, compressed_dirs)
+    thread_dirs = _run_dirs(threads, "threads") if threads else []
+    _distinct(dense_dirs + compressed_dirs + thread_dirs)
+    seeds = precheck(dense_dirs + thread_dirs, compressed_dirs)
     cache_dir = Path(cache_dir) if cache_dir is not None else Path(out) / CACHE
     started = time.perf_counter()
-    loaded, fresh = _load_all(dense_dirs + compressed_dirs, seeds, split, data_root, cache_dir,
-                              log)
+    loaded, fresh = _load_all(dense_dirs + compressed_dirs + thread_dirs, seeds, split,
+                              data_root, cache_dir, log)
     predicted = time.perf_counter()
-    result = build(loaded[:len(dense_dirs)], loaded[len(dense_dirs):], n_boot=n_boot, alpha=alpha)
+    d, c = len(dense_dirs), len(dense_dirs) + len(compressed_dirs)
+    result = build(loaded[:d], loaded[d:c], n_boot=n_boot, alpha=alpha,
+                   threads=loaded[c:] or None, weights=noise.weight_vector)
     result.images = cie_images(result, loaded[0], data_root)
     result.seconds = {"predictions": predicted - started,
                       "analysis": time.perf_counter() - predicted}
@@ -78,7 +85,7 @@ def run_audit(dense: Sequence[str | Path], compressed: Sequence[str | Path], out
 
 def summary_lines(result: AuditResult) -> list[str]:
     """One line per focus population: CIEs and flips, and the dense accuracy on CIEs vs the
-    rest."""
+    rest; then its CIEs against the noise floor, and each population's churn."""
     lines = []
     for block in result.populations:
         if block.label not in result.focus:
@@ -91,6 +98,35 @@ def summary_lines(result: AuditResult) -> list[str]:
                      f"{block.flip_count:.1f} flips; dense accuracy on CIEs "
                      f"{100 * cie.dense_accuracy_cie:.1f}% vs "
                      f"{100 * cie.dense_accuracy_rest:.1f}% on the rest")
+    return lines + noise_lines(result)
+
+
+def noise_lines(result: AuditResult) -> list[str]:
+    """The noise floor in words: each focus population's CIEs against the dense-vs-dense
+    floor of its size, and the churn of the dense, focus and thread-count populations."""
+    floor = result.noise_floor
+    if floor is None:
+        return []
+    lines = []
+    for row in floor.cie_comparison:
+        if row.label not in result.focus:
+            continue
+        if row.floor_size is None:
+            lines.append(f"noise floor {row.label}: {row.note}")
+            continue
+        verdict = "above" if row.above_range else "NOT above"
+        lines.append(f"noise floor {row.label}: {row.count} CIEs vs {row.floor_mean:.1f} "
+                     f"[{row.floor_min}, {row.floor_max}] between dense populations of "
+                     f"{row.floor_size} ({verdict} the floor's range)")
+    for block in floor.populations:
+        if block.label in result.focus or block.label == "dense" or block.kind != "seeds":
+            churn = (f"churn {100 * block.churn.mean:.2f}% [{100 * block.churn.min:.2f}, "
+                     f"{100 * block.churn.max:.2f}] over {block.pairs} pairs"
+                     if block.churn else block.note)
+            spread = ("" if block.accuracy_std is None
+                      else f"; accuracy std {100 * block.accuracy_std:.2f} points")
+            lines.append(f"noise {block.label} ({block.k} models, {block.kind}): {churn}"
+                         f"{spread}")
     return lines
 
 
@@ -108,12 +144,16 @@ def write(result: AuditResult, out: Path) -> None:
 
 
 def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: int = 100,
-          alpha: float = exemplars.ALPHA, seed: int = 0) -> AuditResult:
-    """The typed audit (without images and timings) from loaded predictions."""
+          alpha: float = exemplars.ALPHA, seed: int = 0,
+          threads: list[Predictions] | None = None,
+          weights: noise.WeightLoader | None = None) -> AuditResult:
+    """The typed audit (without images and timings) from loaded predictions; ``threads`` is
+    the thread-count population of the noise floor, ``weights(run)`` a run's flat weights
+    (without it the noise floor has no weight distances)."""
     if not dense or not compressed:
         raise AuditError("an audit needs at least one dense and one compressed run; pass "
                          "--dense RUN... and --compressed RUN...")
-    check_compatible(dense + compressed)
+    check_compatible(dense + compressed + (threads or []))
     _refuse_non_finite_dense(dense)
     first = dense[0]
     info = _dataset_info(first)
@@ -122,6 +162,7 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
     blocks = [population_block(label, method, sparsity, members, info, dense=dense)
               for (label, method, sparsity), members in groups.items()]
     focus = choose_focus(blocks)
+    floor = _noise_floor(dense, list(groups.values()), blocks, threads, weights, seed)
     risk_signals = risk.signals(np.stack([p.logits for p in dense]), first.labels)
     add_disaggregation(dense_block, first, info, n_boot=n_boot, seed=seed)
     for block in blocks:
@@ -138,10 +179,25 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
     return AuditResult.from_dict(metrics.clean({
         "version": VERSION, "dataset": info, "settings": {"n_boot": n_boot, "alpha": alpha,
                                                       "correction": exemplars.CORRECTION},
-        "dense": dense_block, "populations": blocks, "focus": focus,
+        "dense": dense_block, "populations": blocks, "focus": focus, "noise_floor": floor,
         "risk_signals": list(risk.SIGNALS), "metric_columns": columns,
         "warnings": model_warnings([dense_block, *blocks]),
     }))
+
+
+def _noise_floor(dense: list[Predictions], groups: list[list[Predictions]], blocks: list[dict],
+                 threads: list[Predictions] | None, weights: noise.WeightLoader | None,
+                 seed: int) -> dict:
+    """:func:`prunescope.audit.noise.noise_floor` of the loaded populations."""
+    stack = lambda members: np.stack([m.predicted for m in members])  # noqa: E731
+    runs = lambda members: [m.meta.get("run") for m in members]  # noqa: E731
+    populations = [{"label": block["label"], "predictions": stack(members),
+                    "runs": runs(members), "cie_count": block["cie"]["count"]}
+                   for members, block in zip(groups, blocks, strict=True)]
+    return noise.noise_floor(stack(dense), populations, dense[0].labels,
+                             dense[0].logits.shape[1], dense_runs=runs(dense),
+                             threads=(stack(threads), runs(threads)) if threads else None,
+                             weights=weights, seed=seed)
 
 
 def model_warnings(blocks: list[dict]) -> list[str]:

@@ -26,7 +26,7 @@ from typing import Any
 
 from prunescope.errors import PrunescopeError
 
-VERSION = "prunescope.audit/2"
+VERSION = "prunescope.audit/3"
 Json = Any  # a JSON value kept as is (cost records, the interdependence note, images)
 OMIT_IF_NONE = {"omit_if_none": True}  # field metadata: no key in the JSON form when None
 
@@ -239,6 +239,79 @@ class PopulationAudit:
 
 
 @dataclass
+class PairSpread:
+    """Mean, std, min and max of a quantity over every pair of a population's models."""
+
+    mean: float
+    std: float
+    min: float
+    max: float
+
+
+@dataclass
+class PopulationNoise:
+    """The noise of one population (:func:`prunescope.audit.noise.population_noise`): ``kind``
+    says what its models differ in (``seeds``, ``threads``); ``churn`` (fraction of examples
+    two models label differently) and ``weight_distance`` (L2) are over its ``pairs``; the
+    standard deviations are over its models; None with the reason in ``note`` (one model, or
+    no weights)."""
+
+    label: str
+    kind: str
+    k: int
+    runs: list[str | None]
+    pairs: int
+    churn: PairSpread | None
+    accuracy_std: float | None
+    per_class_accuracy_std: list[float | None] | None
+    weight_distance: PairSpread | None
+    note: str | None
+
+
+@dataclass
+class CIEFloor:
+    """CIEs between two disjoint dense populations of ``size`` models each, over ``splits``
+    balanced splits (all of them when ``exhaustive``): count mean, min, max; mean per class."""
+
+    size: int
+    splits: int
+    exhaustive: bool
+    mean: float
+    min: int
+    max: int
+    per_class: list[float]
+
+
+@dataclass
+class CIEVersusFloor:
+    """A compressed population's CIE ``count`` beside the floor of ``floor_size`` models a
+    side: ``excess`` over its mean, ``above_range`` when above every split (None without a
+    floor; ``note`` says why, or that a smaller floor size had to be used)."""
+
+    label: str
+    k: int
+    count: int
+    floor_size: int | None
+    floor_mean: float | None
+    floor_min: int | None
+    floor_max: int | None
+    excess: float | None
+    above_range: bool | None
+    note: str | None
+
+
+@dataclass
+class NoiseFloor:
+    """The noise floor under the CIEs (:mod:`prunescope.audit.noise`): the noise of the dense,
+    each compressed and the thread-count population, the dense-vs-dense CIE floors and each
+    compressed population's CIEs against its floor."""
+
+    populations: list[PopulationNoise]
+    cie_floors: list[CIEFloor]
+    cie_comparison: list[CIEVersusFloor]
+
+
+@dataclass
 class DatasetInfo:
     name: str | None
     split: str | None
@@ -268,6 +341,7 @@ class AuditResult:
     focus: list[str]
     risk_signals: list[str]
     metric_columns: list[MetricColumn]
+    noise_floor: NoiseFloor | None = None
     warnings: list[str] = field(default_factory=list)
     images: Json = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)

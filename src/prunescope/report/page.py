@@ -11,7 +11,13 @@ from __future__ import annotations
 import html
 from collections.abc import Sequence
 
-from prunescope.audit.schema import AuditResult, PopulationAudit, WelchSummary
+from prunescope.audit.schema import (
+    AuditResult,
+    CIEVersusFloor,
+    PopulationAudit,
+    PopulationNoise,
+    WelchSummary,
+)
 from prunescope.report import figures
 
 STYLE = """
@@ -104,7 +110,23 @@ def _focus_card(result: AuditResult, block: PopulationAudit) -> str:
         f"{_pct(block.flip_rate, 2)}; ECE {_num(dense.values.get('ece'), 4)} &rarr; "
         f"{_num(block.values.get('ece'), 4)}",
     ]
+    floor = _floor_of(result, block.label)
+    if floor is not None:
+        lines.append(_e(_floor_text(floor)))
     return _card(block.label, _pct(block.accuracy.mean), lines, escape=False)
+
+
+def _floor_of(result: AuditResult, label: str) -> CIEVersusFloor | None:
+    rows = result.noise_floor.cie_comparison if result.noise_floor else []
+    return next((row for row in rows if row.label == label), None)
+
+
+def _floor_text(row: CIEVersusFloor) -> str:
+    if row.floor_size is None:
+        return f"CIE noise floor: none ({row.note})"
+    return (f"CIE noise floor (dense vs dense, {row.floor_size} a side): {row.floor_mean:.1f} "
+            f"[{row.floor_min}, {row.floor_max}]; "
+            + ("above its range" if row.above_range else "not above its range"))
 
 
 def _welch_line(result: AuditResult, summary: WelchSummary | None, hurt: list[int],
@@ -192,11 +214,57 @@ def _figure(uri: str | None, alt: str, caption: str) -> str:
 
 
 def _tables(result: AuditResult) -> str:
-    parts = ["<h2>Worst classes and groups</h2>", _worst_classes(result), _groups(result),
+    parts = ["<h2>Noise floor</h2>", _noise_floor(result),
+             "<h2>Worst classes and groups</h2>", _worst_classes(result), _groups(result),
              "<h2>Risk before pruning</h2>", _risk(result),
              "<h2>Sparsity and cost</h2>", _cost(result),
              "<h2>Every population</h2>", _all_populations(result)]
     return "\n".join(p for p in parts if p)
+
+
+def _noise_floor(result: AuditResult) -> str:
+    """Churn, accuracy spread and weight distance per population, then each compressed
+    population's CIEs beside the dense-vs-dense floor of its size (Zhuang et al. 2022)."""
+    floor = result.noise_floor
+    if floor is None:
+        return "<p class='muted'>This audit carries no noise floor.</p>"
+    rows = [_noise_row(block) for block in floor.populations]
+    cie_rows = [[row.label, row.k, row.count, row.floor_size or "-",
+                 _num(row.floor_mean, 1),
+                 "-" if row.floor_size is None else f"[{row.floor_min}, {row.floor_max}]",
+                 _num(row.excess, 1),
+                 "-" if row.above_range is None else "yes" if row.above_range else "no",
+                 row.note or ""] for row in floor.cie_comparison]
+    splits = "; ".join(f"{f.size} a side: {f.splits} {'(all)' if f.exhaustive else '(sampled)'}"
+                       for f in floor.cie_floors) or "none"
+    return ("<p class='muted'>Models that differ only in noise (seed; thread count for the "
+            "'threads' population) already disagree: churn is the fraction of examples two "
+            "models label differently (one minus the agreement of Zhuang et al.'s get_churn), "
+            "over every pair; the standard deviations are over the models (per class: the "
+            "largest and the mean over the classes); weight distance is the L2 norm of the "
+            "difference of two models' parameters.</p>"
+            + _table(["population", "differ in", "models", "pairs", "churn mean",
+                      "churn [min, max]", "accuracy std (pts)", "class acc. std max (pts)",
+                      "class acc. std mean (pts)", "weight L2 mean", "weight L2 [min, max]",
+                      "note"], rows)
+            + "<p class='muted'>CIEs against the floor: the CIEs that two disjoint dense "
+            "populations of the same size produce against each other, over balanced splits "
+            f"of the dense models ({_e(splits)}). A count inside the floor's range is "
+            "indistinguishable from seed noise.</p>"
+            + _table(["population", "seeds", "CIEs", "floor size", "floor mean",
+                      "floor [min, max]", "excess", "above range", "note"], cie_rows))
+
+
+def _noise_row(block: PopulationNoise) -> list:
+    churn, weights, std = block.churn, block.weight_distance, block.per_class_accuracy_std
+    classes = [v for v in std or [] if v is not None]
+    return [block.label, block.kind, block.k, block.pairs, _pct(churn and churn.mean, 2),
+            f"[{_pct(churn.min, 2)}, {_pct(churn.max, 2)}]" if churn else "-",
+            _num(_points(block.accuracy_std), 2),
+            _num(_points(max(classes)) if classes else None, 2),
+            _num(_points(sum(classes) / len(classes)) if classes else None, 2),
+            _num(weights and weights.mean, 3),
+            f"[{weights.min:.3f}, {weights.max:.3f}]" if weights else "-", block.note or ""]
 
 
 def _worst_classes(result: AuditResult, count: int = 5) -> str:
