@@ -14,6 +14,8 @@ self-contained ``report.html`` (see ``docs/audit.md``). The parts:
   amplification, interdependence;
 - :mod:`~prunescope.audit.exemplars`: compression-identified exemplars, Welch-tested classes;
 - :mod:`~prunescope.audit.risk`: signals of the dense model that predict CIEs and flips;
+- :mod:`~prunescope.audit.noise`: the noise floor (churn, accuracy std, weight distance, and
+  the CIEs two dense populations produce against each other);
 - :mod:`~prunescope.audit.cost`: sparsity, parameters, FLOPs, sizes, latency;
 - :mod:`~prunescope.audit.audit`: puts it together.
 
