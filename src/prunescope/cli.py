@@ -163,7 +163,8 @@ def _build_parser() -> argparse.ArgumentParser:
                           help="infer on the sparse kernels where measured faster (prints the "
                           "choice per layer and the time of the pass)")
     evaluate.add_argument("--level", type=float, help="the level (sparsity) of a nested "
-                          "checkpoint to evaluate (an elsa run's nested.safetensors)")
+                          "checkpoint to evaluate (an elsa run's nested.safetensors; default: "
+                          "none, required for a nested checkpoint)")
     _add_device(evaluate)
     evaluate.set_defaults(handler=_evaluate)
 
