@@ -286,3 +286,35 @@ def test_a_class_without_examples_is_refused_before_anything_is_written(tmp_path
 def test_the_method_refuses_weight_sparsity(tmp_path):
     with pytest.raises(ConfigError, match=r"sparsities: \[0.0\]"):
         METHODS.get("data_pruning")(density=0.5).check(_run(tmp_path), (0.5,))
+
+
+# -- the command line ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [["--density", "0"], ["--density", "1.2"],
+                                  ["--density", "0.5", "--strategy", "loss"],
+                                  ["--density", "0.5", "--quota", "drop"]])
+def test_prune_data_bad_input_is_one_line_and_writes_nothing(args, tmp_path, capsys):
+    from pipeline_helpers import assert_user_error, cli
+
+    out = tmp_path / "out"
+    code, _, err = cli(capsys, "prune-data", "--dataset", "digits", *args, "--out", out)
+    assert_user_error(code, err)
+    assert not out.exists()
+
+
+def test_prune_data_command_writes_the_kept_examples_and_the_result(tmp_path, capsys):
+    import json
+
+    from pipeline_helpers import cli
+
+    out = tmp_path / "out"
+    code, stdout, err = cli(capsys, "prune-data", "--dataset", "digits", "--density", "0.5",
+                            "--quota", "drop_code", "--query-models", "1", "--query-epochs",
+                            "1", "--epochs", "1", "--out", out)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    kept = json.loads((out / "kept.json").read_text())
+    assert json.loads(stdout) == result
+    assert result["epochs"] == 1 and result["kept"] == len(kept["positions"])
+    assert result["worst_class_recall"] == min(result["per_class_recall"])

@@ -230,7 +230,40 @@ def _build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--data-root", help="dataset directory, if the dataset needs one")
     explain.set_defaults(handler=_explain)
     _add_erase(commands)
+    _add_prune_data(commands)
     return parser
+
+
+def _add_prune_data(commands) -> None:
+    prune_data = commands.add_parser(
+        "prune-data", help="prune a training set (random, EL2N, forgetting; DRoP class quotas) "
+        "and train on what is left; kept.json + result.json")
+    prune_data.add_argument("--dataset", default="mnist_lt", help="dataset name")
+    prune_data.add_argument("--model", default="lenet300", help="model name")
+    prune_data.add_argument("--density", type=float, required=True,
+                            help="kept fraction of the training set, in (0, 1]")
+    prune_data.add_argument("--strategy", default="random",
+                            help="random, el2n or forgetting (higher scores kept)")
+    prune_data.add_argument("--quota", default="none",
+                            help="none, drop_code (1 - recall) or drop_paper (N_k (1 - recall))")
+    for name, default, text in (("query-models", 3, "DRoP query models"),
+                                ("query-epochs", 2, "epochs of each query model"),
+                                ("score-models", 3, "EL2N scoring models"),
+                                ("score-epochs", 2, "epochs of each scoring model")):
+        prune_data.add_argument(f"--{name}", type=int, default=default, help=text)
+    prune_data.add_argument("--epochs", type=int, default=10,
+                            help="E, epochs on the full data; the pruned set trains "
+                            "floor((0.5 + 0.5 d) E / d)")
+    prune_data.add_argument("--lr", type=float, default=0.05, help="peak learning rate")
+    prune_data.add_argument("--batch-size", type=int, default=128, help="batch size")
+    prune_data.add_argument("--seed", type=int, default=0, help="seed of splits, models, "
+                            "selection")
+    prune_data.add_argument("--no-train", dest="fit", action="store_false",
+                            help="write kept.json only")
+    prune_data.add_argument("--data-root", help="dataset directory, if the dataset needs one")
+    _add_device(prune_data)
+    prune_data.add_argument("--out", required=True, help="output directory")
+    prune_data.set_defaults(handler=_prune_data)
 
 
 def _add_erase(commands) -> None:
@@ -426,6 +459,21 @@ def _erase(args) -> int:
                               samples=Path(args.samples) if args.samples else None,
                               fraction=args.fraction, spec=spec, data_root=args.data_root,
                               device=args.device)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _prune_data(args) -> int:
+    from prunescope.data_pruning import DataPruningSpec
+    from prunescope.data_pruning.command import prune_data_command
+    from prunescope.train import TrainConfig
+
+    spec = DataPruningSpec(args.density, args.strategy, args.quota, args.query_models,
+                           args.query_epochs, args.score_models, args.score_epochs)
+    train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)
+    result = prune_data_command(args.dataset, args.model, Path(args.out), spec, train,
+                                seed=args.seed, root=args.data_root, device=args.device,
+                                fit=args.fit)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,0 +1,115 @@
+"""DRoP benchmark (issue 12): Random+DRoP against random and EL2N data pruning on ``mnist_lt``.
+
+For each seed and density (0.3, 0.5) the training set of long-tailed MNIST is pruned by random
+selection, by EL2N (3 scoring models of 2 epochs) and by Random+DRoP (``drop_code`` quotas from
+3 query models of 2 epochs; ``--paper`` adds ``drop_paper``), then a LeNet-300-100 trains on the
+kept examples for E' = floor((0.5 + 0.5 d) E / d) epochs and is evaluated on the test half of
+the DRoP protocol; the same model on the full training set (E epochs) is the reference. Prints
+the mean over seeds with a 95% t-interval of overall accuracy and worst-class recall, and the
+paired difference of Random+DRoP against each baseline; writes
+bench/results/drop.json.
+
+    .venv/bin/python benchmarks/drop.py [--seeds 3] [--epochs 10] [--out runs/bench-drop]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from common import markdown_table, write_results
+
+from prunescope.data_pruning import DataPruningSpec, prune_with, train_on
+from prunescope.run import Run
+from prunescope.train import TrainConfig
+
+DENSITIES = (0.3, 0.5)
+# two-sided 95% Student t quantiles by degrees of freedom
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """Mean and half-width of the 95% t-interval (0 for one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, T95[len(values) - 1] * statistics.stdev(values) / len(values) ** 0.5
+
+
+def run_seed(seed: int, epochs: int, out: Path, quotas: tuple[str, ...]) -> list[dict]:
+    run = Run.from_dataset("mnist_lt", "lenet300", out / f"seed{seed}", seed=seed, progress=False,
+                           train=TrainConfig(epochs=epochs, batch_size=128, lr=0.05))
+    records = []
+    for density in (1.0, *DENSITIES):
+        specs = [DataPruningSpec(density, "random"), DataPruningSpec(density, "el2n")]
+        specs += [DataPruningSpec(density, "random", quota) for quota in quotas]
+        specs = specs[:1] if density == 1.0 else specs  # the full training set, once
+        for spec in specs:
+            start = time.perf_counter()
+            kept = prune_with(run, spec)
+            result = train_on(run, kept, run.out / spec.label, density=density, desc=spec.label)
+            method = "full data" if density == 1.0 else spec.label.split("-d")[0]
+            records.append({"seed": seed, "density": density, "method": method,
+                            "accuracy": result["accuracy"],
+                            "worst_class_recall": result["worst_class_recall"],
+                            "worst_class": result["worst_class"], "epochs": result["epochs"],
+                            "kept_per_class": result["kept_per_class"],
+                            "per_class_recall": result["per_class_recall"],
+                            "seconds": time.perf_counter() - start})
+            print(f"seed {seed} d={density} {records[-1]['method']}: acc "
+                  f"{result['accuracy']:.4f}, worst {result['worst_class_recall']:.4f} "
+                  f"(class {result['worst_class']}), kept {result['kept_per_class']}", flush=True)
+    return records
+
+
+def summary(records: list[dict]) -> list[dict]:
+    rows = []
+    for density in (1.0, *DENSITIES):
+        methods = dict.fromkeys(r["method"] for r in records if r["density"] == density)
+        for method in methods:
+            chosen = [r for r in records if r["density"] == density and r["method"] == method]
+            acc, acc_ci = interval([r["accuracy"] for r in chosen])
+            worst, worst_ci = interval([r["worst_class_recall"] for r in chosen])
+            rows.append({"density": density, "method": method, "seeds": len(chosen),
+                         "accuracy": f"{100 * acc:.2f} ± {100 * acc_ci:.2f}",
+                         "worst-class recall": f"{100 * worst:.2f} ± {100 * worst_ci:.2f}"})
+    return rows
+
+
+def paired(records: list[dict], ours: str = "random+drop_code") -> list[dict]:
+    """Random+DRoP minus each baseline, paired by seed, in points with 95% t-intervals."""
+    rows = []
+    for density in DENSITIES:
+        at = {(r["method"], r["seed"]): r for r in records if r["density"] == density}
+        for base in ("random", "el2n"):
+            seeds = sorted(s for m, s in at if m == base and (ours, s) in at)
+            for key in ("worst_class_recall", "accuracy"):
+                diff, ci = interval([100 * (at[ours, s][key] - at[base, s][key]) for s in seeds])
+                rows.append({"density": density, "vs": base, "metric": key,
+                             "difference (points)": f"{diff:+.2f} ± {ci:.2f}"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--paper", action="store_true", help="also run drop_paper")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-drop"))
+    args = parser.parse_args()
+    start = time.perf_counter()
+    quotas = ("drop_code", "drop_paper") if args.paper else ("drop_code",)
+    records = [r for seed in range(args.seeds)
+               for r in run_seed(seed, args.epochs, args.out, quotas)]
+    print(markdown_table(summary(records), ["density", "method", "seeds", "accuracy",
+                                            "worst-class recall"]))
+    print()
+    print(markdown_table(paired(records), ["density", "vs", "metric", "difference (points)"]))
+    print(f"\n{time.perf_counter() - start:.0f} s in all")
+    print(write_results("drop", records))
+
+
+if __name__ == "__main__":
+    main()
