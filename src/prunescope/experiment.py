@@ -57,6 +57,7 @@ def run(recipe: Recipe, out: str | Path, *, progress: bool | None = None) -> dic
     torch.use_deterministic_algorithms(recipe.deterministic)
     main = run_for(recipe, out, progress=progress)
     preflight(recipe, main)  # before writing anything: a bad recipe leaves nothing behind
+    distributed.barrier()  # every process has checked before rank 0 writes
     atomic_write_bytes(out / "config.yaml", recipes.dump(recipe).encode())
     if recipe.log.tensorboard and distributed.is_writer():
         main.metrics_logger = TensorBoardLogger(out / "tensorboard")

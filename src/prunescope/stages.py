@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from prunescope import distributed
 from prunescope.errors import ConfigError
 from prunescope.files import write_json
 
@@ -50,20 +51,34 @@ def check(directories: Sequence[Path], key: Mapping[str, Any]) -> None:
 def run(directories: Sequence[Path], key: Mapping[str, Any],
         compute: Callable[[], Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
     """The stage's results, one per directory: read back when finished with the same key, else
-    computed by ``compute()`` (which returns them in the same order) and written."""
+    computed by ``compute()`` (which returns them in the same order) and written.
+
+    Under torchrun rank 0 alone inspects, clears and writes; the other processes wait for it
+    and then read the same decision from the files (so every process runs ``compute`` or none).
+    """
     key = normal(key)
-    done = [finished(d) if _compare(d, key, resumable=False) else None for d in directories]
+    if distributed.is_writer():
+        done = [finished(d) if _compare(d, key, resumable=False) else None for d in directories]
+        if any(result is None for result in done):
+            for directory in directories:
+                write_json(directory / KEY, key)
+    distributed.barrier()
+    done = [finished(d) if _stored(d) == key else None for d in directories]
     if all(result is not None for result in done):
         return done  # type: ignore[return-value]
-    for directory in directories:
-        write_json(directory / KEY, key)
     results = list(compute())
     if len(results) != len(directories):
         raise RuntimeError(f"stage computed {len(results)} results for {len(directories)} "
                            "directories")
     for directory, result in zip(directories, results, strict=True):
         write_json(directory / RESULT, result)
+    distributed.barrier()
     return results
+
+
+def _stored(directory: Path) -> dict[str, Any] | None:
+    path = directory / KEY
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _compare(directory: Path, key: dict[str, Any], *, resumable: bool) -> bool:
@@ -71,8 +86,7 @@ def _compare(directory: Path, key: dict[str, Any], *, resumable: bool) -> bool:
     unfinished stage (unless only checking); raises for a finished stage of another key."""
     if not directory.exists() or not any(directory.iterdir()):
         return False
-    path = directory / KEY
-    stored = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    stored = _stored(directory)
     if stored == key:
         return True
     if stored is None or (directory / RESULT).is_file():
