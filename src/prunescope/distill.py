@@ -8,8 +8,10 @@ recipe of the sparse-transfer work this project builds on (e.g. Kurtic et al. 20
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +30,40 @@ class DistillConfig:
     teacher: str = ""
     temperature: float = 4.0
     weight: float = 0.5
+    # worst-class robust distillation (prunescope.robust_distill); weight is its teacher share a
+    robust: bool = False
+    blend: float = 1.0
+    step_size: float = 0.1
+    every: int = 10
+    val_batch_size: int = 1000
 
     def __post_init__(self) -> None:
         if not self.teacher:
             raise ConfigError("distill.teacher must name a checkpoint (a model.safetensors)")
         if not self.temperature > 0 or not 0 <= self.weight <= 1:
             raise ConfigError("distill needs temperature > 0 and weight in [0, 1]")
+        if self.teacher == NO_TEACHER and not self.robust:
+            raise ConfigError("distill.teacher: none needs distill.robust: true (a teacher-free "
+                              "robust or class-balanced objective)")
+        if self.robust:
+            from prunescope.robust_distill import check
+
+            check(temperature=self.temperature, weight=self.weight, blend=self.blend,
+                  step_size=self.step_size, every=self.every,
+                  val_batch_size=self.val_batch_size, has_teacher=self.teacher != NO_TEACHER)
+
+    def key(self) -> dict[str, Any]:
+        """The settings that determine a result: the robust keys only when robust is on (so
+        the stage keys of plain distillation runs are what they were)."""
+        fields = dataclasses.asdict(self)
+        if not self.robust:
+            for name in ROBUST_KEYS:
+                fields.pop(name)
+        return fields
+
+
+NO_TEACHER = "none"
+ROBUST_KEYS = ("robust", "blend", "step_size", "every", "val_batch_size")
 
 
 class DistillationLoss:

@@ -32,8 +32,10 @@ from torch import nn
 from prunescope import checkpoint, data, devices, models
 from prunescope.connectivity import effective_mask
 from prunescope.distill import DistillConfig
+from prunescope.errors import ConfigError
 from prunescope.logs import MetricsLogger
 from prunescope.mask import Mask
+from prunescope.robust_distill import RobustDistillationLoss
 from prunescope.train import FINAL, LossFn, TrainConfig, evaluate, fit
 
 INIT = "init.safetensors"
@@ -119,7 +121,7 @@ class Run:
                 "model": self._model_key(), "seed": self.seed,
                 "train": _plain(self.train), "finetune": _plain(self.finetune),
                 "scoring": _plain(self.scoring), "targets": _plain(self.targets),
-                "distill": _plain(self.distill)}
+                "distill": self.distill.key() if self.distill is not None else None}
 
     def _model_key(self) -> dict[str, Any] | str:
         """The registry spec of the run's model (its class name for a model of your own),
@@ -194,24 +196,43 @@ class Run:
     # -- training -----------------------------------------------------------------------------
     def loss_fn(self) -> LossFn | None:
         """Distillation from the run's teacher, if it has one (``dense``: this run's own dense
-        model)."""
+        model); with ``distill.robust`` the worst-class robust objective
+        (:mod:`prunescope.robust_distill`; teacher ``none``: no teacher term)."""
         if self.distill is None:
             return None
-        from prunescope.distill import DistillationLoss, load_teacher
+        from prunescope.distill import NO_TEACHER, DistillationLoss, load_teacher
 
-        path = self.dense_path() if self.distill.teacher == "dense" else self.distill.teacher
-        teacher = load_teacher(path, self.splits.num_classes).to(self.device)
+        teacher = None
+        if self.distill.teacher != NO_TEACHER:
+            path = self.dense_path() if self.distill.teacher == "dense" else self.distill.teacher
+            teacher = load_teacher(path, self.splits.num_classes).to(self.device)
+        if self.distill.robust:
+            return self._robust_loss(teacher)
         return DistillationLoss(teacher, temperature=self.distill.temperature,
                                 weight=self.distill.weight,
                                 label_smoothing=self.train.label_smoothing)
+
+    def _robust_loss(self, teacher: nn.Module | None) -> LossFn:
+        d = self.distill
+        return RobustDistillationLoss(
+            teacher, self.splits.num_classes, self.splits.val, temperature=d.temperature,
+            weight=d.weight, blend=d.blend, step_size=d.step_size, every=d.every,
+            val_batch_size=d.val_batch_size, label_smoothing=self.train.label_smoothing,
+            seed=self.seed)
 
     def fit(self, model: nn.Module, directory: Path, config: TrainConfig, *, hook=None,
             desc: str, distill: bool = True, **meta: Any) -> dict[str, Any]:
         """Train with the run's seed, loss, device and progress settings; checkpoints in
         ``directory`` (resumed when there). ``distill=False`` trains on the labels alone (the
-        dense baseline)."""
+        dense baseline). A robust loss wraps ``hook`` to update and checkpoint its lambda."""
+        loss_fn = self.loss_fn() if distill else None
+        if isinstance(loss_fn, RobustDistillationLoss):
+            if config.sparse_kernels:
+                raise ConfigError("robust distillation does not run on sparse kernels; set "
+                                  "train.sparse_kernels: false or distill.robust: false")
+            hook = loss_fn.hook(hook)
         record = fit(model, self.splits, config, directory, hook=hook,
-                     loss_fn=self.loss_fn() if distill else None, seed=self.seed,
+                     loss_fn=loss_fn, seed=self.seed,
                      meta=self.meta(model, **meta), progress=self.progress, desc=desc,
                      device=self.device, metrics_logger=self.metrics_logger)
         self.carried_seconds += record.get("resumed_seconds", 0.0)
