@@ -1,5 +1,5 @@
 """The ``prunescope`` command line: demo, run, train, prune, transfer, evaluate, inspect,
-export, list, audit, report, explain.
+export, list, audit, report, explain, erase, prune-data.
 
 Every user error ends in one line ``error: <what is wrong and how to fix it>`` on stderr and
 exit code 2; an interrupted run says how to resume. Nothing that imports torch is imported before
