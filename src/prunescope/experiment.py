@@ -104,11 +104,20 @@ def plan(recipe: Recipe) -> list[tuple[Method, tuple[float, ...]]]:
     return [(m, m.sparsities or recipe.prune.sparsities) for m in recipe.prune.methods]
 
 
+def audit_plan(recipe: Recipe) -> list[tuple[Method, tuple[float, ...]]]:
+    """Every method of the audit's populations with the sparsities it runs at (its
+    :meth:`~prunescope.methods.Method.audit_sparsities`: the audit's own, or ELSA's top level,
+    whose one run yields every level)."""
+    if recipe.audit is None:
+        return []
+    return [(m, m.audit_sparsities(recipe.audit.sparsities)) for m in recipe.audit.methods]
+
+
 def preflight(recipe: Recipe, run: Run) -> None:
     """Raise what the recipe would fail on, before any training or writing."""
     if run.distill is not None and run.distill.teacher != "dense":
         run.loss_fn()  # loads the teacher: a missing file or other classes fails here
-    audit = [(m, recipe.audit.sparsities) for m in recipe.audit.methods] if recipe.audit else []
+    audit = audit_plan(recipe)
     for method, sparsities in [*plan(recipe), *audit]:
         method.check(run, sparsities)
     stages.check([run.out / "dense"], dense_key(run))
@@ -230,7 +239,8 @@ def seed_dir(out: Path, recipe: Recipe, offset: int) -> Path:
 def train_populations(recipe: Recipe, main: Run) -> tuple[list[Path], list[Path]]:
     """Train (or resume, or reuse) every population member (Hooker et al.: K models that
     differ only in their seed); returns (dense run dirs, compressed run dirs of the audit's
-    methods x sparsities), seed 0 (the sweep's own runs) first."""
+    methods x sparsities, each method's :meth:`~prunescope.methods.Method.audit_directories`:
+    every level of ELSA), seed 0 (the sweep's own runs) first."""
     assert recipe.audit is not None
     dense, compressed = [], []
     for offset in range(recipe.audit.seeds):
@@ -242,11 +252,13 @@ def train_populations(recipe: Recipe, main: Run) -> tuple[list[Path], list[Path]
         dense.append(where / "dense")
         line = [f"population seed {member.seed}: dense {result['accuracy']:.4f}"]
         key = run.key()
-        for method in recipe.audit.methods:
-            for sparsity in recipe.audit.sparsities:
-                done = method_stage(run, method, sparsity, key)[0]
-                compressed.append(method.directories(run, sparsity)[0])
-                line.append(f"{method.label} s={sparsity:g} {done['accuracy']:.4f}")
+        for method, sparsities in audit_plan(recipe):
+            for sparsity in sparsities:
+                done = method_stage(run, method, sparsity, key)
+                directories = method.audit_directories(run, sparsity)
+                compressed.extend(directories)
+                line.extend(f"{method.label} s={result['sparsity']:g} {result['accuracy']:.4f}"
+                            for result, _ in zip(done, directories, strict=False))
         main.log.info("; ".join(line))
     return dense, compressed
 
@@ -286,7 +298,8 @@ def train_thread_population(recipe: Recipe, main: Run) -> list[Path]:
 
 
 def sweep_runs(out: Path) -> list[Path]:
-    """The finished compressed runs of the sweep itself (``OUT/<label>/s<sparsity>``)."""
+    """The finished compressed runs of the sweep itself (``OUT/<label>/s<sparsity>``; for
+    ELSA one per level, its dense level ``s0`` included)."""
     return sorted(p.parent for p in out.glob(f"*/s*/{FINAL}")
                   if p.parent.parent.name not in ("dense", POPULATIONS))
 

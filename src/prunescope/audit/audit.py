@@ -8,8 +8,10 @@ one: the per-model metrics of :mod:`~prunescope.audit.metrics`, the disaggregati
 by group (:mod:`~prunescope.audit.disaggregation`), the compression-identified exemplars and
 Welch-tested classes (:mod:`~prunescope.audit.exemplars`), the risk signals of the dense models
 and how well they predict CIEs and flips (:mod:`~prunescope.audit.risk`), and the cost records
-(:mod:`~prunescope.audit.cost`). The JSON layout is described in ``docs/audit.md``; its
-``version`` is :data:`VERSION`.
+(:mod:`~prunescope.audit.cost`). The levels of one nested network (ELSA) are populations like
+any other, one per level; :func:`nested_networks` lists them together, each beside the
+populations trained separately at its sparsity. The JSON layout is described in
+``docs/audit.md``; its ``version`` is :data:`VERSION`.
 
 Focus populations (those with the most seeds, at most :data:`MAX_FOCUS`, ties to the most CIEs)
 get bootstrap intervals, ROC curves, CIE images and reliability diagrams in the report; the
@@ -36,6 +38,7 @@ from prunescope.audit.schema import VERSION, AuditResult
 MAX_FOCUS = 4
 CACHE = Path(".cache") / "predictions"  # under the audit's output directory
 IMAGES = 24
+LEVEL_TOLERANCE = 1e-9  # a population's sparsity matches a nested level this closely
 Log = Callable[[str], None]
 logger = logging.getLogger(__name__)
 
@@ -181,7 +184,7 @@ def build(dense: list[Predictions], compressed: list[Predictions], *, n_boot: in
                                                       "correction": exemplars.CORRECTION},
         "dense": dense_block, "populations": blocks, "focus": focus, "noise_floor": floor,
         "risk_signals": list(risk.SIGNALS), "metric_columns": columns,
-        "warnings": model_warnings([dense_block, *blocks]),
+        "nested": nested_networks(groups), "warnings": model_warnings([dense_block, *blocks]),
     }))
 
 
@@ -481,6 +484,28 @@ def _populations(compressed: list[Predictions]) -> dict[tuple, list[Predictions]
         groups.setdefault(key, []).append(member)
     order = {name: i for i, name in enumerate(dict.fromkeys(k[1] for k in groups))}
     return dict(sorted(groups.items(), key=lambda kv: (order[kv[0][1]], kv[0][2])))
+
+
+def nested_networks(groups: dict[tuple, list[Predictions]]) -> list[dict] | None:
+    """The populations that are levels of one nested network (ELSA: checkpoint metadata
+    ``method.levels``), one entry per method label, each level beside the populations of the
+    other methods at its sparsity (``dense`` for the dense level); None when there are none.
+    A population's levels are its first member's."""
+    held: dict[tuple, dict[float, str]] = {}
+    for (label, name, sparsity), members in groups.items():
+        levels = (members[0].meta.get("method") or {}).get("levels")
+        if levels:
+            held.setdefault((name, tuple(levels)), {})[sparsity] = label
+    if not held:
+        return None
+    nested = {label for levels in held.values() for label in levels.values()}
+    others = [(label, sparsity) for (label, _, sparsity) in groups if label not in nested]
+    close = lambda a, b: abs(a - b) <= LEVEL_TOLERANCE  # noqa: E731
+    return [{"method": name, "levels": [
+        {"sparsity": level,
+         "population": next((lb for s, lb in labels.items() if close(s, level)), None),
+         "separate": ["dense"] * (level == 0) + [lb for lb, s in others if close(s, level)]}
+        for level in levels]} for (name, levels), labels in held.items()]
 
 
 def _run_dirs(paths: Sequence[str | Path], flag: str) -> list[Path]:

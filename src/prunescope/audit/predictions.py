@@ -168,7 +168,8 @@ def load_splits(source: dict, data_root: str | None, cache: dict | None, path: P
 
 
 def method_of(meta: dict) -> dict | None:
-    """``{"label", "sparsity"}`` of a pruned checkpoint's metadata; None for a dense one."""
+    """``{"label", "sparsity"}`` of a pruned checkpoint's metadata, with ``levels`` for one
+    level of a nested network (ELSA); None for a dense one."""
     method = meta.get("method")
     if not method:
         return None
@@ -176,7 +177,10 @@ def method_of(meta: dict) -> dict | None:
         part for part in (method.get("criterion"), method.get("allocation"),
                           None if method.get("pattern") in (None, "unstructured")
                           else method.get("pattern")) if part)
-    return {"label": label or "compressed", "sparsity": method.get("sparsity")}
+    out = {"label": label or "compressed", "sparsity": method.get("sparsity")}
+    if method.get("levels"):
+        out["levels"] = [float(level) for level in method["levels"]]
+    return out
 
 
 def _split(splits, split: str):

@@ -312,6 +312,27 @@ class NoiseFloor:
 
 
 @dataclass
+class NestedLevel:
+    """One level of a nested network: its ``sparsity``, the ``population`` of its models (None
+    when the audit holds none at this level) and the populations trained separately at the
+    same sparsity (``dense``, the dense population, for the dense level)."""
+
+    sparsity: float
+    population: str | None
+    separate: list[str]
+
+
+@dataclass
+class NestedNetwork:
+    """Populations that are the levels of one dense network (ELSA: :mod:`prunescope.nested`,
+    checkpoints whose ``method`` metadata holds ``levels``): the method's label and one entry
+    per level, the sparsest first."""
+
+    method: str
+    levels: list[NestedLevel]
+
+
+@dataclass
 class DatasetInfo:
     name: str | None
     split: str | None
@@ -342,6 +363,7 @@ class AuditResult:
     risk_signals: list[str]
     metric_columns: list[MetricColumn]
     noise_floor: NoiseFloor | None = None
+    nested: list[NestedNetwork] | None = field(default=None, metadata=OMIT_IF_NONE)
     warnings: list[str] = field(default_factory=list)
     images: Json = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)

@@ -86,6 +86,17 @@ class Method:
     def check(self, run: Run, sparsities: tuple[float, ...]) -> None:
         """Raise the error this method would meet, before anything trains (default: none)."""
 
+    def audit_sparsities(self, sparsities: tuple[float, ...]) -> tuple[float, ...]:
+        """The sparsities at which the audit runs this method for its populations, given the
+        audit's own (default: those)."""
+        return tuple(sparsities)
+
+    def audit_directories(self, run: Run, sparsity: float) -> list[Path]:
+        """The outputs at ``sparsity`` that the audit treats as compressed models of the dense
+        network, a prefix of :meth:`directories` (default: the first; controls and baselines
+        are not compressions)."""
+        return self.directories(run, sparsity)[:1]
+
     def run_one(self, run: Run, sparsity: float) -> list[dict[str, Any]]:
         """The results at ``sparsity``, one per :meth:`directories` entry, in that order."""
         raise NotImplementedError

@@ -18,6 +18,10 @@ procedure (the paper's outline; the details PackNet-style, see ``docs/elsa.md``)
 The method runs once, at its top level: its ``levels`` replace the recipe's ``sparsities``, and
 one call of ``run_one`` returns one result per level (labels ``elsa@0.98``, ``elsa@0.95``...,
 directories ``OUT/elsa/s<level>``), with the nested checkpoint at ``OUT/elsa/nested.safetensors``.
+Each level's directory also holds that level's own checkpoint (``model.safetensors``, metadata
+``method: {method: elsa, sparsity: <level>, levels: [...]}``), so the audit sees every level,
+the dense one included, as a compressed model of the run's dense network; under
+``audit.methods`` the method runs once per seed and every level joins its population.
 """
 
 from __future__ import annotations
@@ -173,8 +177,16 @@ class ELSA(Method):
             raise ConfigError(
                 f"elsa runs once, at its top level {self.levels[0]:g}, and returns every level "
                 f"({nested.describe(self.levels)}); it cannot run at sparsities "
-                f"{list(sparsities)} (leave it out of audit.methods; set its levels instead)")
+                f"{list(sparsities)} (set its levels instead)")
         self.top_method().check(run, self.levels[:1])
+
+    def audit_sparsities(self, sparsities: tuple[float, ...]) -> tuple[float, ...]:
+        """Its levels are its sparsities: the audit runs it once, at its top level."""
+        return self.levels[:1]
+
+    def audit_directories(self, run: Run, sparsity: float) -> list[Path]:
+        """Every level, the dense one included: each is a network of the same dense model."""
+        return self.directories(run, sparsity)
 
     def level_config(self, run: Run, index: int) -> TrainConfig:
         """The training of level ``index`` (>= 1): the run's fine-tuning config (the pipeline's
@@ -194,6 +206,8 @@ class ELSA(Method):
         mask = checkpoint.load(path).mask or Mask.from_weights(model)
         mask = mask.to(run.device)
         mask.apply_(model)
+        checkpoint.save(run.dir(self.label, self.levels[0]) / FINAL, model, mask=mask,
+                        meta=run.meta(model, method=self.level_meta(0)))
         masks, rests = [mask], [_rest(model, mask)]
         results = [self._result(run, model, mask, 0, top=top.label)]
         dense = run.load(run.dense_path()) if len(self.levels) > 1 else None
@@ -221,9 +235,14 @@ class ELSA(Method):
                 param.copy_(torch.where(admitted, reference[name].to(param.device), param))
         hook = FreezeHold(mask, frozen)
         run.fit(model, run.dir(self.label, level), self.level_config(run, index), hook=hook,
-                desc=f"{self.label} level {level:g}",
-                method={"method": self.label, "sparsity": level})
+                desc=f"{self.label} level {level:g}", method=self.level_meta(index))
         return hook.mask
+
+    def level_meta(self, index: int) -> dict[str, Any]:
+        """The ``method`` metadata of level ``index``'s checkpoint: the audit groups it by
+        label and sparsity, and ``levels`` marks it as one level of a nested network."""
+        return {"method": self.label, "sparsity": self.levels[index],
+                "levels": list(self.levels)}
 
     def _result(self, run: Run, model: nn.Module, mask: Mask, index: int,
                 **extra: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from prunescope.audit.schema import (
     AuditResult,
     CIEVersusFloor,
+    NestedNetwork,
     PopulationAudit,
     PopulationNoise,
     WelchSummary,
@@ -214,12 +215,57 @@ def _figure(uri: str | None, alt: str, caption: str) -> str:
 
 
 def _tables(result: AuditResult) -> str:
-    parts = ["<h2>Noise floor</h2>", _noise_floor(result),
+    parts = [_nested(result), "<h2>Noise floor</h2>", _noise_floor(result),
              "<h2>Worst classes and groups</h2>", _worst_classes(result), _groups(result),
              "<h2>Risk before pruning</h2>", _risk(result),
              "<h2>Sparsity and cost</h2>", _cost(result),
              "<h2>Every population</h2>", _all_populations(result)]
     return "\n".join(p for p in parts if p)
+
+
+def _nested(result: AuditResult) -> str:
+    """ELSA's levels together, as compressed models of one dense network, each beside the
+    populations trained separately at its sparsity (empty without nested populations)."""
+    if not result.nested:
+        return ""
+    tables = [f"<p class='muted'>{_e(network.method)}: levels "
+              f"{', '.join(f'{level.sparsity:g}' for level in network.levels)}</p>"
+              + _table(["level", "population", "seeds", "accuracy", "vs dense (pts)", "CIEs",
+                        "flips", "worst class (recall)", "trained separately", "seeds",
+                        "accuracy", "CIEs", "level minus separate (pts)"],
+                       _nested_rows(result, network))
+              for network in result.nested]
+    return ("<h2>Levels of one dense network</h2><p class='muted'>Each level is a sparse "
+            "network inside one dense model (one checkpoint; a level is picked by zeroing "
+            "weights along its mask) and is audited as a compressed model of the dense "
+            "network, its dense level included. Beside it: the populations trained separately "
+            "at the same sparsity (the dense population itself for the dense level). Each "
+            "level's per-class change is in the heatmap and in the table of every "
+            "population.</p>" + "".join(tables))
+
+
+def _nested_rows(result: AuditResult, network: NestedNetwork) -> list[list]:
+    blocks = {block.label: block for block in [result.dense, *result.populations]}
+    dense = result.dense.accuracy.mean
+    rows = []
+    for level in network.levels:
+        block = blocks.get(level.population)
+        if block is None:
+            head = [f"{level.sparsity:g}", "not audited", "-", "-", "-", "-", "-", "-"]
+        else:
+            head = [f"{level.sparsity:g}", block.label, block.k, _pct(block.accuracy.mean),
+                    _signed(_points(block.accuracy.mean - dense)), block.cie.count,
+                    _num(block.flip_count, 1),
+                    f"{_class(result, block.worst_class)} ({_pct(block.worst_class_recall)})"]
+        others = [blocks[label] for label in level.separate if label in blocks]
+        for other in others or [None]:
+            if other is None:
+                rows.append(head + ["none", "-", "-", "-", "-"])
+                continue
+            gap = None if block is None else _points(block.accuracy.mean - other.accuracy.mean)
+            rows.append(head + [other.label, other.k, _pct(other.accuracy.mean),
+                                other.cie.count if other.cie else "-", _signed(gap)])
+    return rows
 
 
 def _noise_floor(result: AuditResult) -> str:
@@ -433,6 +479,10 @@ def _pct(value, digits: int = 1) -> str:
 
 def _num(value, digits: int) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:+.{digits}f}"
 
 
 def _points(value):
