@@ -292,3 +292,10 @@ def test_loaded_recipe_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         loaded.seed = 3  # type: ignore[misc]
     assert isinstance(loaded.prune, PruneConfig)
+
+
+def test_robust_distillation_on_sparse_kernels_is_refused_before_anything_runs():
+    raw = recipe_dict(distill={"teacher": "dense", "robust": True},
+                      finetune={"epochs": 1, "sparse_kernels": True})
+    with pytest.raises(ConfigError, match="finetune.sparse_kernels"):
+        recipe.from_dict(raw)

@@ -186,6 +186,10 @@ def validate(recipe: Recipe) -> None:
     if recipe.train.sparse_kernels:
         raise ConfigError("train.sparse_kernels: sparse kernels need a fixed mask; set "
                           "finetune.sparse_kernels (fine-tuning after one-shot pruning) instead")
+    robust = recipe.distill is not None and recipe.distill.robust
+    if robust and recipe.finetune is not None and recipe.finetune.sparse_kernels:
+        raise ConfigError("robust distillation does not run on sparse kernels; set "
+                          "finetune.sparse_kernels: false or distill.robust: false")
     if recipe.prune is None:
         return
     prune = recipe.prune

@@ -229,7 +229,7 @@ class Run:
         if isinstance(loss_fn, RobustDistillationLoss):
             if config.sparse_kernels:
                 raise ConfigError("robust distillation does not run on sparse kernels; set "
-                                  "train.sparse_kernels: false or distill.robust: false")
+                                  "finetune.sparse_kernels: false or distill.robust: false")
             hook = loss_fn.hook(hook)
         record = fit(model, self.splits, config, directory, hook=hook,
                      loss_fn=loss_fn, seed=self.seed,
