@@ -302,7 +302,17 @@ def population_block(label: str, method: str | None, sparsity: float | None,
         block["cie"] = exemplars.summary(dense_predictions, predictions, labels, num_classes)
         block["flip_count"] = float(np.mean([m["flips"]["count"] for m in models]))
         block["flip_rate"] = float(np.mean([m["flips"]["rate"] for m in models]))
+    block["representations"] = _representations(members, dense, block.get("cie"))
     return block
+
+
+def _representations(members: list[Predictions], dense: list[Predictions] | None,
+                     cie: dict | None) -> dict | None:
+    """Q-score and prediction depth of the population (CIEs vs the rest for a compressed
+    one): :func:`prunescope.audit.representations.summary`."""
+    from prunescope.audit import representations
+
+    return representations.summary(members, dense, None if cie is None else cie["positions"])
 
 
 def add_disaggregation(block: dict, first: Predictions, info: dict, *, n_boot: int,

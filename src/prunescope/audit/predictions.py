@@ -5,11 +5,13 @@ directory of its own, by default ``OUT/.cache/predictions`` under the audit's ou
 per checkpoint content and split, ``<sha256 of the checkpoint>-<split>.safetensors``. It holds
 ``logits`` (float32 ``[N, C]``), ``labels``,
 ``index`` (each example's id in its source, :attr:`prunescope.data.Subset.index`) and, where the
-dataset has them, ``groups`` (int64 ``[N]``), with JSON metadata: the dataset and split, class
-and group names, the run's seed and pruning method, the training prevalence of each class in
-each group (for bias amplification), the checkpoint's sha256, and the cost record of
-:mod:`prunescope.audit.cost`. A changed checkpoint has another sha256, hence another file; a
-cache read back names the run it was read for. Reading a cache needs numpy only.
+dataset has them, ``groups`` (int64 ``[N]``), and the representation metrics of
+:mod:`prunescope.audit.representations` (``q_score`` float32 ``[N]``, ``prediction_depth``
+int64 ``[N]``, their settings in ``meta["representations"]``), with JSON metadata: the dataset
+and split, class and group names, the run's seed and pruning method, the training prevalence
+of each class in each group (for bias amplification), the checkpoint's sha256, and the cost
+record of :mod:`prunescope.audit.cost`. A changed checkpoint has another sha256, hence another
+file; a cache read back names the run it was read for. Reading a cache needs numpy only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 
 from prunescope.audit.errors import AuditError
 
-FORMAT = "prunescope.predictions/1"
+FORMAT = "prunescope.predictions/2"  # 2 added q_score and prediction_depth
 CHECKPOINT = "model.safetensors"
 META_KEY = "prunescope"
 
@@ -38,6 +40,8 @@ class Predictions:
     index: np.ndarray
     groups: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    q_score: np.ndarray | None = None
+    prediction_depth: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -49,6 +53,12 @@ class Predictions:
             raise AuditError(f"the group array of {self.meta.get('run', 'a run')} has "
                              f"{len(self.groups)} entries for {n} examples; delete its "
                              "predictions/ folder, or fix the dataset's groups")
+        for name in ("q_score", "prediction_depth"):
+            values = getattr(self, name)
+            if values is not None and len(values) != n:
+                raise AuditError(f"the {name} array of {self.meta.get('run', 'a run')} has "
+                                 f"{len(values)} entries for {n} examples; delete its cached "
+                                 "predictions to recompute them")
 
     @property
     def predicted(self) -> np.ndarray:
@@ -89,7 +99,8 @@ def load_cached(run_dir: Path, split: str, cache_dir: Path) -> Predictions | Non
     if meta.get("format") != FORMAT or meta.get("split") != split:
         return None
     return Predictions(arrays["logits"], arrays["labels"], arrays["index"],
-                       arrays.get("groups"), {**meta, "run": str(run_dir)})
+                       arrays.get("groups"), {**meta, "run": str(run_dir)},
+                       arrays.get("q_score"), arrays.get("prediction_depth"))
 
 
 def save(predictions: Predictions, cache_dir: Path) -> Path:
@@ -100,8 +111,9 @@ def save(predictions: Predictions, cache_dir: Path) -> Path:
 
     arrays = {"logits": predictions.logits, "labels": predictions.labels,
               "index": predictions.index}
-    if predictions.groups is not None:
-        arrays["groups"] = predictions.groups
+    for name in ("groups", "q_score", "prediction_depth"):
+        if getattr(predictions, name) is not None:
+            arrays[name] = getattr(predictions, name)
     meta = {**predictions.meta, "format": FORMAT}
     data = safetensors_bytes({k: np.ascontiguousarray(v) for k, v in arrays.items()},
                              metadata={META_KEY: json.dumps(meta)})
@@ -113,8 +125,11 @@ def save(predictions: Predictions, cache_dir: Path) -> Path:
 
 def compute(run_dir: Path, split: str, *, data_root: str | None = None,
             splits_cache: dict | None = None) -> Predictions:
-    """Run the checkpoint of ``run_dir`` on ``split`` of its dataset (torch), with its cost."""
+    """Run the checkpoint of ``run_dir`` on ``split`` of its dataset (torch), with its cost
+    and the representation metrics (:func:`prunescope.audit.representations.compute`, k-NN
+    bank drawn from the training split)."""
     from prunescope import checkpoint
+    from prunescope.audit import representations
     from prunescope.audit.cost import model_cost
     from prunescope.mask import Mask
     from prunescope.train import predict
@@ -127,15 +142,20 @@ def compute(run_dir: Path, split: str, *, data_root: str | None = None,
     splits = load_splits(source, data_root, splits_cache, path)
     subset = _split(splits, split)
     logits = predict(model, subset).numpy().astype(np.float32)
+    settings = representations.Settings()
+    metrics = representations.compute(model, subset.x, splits.train.x, splits.train.y,
+                                      splits.num_classes, settings)
     meta = {
         "run": str(run_dir), "split": split, "dataset": splits.name, "data": source,
         "classes": list(splits.classes), "group_names": list(splits.group_names),
         "seed": source.get("seed"), "method": method_of(state.meta),
         "train_prevalence": _prevalence(splits), "checkpoint_sha256": fingerprint(path),
         "cost": model_cost(model, mask, checkpoint_path=path),
+        "representations": {**settings.as_dict(), "layers": metrics["layers"]},
     }
     groups = None if subset.groups is None else subset.groups.numpy()
-    return Predictions(logits, subset.y.numpy(), subset.index.numpy(), groups, meta)
+    return Predictions(logits, subset.y.numpy(), subset.index.numpy(), groups, meta,
+                       metrics["q_score"], metrics["prediction_depth"])
 
 
 def load_or_compute(run_dir: Path, split: str = "test", *, cache_dir: Path,

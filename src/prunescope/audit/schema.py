@@ -26,7 +26,7 @@ from typing import Any
 
 from prunescope.errors import PrunescopeError
 
-VERSION = "prunescope.audit/3"
+VERSION = "prunescope.audit/4"  # 4 added PopulationAudit.representations
 Json = Any  # a JSON value kept as is (cost records, the interdependence note, images)
 OMIT_IF_NONE = {"omit_if_none": True}  # field metadata: no key in the JSON form when None
 
@@ -208,6 +208,46 @@ class RiskTargets:
 
 
 @dataclass
+class Distribution:
+    """Mean and quartiles of a per-example quantity over ``count`` (model, example) pairs (None
+    when ``count`` is 0)."""
+
+    count: int
+    mean: float | None
+    q1: float | None
+    median: float | None
+    q3: float | None
+
+
+@dataclass
+class CIEContrast:
+    """One representation metric on a compressed population's CIEs and on the rest, for its
+    own models and for the dense models (``dense_*`` None when they lack the metric)."""
+
+    cie: Distribution
+    rest: Distribution
+    dense_cie: Distribution | None
+    dense_rest: Distribution | None
+
+
+@dataclass
+class RepresentationMetrics:
+    """Q-score and prediction depth (:mod:`prunescope.audit.representations`) of a
+    population's ``models``: over every example, and for a compressed population on its CIEs
+    vs the rest; ``layers`` probed, k-NN ``k`` and ``bank`` size, Q-score ``top``."""
+
+    models: int
+    layers: int | None
+    k: int | None
+    bank: int | None
+    top: int | None
+    q_score: Distribution
+    prediction_depth: Distribution
+    q_score_cie: CIEContrast | None = field(default=None, metadata=OMIT_IF_NONE)
+    prediction_depth_cie: CIEContrast | None = field(default=None, metadata=OMIT_IF_NONE)
+
+
+@dataclass
 class PopulationAudit:
     """One population (the dense one, or a compressed method at one sparsity)."""
 
@@ -236,6 +276,7 @@ class PopulationAudit:
     welch: list[ClassTest] | None = None
     welch_summary: WelchSummary | None = None
     risk: RiskTargets | None = None
+    representations: RepresentationMetrics | None = field(default=None, metadata=OMIT_IF_NONE)
 
 
 @dataclass

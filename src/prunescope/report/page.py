@@ -218,6 +218,7 @@ def _tables(result: AuditResult) -> str:
     parts = [_nested(result), "<h2>Noise floor</h2>", _noise_floor(result),
              "<h2>Worst classes and groups</h2>", _worst_classes(result), _groups(result),
              "<h2>Risk before pruning</h2>", _risk(result),
+             "<h2>Representations: Q-score and prediction depth</h2>", _representations(result),
              "<h2>Sparsity and cost</h2>", _cost(result),
              "<h2>Every population</h2>", _all_populations(result)]
     return "\n".join(p for p in parts if p)
@@ -311,6 +312,47 @@ def _noise_row(block: PopulationNoise) -> list:
             _num(_points(sum(classes) / len(classes)) if classes else None, 2),
             _num(weights and weights.mean, 3),
             f"[{weights.min:.3f}, {weights.max:.3f}]" if weights else "-", block.note or ""]
+
+
+def _representations(result: AuditResult) -> str:
+    """Q-score and prediction depth (Corti et al. 2022) of the dense models, and of each
+    compressed population's models on its CIEs vs the rest (the dense models on the same
+    examples beside them): mean [q1, q3] over (model, example) pairs."""
+    rows = []
+    dense = result.dense.representations
+    if dense is not None:
+        rows.append(["dense", "all", dense.q_score.count, _dist(dense.q_score),
+                     _dist(dense.prediction_depth), "-", "-"])
+    for block in result.populations:
+        reps = block.representations
+        if reps is None or reps.q_score_cie is None or reps.prediction_depth_cie is None:
+            continue
+        q, depth = reps.q_score_cie, reps.prediction_depth_cie
+        for part in ("cie", "rest"):
+            rows.append([block.label, "CIEs" if part == "cie" else "rest",
+                         getattr(q, part).count, _dist(getattr(q, part)),
+                         _dist(getattr(depth, part)), _dist(getattr(q, f"dense_{part}")),
+                         _dist(getattr(depth, f"dense_{part}"))])
+    if not rows:
+        return ("<p class='muted'>No representation metrics (predictions cached before they "
+                "existed, or not computed).</p>")
+    settings = dense or next(b.representations for b in result.populations
+                             if b.representations is not None)
+    return (f"<p class='muted'>Q-score: the z-score, within an example, of its "
+            f"{settings.top} largest-magnitude penultimate coordinate(s) (Kalibhat et al. "
+            "2022, as we read it). Prediction depth: the earliest of the "
+            f"{settings.layers} probed layers from which {settings.k}-NN probes on "
+            f"{settings.bank} training examples agree with the final prediction at every "
+            "later layer (Baldock et al. 2021). Mean [q1, q3] over (model, example) pairs; "
+            "the dense columns are the dense models on the same examples.</p>"
+            + _table(["population", "examples", "pairs", "Q-score", "prediction depth",
+                      "dense Q-score", "dense depth"], rows))
+
+
+def _dist(d) -> str:
+    if d is None or d.mean is None:
+        return "-"
+    return f"{d.mean:.2f} [{d.q1:.2f}, {d.q3:.2f}]"
 
 
 def _worst_classes(result: AuditResult, count: int = 5) -> str:
