@@ -190,13 +190,13 @@ def test_fp16_needs_a_cuda_device():
 
 def test_data_moves_to_the_model_device_batch_by_batch(tmp_path, monkeypatch):
     moved = []
-    real = devices.batches_to
+    real = devices.batch_to
 
-    def spy(device, batches):
+    def spy(device, inputs, targets):
         moved.append(device)
-        return real(device, batches)
+        return real(device, inputs, targets)
 
-    monkeypatch.setattr(devices, "batches_to", spy)
+    monkeypatch.setattr(devices, "batch_to", spy)
     run = Run.from_dataset("digits", "lenet300", tmp_path, val_size=100, device="cpu",
                            train=TrainConfig(epochs=1, **FAST), progress=False)
     experiment.dense_stage(run)

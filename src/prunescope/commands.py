@@ -18,11 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from prunescope import checkpoint, data, devices, models, stages
+from prunescope import checkpoint, data, devices, stages
 from prunescope.errors import CheckpointError, ConfigError
 from prunescope.mask import Mask
 from prunescope.pipeline import FINETUNE, PruneSpec, compress
-from prunescope.run import Run, Scoring, Stopwatch, Targets, sparsity_report
+from prunescope.run import Run, Scoring, Stopwatch, Targets, registry_model, sparsity_report
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +50,9 @@ def _run(splits: data.Splits, spec: dict[str, Any], out: Path, data_spec: dict[s
          seed: int, device: str | None, progress: bool | None,
          targets: Targets | None = None) -> Run:
     """A run of the registry model ``spec`` on ``splits`` writing into ``out``."""
-    def build() -> nn.Module:
-        return models.build(spec["name"], num_classes=splits.num_classes,
-                            in_channels=splits.input_shape[0], image_size=splits.input_shape[-1])
-
-    return Run(splits, build, out, seed=seed, device=devices.resolve(device),
-               progress=progress, data_spec=data_spec, scoring=Scoring(),
-               targets=targets or Targets())
+    return Run(splits, registry_model(spec["name"], splits), out, seed=seed,
+               device=devices.resolve(device), progress=progress, data_spec=data_spec,
+               scoring=Scoring(), targets=targets or Targets())
 
 
 def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:

@@ -15,7 +15,7 @@ masks stay in float32 either way.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable
 
 import torch
 
@@ -87,9 +87,14 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def batches_to(device: torch.device, batches) -> Iterator:
-    """``(inputs, targets)`` batches moved to ``device`` one at a time."""
+def batch_to(device: torch.device, inputs: torch.Tensor, targets: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One ``(inputs, targets)`` batch on ``device`` (asynchronous copies to a GPU)."""
     non_blocking = device.type == "cuda"
-    for inputs, targets in batches:
-        yield (inputs.to(device, non_blocking=non_blocking),
-               targets.to(device, non_blocking=non_blocking))
+    return (inputs.to(device, non_blocking=non_blocking),
+            targets.to(device, non_blocking=non_blocking))
+
+
+def batches_to(device: torch.device, batches: Iterable) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every ``(inputs, targets)`` batch of ``batches`` on ``device`` (e.g. scoring batches)."""
+    return [batch_to(device, inputs, targets) for inputs, targets in batches]

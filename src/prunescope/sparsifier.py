@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunescope import distributed
+from prunescope import devices, distributed
 from prunescope.allocation import ALLOCATIONS, allocate, check_min_density, check_sparsity
 from prunescope.criteria import Batch, Context, Criterion, resolve
 from prunescope.errors import PruningError
@@ -233,10 +233,7 @@ def _check_rounds(rounds: int) -> int:
 
 
 def _on_device(data: Iterable[Batch] | None, model: nn.Module) -> list[Batch]:
-    if data is None:
-        return []
-    device = next(model.parameters()).device
-    return [(x.to(device), y.to(device)) for x, y in data]
+    return devices.batches_to(devices.model_device(model), data or [])
 
 
 def _prune_to_effective(model: nn.Module, start: Mask, target: float, rounds: int,

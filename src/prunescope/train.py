@@ -293,8 +293,7 @@ class _Loop:
             group["lr"] = self._lr(self.step)
         local_inputs, local_targets = distributed.shard(inputs, targets)
         share = len(local_targets) / len(targets)
-        local_inputs, local_targets = next(devices.batches_to(
-            self.device, [(local_inputs, local_targets)]))
+        local_inputs, local_targets = devices.batch_to(self.device, local_inputs, local_targets)
         scaler = self.scaler
 
         def closure() -> tuple[torch.Tensor, torch.Tensor]:
