@@ -58,9 +58,9 @@ def run(directories: Sequence[Path], key: Mapping[str, Any],
     """
     key = normal(key)
     if distributed.is_writer():
-        done = [finished(d) if _compare(d, key, resumable=False) else None for d in directories]
-        if any(result is None for result in done):
-            for directory in directories:
+        held = [_compare(d, key, resumable=False) for d in directories]  # all raise first
+        for directory, holds_key in zip(directories, held, strict=True):
+            if not holds_key:
                 write_json(directory / KEY, key)
     distributed.barrier()
     done = [finished(d) if _stored(d) == key else None for d in directories]
@@ -92,7 +92,7 @@ def _compare(directory: Path, key: dict[str, Any], *, resumable: bool) -> bool:
     if stored is None or (directory / RESULT).is_file():
         raise ConfigError(_refusal(directory, stored, key))
     if not resumable:
-        where, old, new = difference(stored or {}, key)
+        where, old, new = difference(stored, key)
         logger.warning("%s holds an unfinished run of another configuration (%s: %s on disk, "
                        "%s now); starting it over", directory, where, old, new)
         _clear(directory)
