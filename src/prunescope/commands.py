@@ -9,7 +9,6 @@ unfinished, and refused, naming the option that differs, when it holds another f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import asdict, replace
@@ -136,7 +135,7 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
     spec.check(run, model, sparsity)
     fields = {"criterion": criterion, "allocation": allocation, "pattern": pattern,
               "source": str(path)}
-    key = {"source": _identity(path), **asdict(spec), "sparsity": sparsity,
+    key = {"source": stages.source_key(path), **asdict(spec), "sparsity": sparsity,
            "bn_recalibration": bn_recalibration, "min_density": min_density, "seed": seed,
            "finetune": asdict(finetune) if finetune else None}
 
@@ -194,8 +193,8 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int | No
     fields = {"transfer_from": str(path), "source_data": meta.get("data"),
               "reinitialised": sorted(set(fresh) - set(copied)), "dataset": dataset,
               "transferred": len(copied)}
-    key = {"source": _identity(path), "dataset": dataset, "data_root": data_root, "seed": seed,
-           "train": asdict(config)}
+    key = {"source": stages.source_key(path), "dataset": dataset, "data_root": data_root,
+           "seed": seed, "train": asdict(config)}
 
     def compute() -> list[dict[str, Any]]:
         watch = Stopwatch(run)
@@ -211,15 +210,6 @@ def _as_summary(result: dict[str, Any]) -> dict[str, Any]:
     result = dict(result)
     result["sparsity"] = result.pop("actual_sparsity")
     return result
-
-
-def _identity(path: Path) -> dict[str, Any]:
-    """The source checkpoint as a stage key: its path and content hash."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
 def _module_of(tensor_name: str) -> str:

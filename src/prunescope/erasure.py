@@ -321,7 +321,7 @@ def erase_checkpoint(path: Path, out: Path, *, label: str | None = None,
     check_fits(model, trainable(model), spec.block_size, memory_limit)
     selection = ({"class": label, "fraction": fraction} if label is not None
                  else {"samples": str(samples)})
-    key = {"source": _identity(path), "selection": selection,
+    key = {"source": stages.source_key(path), "selection": selection,
            "positions_sha256": hashlib.sha256(chosen.numpy().tobytes()).hexdigest(),
            "spec": spec.__dict__, "data_root": data_root}
     model.to(devices.resolve(device))
@@ -381,8 +381,3 @@ def measure(model: nn.Module, erased_set: Subset, retained: Subset, unseen: Subs
                ("test", test))}
     return {**scores, "loss_gap": scores["unseen"]["loss"] - scores["erased"]["loss"]}
 
-
-def _identity(path: Path) -> dict[str, Any]:
-    """The source checkpoint as a stage key: its resolved path and content hash."""
-    digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    return {"path": str(Path(path).resolve()), "sha256": digest}

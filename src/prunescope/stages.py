@@ -21,6 +21,7 @@ this: they compute; :func:`run` decides.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -74,6 +75,16 @@ def run(directories: Sequence[Path], key: Mapping[str, Any],
         write_json(directory / RESULT, result)
     distributed.barrier()
     return results
+
+
+def source_key(path: Path) -> dict[str, Any]:
+    """A source file (e.g. the checkpoint a stage prunes) as part of a stage key: its resolved
+    path and the SHA-256 of its content, so a source retrained in place is another stage."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {"path": str(Path(path).resolve()), "sha256": digest.hexdigest()}
 
 
 def _stored(directory: Path) -> dict[str, Any] | None:
