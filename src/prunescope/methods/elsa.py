@@ -39,6 +39,7 @@ from prunescope.errors import ConfigError
 from prunescope.mask import Mask
 from prunescope.methods.base import Method, register
 from prunescope.methods.gmp import GMP
+from prunescope.methods.rigl import reset_state
 from prunescope.pipeline import FINETUNE
 from prunescope.run import Run
 from prunescope.sparsifier import MaskHold
@@ -91,9 +92,7 @@ class FreezeHold(MaskHold):
         if optimizer is None:
             return
         for name, param in self._frozen_params.items():
-            for value in optimizer.state.get(param, {}).values():
-                if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                    value.masked_fill_(self._keep(name, param), 0.0)
+            reset_state(optimizer, param, self._keep(name, param))
 
     def _keep(self, name: str, param: torch.Tensor) -> torch.Tensor:
         return self.frozen[name].to(param.device)
