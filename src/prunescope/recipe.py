@@ -27,6 +27,7 @@ from prunescope.errors import ConfigError
 from prunescope.methods import METHODS, Method
 from prunescope.methods.one_shot import START_POINTS, OneShot
 from prunescope.pipeline import FinetuneConfig
+from prunescope.robust_distill import check_sparse_kernels
 from prunescope.run import Scoring
 from prunescope.train import TrainConfig
 
@@ -186,10 +187,8 @@ def validate(recipe: Recipe) -> None:
     if recipe.train.sparse_kernels:
         raise ConfigError("train.sparse_kernels: sparse kernels need a fixed mask; set "
                           "finetune.sparse_kernels (fine-tuning after one-shot pruning) instead")
-    robust = recipe.distill is not None and recipe.distill.robust
-    if robust and recipe.finetune is not None and recipe.finetune.sparse_kernels:
-        raise ConfigError("robust distillation does not run on sparse kernels; set "
-                          "finetune.sparse_kernels: false or distill.robust: false")
+    check_sparse_kernels(recipe.distill is not None and recipe.distill.robust,
+                         recipe.finetune is not None and recipe.finetune.sparse_kernels)
     if recipe.prune is None:
         return
     prune = recipe.prune

@@ -225,3 +225,11 @@ def check(*, temperature: float, weight: float, blend: float, step_size: float, 
     if not has_teacher and weight != 0:
         raise ConfigError("distill.teacher: none trains without a teacher term; set "
                           f"distill.weight: 0 (got {weight}) or name a teacher")
+
+
+def check_sparse_kernels(robust: bool, sparse_kernels: bool) -> None:
+    """Robust distillation's lambda hook wraps the method's hook, which the sparse kernels'
+    layer swap does not compose with: one ConfigError line."""
+    if robust and sparse_kernels:
+        raise ConfigError("robust distillation does not run on sparse kernels; set "
+                          "finetune.sparse_kernels: false or distill.robust: false")

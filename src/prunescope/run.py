@@ -32,10 +32,9 @@ from torch import nn
 from prunescope import checkpoint, data, devices, models
 from prunescope.connectivity import effective_mask
 from prunescope.distill import DistillConfig
-from prunescope.errors import ConfigError
 from prunescope.logs import MetricsLogger
 from prunescope.mask import Mask
-from prunescope.robust_distill import RobustDistillationLoss
+from prunescope.robust_distill import RobustDistillationLoss, check_sparse_kernels
 from prunescope.train import FINAL, LossFn, TrainConfig, evaluate, fit
 
 INIT = "init.safetensors"
@@ -227,9 +226,7 @@ class Run:
         dense baseline). A robust loss wraps ``hook`` to update and checkpoint its lambda."""
         loss_fn = self.loss_fn() if distill else None
         if isinstance(loss_fn, RobustDistillationLoss):
-            if config.sparse_kernels:
-                raise ConfigError("robust distillation does not run on sparse kernels; set "
-                                  "finetune.sparse_kernels: false or distill.robust: false")
+            check_sparse_kernels(True, config.sparse_kernels)
             hook = loss_fn.hook(hook)
         record = fit(model, self.splits, config, directory, hook=hook,
                      loss_fn=loss_fn, seed=self.seed,
