@@ -39,12 +39,27 @@ class Checkpoint:
 
 
 def model_spec(model: nn.Module, num_classes: int) -> dict[str, Any] | None:
-    """How to rebuild a registry model, or None for a user-defined one."""
+    """How to rebuild a registry model (or a model that carries its own ``model_spec``, e.g. a
+    Hugging Face one, :mod:`prunescope.hub.models`), or None for a user-defined one."""
+    own = getattr(model, "model_spec", None)
+    if isinstance(own, dict):
+        return dict(own)
     name, shape = getattr(model, "model_name", None), getattr(model, "input_shape", None)
     if name is None or shape is None:
         return None
     return {"name": name, "num_classes": num_classes, "in_channels": shape[0],
             "image_size": shape[-1]}
+
+
+def describe(spec: dict[str, Any] | None) -> str:
+    """A model spec in words (for inspections and error messages)."""
+    if not spec:
+        return "-"
+    if spec.get("source") == "huggingface":
+        return (f"{spec.get('path')} (Hugging Face {spec.get('task')}, "
+                f"{spec.get('num_labels')} labels)")
+    return (f"{spec.get('name')} ({spec.get('num_classes')} classes, input "
+            f"{spec.get('in_channels')}x{spec.get('image_size')}x{spec.get('image_size')})")
 
 
 def save(path: str | os.PathLike, model: nn.Module, *, meta: dict[str, Any],
@@ -101,17 +116,14 @@ def load_model_state(model: nn.Module, state: dict[str, torch.Tensor], path: os.
 
 
 def build_model(checkpoint: Checkpoint, path: str | os.PathLike) -> nn.Module:
-    """Rebuild the registry model a checkpoint describes and load its weights and mask."""
-    from prunescope import models
-
+    """Rebuild the model a checkpoint describes and load its weights and mask."""
     spec = checkpoint.meta.get("model")
     if not spec:
         raise CheckpointError(
             f"{path} holds a user-defined model; build it yourself and load the 'model/' tensors"
         )
     try:
-        model = models.build(spec["name"], num_classes=spec["num_classes"],
-                             in_channels=spec["in_channels"], image_size=spec["image_size"])
+        model = from_spec(spec)
     except (PrunescopeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} describes a model prunescope cannot build: {exc}") from None
     load_model_state(model, checkpoint.model, path)
@@ -123,6 +135,19 @@ def build_model(checkpoint: Checkpoint, path: str | os.PathLike) -> nn.Module:
                 f"{path} holds a mask that does not fit its model: {exc}"
             ) from None
     return model
+
+
+def from_spec(spec: dict[str, Any]) -> nn.Module:
+    """A fresh model of a checkpoint's model spec: a registry model, or a Hugging Face one
+    (``"source": "huggingface"``)."""
+    if spec.get("source") == "huggingface":
+        from prunescope.hub.models import build
+
+        return build(spec)
+    from prunescope import models
+
+    return models.build(spec["name"], num_classes=spec["num_classes"],
+                        in_channels=spec["in_channels"], image_size=spec["image_size"])
 
 
 def _mask(tensors: dict[str, torch.Tensor], path) -> Mask | None:

@@ -21,7 +21,7 @@ from prunescope import checkpoint, data, devices, stages
 from prunescope.errors import CheckpointError, ConfigError
 from prunescope.mask import Mask
 from prunescope.pipeline import FINETUNE, PruneSpec, compress
-from prunescope.run import Run, Scoring, Stopwatch, Targets, registry_model, sparsity_report
+from prunescope.run import Run, Scoring, Stopwatch, Targets, sparsity_report
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +33,7 @@ def load_checkpoint(path: Path, data_root: str | None = None
     source = meta.get("data")
     if not source:
         raise CheckpointError(f"{path} does not say which dataset it was trained on")
-    splits = data.load(source["name"], root=data_root or source.get("root"),
-                       val_size=source.get("val_size"), seed=source.get("seed", 0))
+    splits = data.from_spec(source, data_root)
     return model, mask, meta, splits
 
 
@@ -48,8 +47,8 @@ def _load_model(path: Path) -> tuple[nn.Module, Mask, dict[str, Any]]:
 def _run(splits: data.Splits, spec: dict[str, Any], out: Path, data_spec: dict[str, Any], *,
          seed: int, device: str | None, progress: bool | None,
          targets: Targets | None = None) -> Run:
-    """A run of the registry model ``spec`` on ``splits`` writing into ``out``."""
-    return Run(splits, registry_model(spec["name"], splits), out, seed=seed,
+    """A run of the model ``spec`` (a checkpoint's) on ``splits`` writing into ``out``."""
+    return Run(splits, lambda: checkpoint.from_spec(spec), out, seed=seed,
                device=devices.resolve(device), progress=progress, data_spec=data_spec,
                scoring=Scoring(), targets=targets or Targets())
 
@@ -104,8 +103,7 @@ def _load_for_evaluation(path: Path, data_root: str | None, level: float | None
     source = nested.read_meta(path).get("data")
     if not source:
         raise CheckpointError(f"{path} does not say which dataset it was trained on")
-    splits = data.load(source["name"], root=data_root or source.get("root"),
-                       val_size=source.get("val_size"), seed=source.get("seed", 0))
+    splits = data.from_spec(source, data_root)
     return model, mask, splits, {"level": level}
 
 

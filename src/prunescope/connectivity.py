@@ -36,6 +36,13 @@ _ACTIVATIONS = (
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
 
 
+def analysable(model: nn.Module) -> bool:
+    """Whether the path analysis applies: False for a model that says so with
+    ``paths_analysable = False`` (a transformer: attention multiplies activations and its
+    activations are functions, not modules, so the linearised network is not its paths)."""
+    return getattr(model, "paths_analysable", True)
+
+
 def effective_mask(model: nn.Module, mask: Mask,
                    input_shape: tuple[int, ...] | None = None) -> Mask:
     """The effective mask: kept weights that lie on an input-to-output path of kept weights.
@@ -45,6 +52,9 @@ def effective_mask(model: nn.Module, mask: Mask,
     ``prunescope.models.build`` carry.
     """
     mask.check(model)
+    if not analysable(model):
+        raise PruningError(f"effective sparsity is not defined for {type(model).__name__} "
+                           "(see prunescope.connectivity.analysable); report direct sparsity")
     shape = _input_shape(model, input_shape)
     linear = _linearised(model, mask)
     params = parameters(linear)
@@ -67,10 +77,14 @@ def effective_sparsity(model: nn.Module, mask: Mask, input_shape: tuple[int, ...
 
 
 def layer_sparsities(model: nn.Module, mask: Mask, input_shape: tuple[int, ...] | None = None
-                     ) -> dict[str, dict[str, float]]:
-    """Per tensor: ``{"direct": ..., "effective": ...}`` sparsity."""
+                     ) -> dict[str, dict[str, float | None]]:
+    """Per tensor: ``{"direct": ..., "effective": ...}`` sparsity (effective None where the
+    model is not :func:`analysable`)."""
+    direct = mask.sparsities()
+    if not analysable(model):
+        return {n: {"direct": s, "effective": None} for n, s in direct.items()}
     effective = effective_mask(model, mask, input_shape).sparsities()
-    return {n: {"direct": s, "effective": effective[n]} for n, s in mask.sparsities().items()}
+    return {n: {"direct": s, "effective": effective[n]} for n, s in direct.items()}
 
 
 def _layer_weights(model: nn.Module) -> set[str]:

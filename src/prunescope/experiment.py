@@ -36,6 +36,7 @@ import torch
 
 from prunescope import checkpoint, data, devices, distributed, stages
 from prunescope import recipe as recipes
+from prunescope.errors import ConfigError
 from prunescope.files import atomic_write_bytes, write_json
 from prunescope.logs import TensorBoardLogger
 from prunescope.methods import Method
@@ -83,18 +84,49 @@ def run_for(recipe: Recipe, out: Path, *, progress: bool | None = None,
     splits = splits or load_data(recipe)
     prune = recipe.prune or PruneConfig()
     device = distributed.local_device(devices.resolve(recipe.device))
-    return Run(splits, registry_model(recipe.model.name, splits), out, train=recipe.train,
+    return Run(splits, model_factory(recipe, splits), out, train=recipe.train,
                finetune=recipe.finetune, scoring=Scoring(prune.batches, prune.batch_size),
                targets=Targets(prune.include, prune.exclude, prune.min_density),
                seed=recipe.seed, device=device, distill=recipe.distill, progress=progress,
-               data_spec={"name": recipe.data.name, "root": recipe.data.root,
-                          "val_size": recipe.data.val_size, "seed": recipe.seed})
+               data_spec=data_spec(recipe))
+
+
+def data_spec(recipe: Recipe) -> dict[str, Any]:
+    """The recipe's data spec; a text dataset for a Hugging Face model tokenises with the
+    model's own tokenizer unless ``data.tokenizer`` names another."""
+    spec = recipe.data.spec(recipe.seed)
+    hub_model = recipe.model.source == "huggingface"
+    if hub_model and "tokenizer" not in spec and data.takes_option(spec["name"], "tokenizer"):
+        spec["tokenizer"] = recipe.model.path
+    return spec
 
 
 def load_data(recipe: Recipe) -> data.Splits:
     """The recipe's dataset, split with the recipe's seed."""
-    return data.load(recipe.data.name, root=recipe.data.root, val_size=recipe.data.val_size,
-                     seed=recipe.seed)
+    return data.from_spec(data_spec(recipe))
+
+
+def model_factory(recipe: Recipe, splits: data.Splits):
+    """A factory of the recipe's model sized for ``splits``: a zoo model, or a Hugging Face
+    model with a head for the data's classes (the data must be text for it, images for the
+    zoo)."""
+    model = recipe.model
+    if model.source == "zoo":
+        if splits.is_text:
+            raise ConfigError(f"dataset {splits.name!r} is text; zoo models classify images: "
+                              "use model.source huggingface")
+        return registry_model(model.name, splits)
+    from prunescope.hub.models import build, make_spec
+
+    if not splits.is_text:
+        raise ConfigError(f"a Hugging Face {model.task} model needs a text dataset, and "
+                          f"{splits.name!r} holds images; pick tweets or text-csv")
+    if model.num_labels is not None and model.num_labels != splits.num_classes:
+        raise ConfigError(f"model.num_labels is {model.num_labels} but {splits.name!r} has "
+                          f"{splits.num_classes} classes; set num_labels to "
+                          f"{splits.num_classes} or leave it out")
+    spec = make_spec(model.path, splits.num_classes, model.task)
+    return lambda: build(spec)
 
 
 def plan(recipe: Recipe) -> list[tuple[Method, tuple[float, ...]]]:
@@ -142,7 +174,7 @@ def sweep(recipe: Recipe, run: Run) -> dict[str, Any]:
             for result in method_stage(run, method, sparsity, key):
                 runs.append(result)
                 run.log.info("[%d/%d] %s", len(runs), total, summary(result))
-    results = {"recipe": recipe.name, "dataset": recipe.data.name, "model": recipe.model.name,
+    results = {"recipe": recipe.name, "dataset": recipe.data.name, "model": recipe.model.label,
                "dense": dense, "runs": runs}
     write_json(run.out / "results.json", results)
     if runs:
@@ -216,7 +248,7 @@ def summary(result: dict[str, Any]) -> str:
         line += f" (one-shot {result['accuracy_before_finetune']:.4f})"
     if result.get("dense_accuracy") is not None:
         line += f", its dense model {result['dense_accuracy']:.4f}"
-    if "effective_sparsity" in result:
+    if result.get("effective_sparsity") is not None:
         line += f", effective sparsity {result['effective_sparsity']:.4f}"
     return line
 

@@ -74,9 +74,7 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
 def format_inspection(info: dict[str, Any]) -> str:
     """:func:`inspect`'s result as a table for people."""
     model, source = info["model"], info["data"]
-    model_text = (f"{model['name']} ({model['num_classes']} classes, input "
-                  f"{model['in_channels']}x{model['image_size']}x{model['image_size']})"
-                  if model else "-")
+    model_text = checkpoint.describe(model)
     data_text = (", ".join(f"{k} {v}" for k, v in source.items() if k != "name" and v is not None)
                  if source else "")
     data_text = f"{source['name']} ({data_text})" if source else "-"
@@ -120,14 +118,12 @@ def _nonzeros(state: dict[str, torch.Tensor], spec: dict | None) -> dict[str, to
 def _prunable_names(spec: dict | None) -> list[str] | None:
     if not spec:
         return None
-    from prunescope import models
+    from prunescope import checkpoint
     from prunescope.errors import PrunescopeError
     from prunescope.targets import default_targets
 
     try:
-        return default_targets(models.build(spec["name"], num_classes=spec["num_classes"],
-                                            in_channels=spec["in_channels"],
-                                            image_size=spec["image_size"]))
+        return default_targets(checkpoint.from_spec(spec))
     except (PrunescopeError, KeyError, TypeError):
         return None
 

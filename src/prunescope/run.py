@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from prunescope import checkpoint, data, devices, models
-from prunescope.connectivity import effective_mask
+from prunescope.connectivity import analysable, effective_mask, layer_sparsities
 from prunescope.distill import DistillConfig
 from prunescope.logs import MetricsLogger
 from prunescope.mask import Mask
@@ -258,12 +258,11 @@ def registry_model(name: str, splits: data.Splits) -> Callable[[], nn.Module]:
 
 
 def sparsity_report(model: nn.Module, mask: Mask) -> dict[str, Any]:
-    """Direct and effective sparsity, globally and per tensor."""
-    effective = effective_mask(model, mask)
-    per_layer = effective.sparsities()
-    return {"actual_sparsity": mask.sparsity, "effective_sparsity": effective.sparsity,
-            "layers": {n: {"direct": s, "effective": per_layer[n]}
-                       for n, s in mask.sparsities().items()}}
+    """Direct and effective sparsity, globally and per tensor (effective None for a model the
+    path analysis does not apply to, :func:`prunescope.connectivity.analysable`)."""
+    layers = layer_sparsities(model, mask)
+    effective = effective_mask(model, mask).sparsity if analysable(model) else None
+    return {"actual_sparsity": mask.sparsity, "effective_sparsity": effective, "layers": layers}
 
 
 class Stopwatch:

@@ -1,8 +1,10 @@
 """Choosing which tensors of a model are prunable.
 
-By default every ``weight`` of a Linear or Conv (1d/2d/3d) layer is a target; biases, batch-norm
-and embeddings are not. ``include`` / ``exclude`` are shell-style globs over parameter names
-(``fnmatch``), e.g. ``include=["features.*"]``, ``exclude=["classifier.*", "*.bias"]``.
+By default every ``weight`` of a Linear or Conv (1d/2d/3d) layer is a target (of a model that
+names its ``prunable`` part, those inside it: a transformer's encoder); biases, batch-norm,
+layer norms and embeddings are not. ``include`` / ``exclude`` are shell-style globs over
+parameter names (``fnmatch``), e.g. ``include=["features.*"]``,
+``exclude=["classifier.*", "*.bias"]``.
 
 The names a mask may use are those of :func:`parameters`: every alias of a tied parameter (one
 ``Parameter`` under two names, e.g. an embedding and an output layer sharing ``weight``), and a
@@ -63,12 +65,17 @@ def weights(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """Names of the weights of every Linear and Conv layer, in model order."""
-    return [
+    """Names of the weights of every Linear and Conv layer, in model order; a model with a
+    ``prunable`` attribute (globs, e.g. a Hugging Face model's encoder,
+    :class:`prunescope.hub.models.TextClassifier`) keeps only those layers that match it."""
+    names = [
         f"{module_name}.weight" if module_name else "weight"
         for module_name, module in model.named_modules()
         if isinstance(module, PRUNABLE_LAYERS)
     ]
+    within = getattr(model, "prunable", None)
+    return names if within is None else [n for n in names
+                                         if any(fnmatchcase(n, g) for g in within)]
 
 
 def select(

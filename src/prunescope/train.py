@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 LAST, FINAL, METRICS = "last.safetensors", "model.safetensors", "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("constant", "step", "cosine", "onecycle")
+LR_SCHEDULES = ("constant", "step", "cosine", "onecycle", "linear")
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -59,6 +59,10 @@ class TrainConfig:
     ``sparse_kernels`` runs the layers of a fixed mask on :mod:`prunescope.kernels` where they are
     measured faster (fixed-mask fine-tuning only; see :mod:`prunescope.kernels.training`);
     ``precision`` is ``fp32``, ``bf16`` or ``fp16`` (mixed precision, :mod:`prunescope.devices`).
+    ``warmup``: the fraction of the steps over which the rate rises linearly from 0 before the
+    schedule (the ``linear`` schedule then decays linearly to 0: the transformer fine-tuning
+    default, Devlin et al. 2019); ``max_grad_norm``: clip the global gradient norm to it
+    (None: no clipping).
     """
 
     epochs: int = 8
@@ -75,6 +79,8 @@ class TrainConfig:
     eval_batch_size: int = 1000
     sparse_kernels: bool = False
     precision: str = "fp32"
+    warmup: float = 0.0
+    max_grad_norm: float | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -92,6 +98,12 @@ class TrainConfig:
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or not 0 <= self.momentum < 1:
             raise ConfigError("train.weight_decay must be >= 0 and train.momentum in [0, 1)")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"train.warmup is a fraction of the steps in [0, 1), got "
+                              f"{self.warmup}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"train.max_grad_norm must be positive (or left out), got "
+                              f"{self.max_grad_norm}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(
                 f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"
@@ -99,9 +111,15 @@ class TrainConfig:
 
 
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning rate at optimizer ``step`` (0-based), a pure function of the step."""
+    """Learning rate at optimizer ``step`` (0-based), a pure function of the step: the linear
+    warm-up, then the schedule over the remaining steps (``step``: by epoch, as before)."""
     total = max(1, config.epochs * steps_per_epoch)
-    t = min(step, total) / total
+    warm = round(config.warmup * total)
+    if step < warm:
+        return config.lr * (step + 1) / warm
+    t = (min(step, total) - warm) / max(1, total - warm)  # of the steps after the warm-up
+    if config.lr_schedule == "linear":
+        return config.lr * max(0.0, total - step) / max(1, total - warm)
     if config.lr_schedule == "constant":
         return config.lr
     if config.lr_schedule == "step":
@@ -312,6 +330,8 @@ class _Loop:
             scaler.unscale_(self.optimizer)  # hooks see (and mask) the true gradients
         update = self.hook.before_optimizer_step(self.model, self.step, self.optimizer,
                                                  closure) is not False
+        if update and self.config.max_grad_norm is not None:  # the hook has masked them
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         if scaler is not None:
             if update:
                 scaler.step(self.optimizer)

@@ -369,8 +369,8 @@ def choose_focus(blocks: list[dict]) -> list[str]:
 
 def cie_images(result: AuditResult, first: Predictions, data_root: str | None,
                limit: int = IMAGES) -> dict:
-    """Up to ``limit`` CIE images per focus population (those the dense population gets right
-    first), as base64 uint8 pixels ``[n, C, H, W]`` in [0, 255]; empty if the data is missing."""
+    """Up to ``limit`` CIEs per focus population (those the dense population gets right
+    first), as images or texts (:func:`_examples`); empty if the data is missing."""
     from prunescope.errors import PrunescopeError
 
     try:
@@ -384,16 +384,24 @@ def cie_images(result: AuditResult, first: Predictions, data_root: str | None,
             continue
         order = _image_order(block.cie, first.labels)[:limit]
         positions = [block.cie.positions[i] for i in order]
-        pixels = splits.unnormalise(subset.x[positions]).clamp(0, 1).mul(255).round()
-        array = pixels.numpy().astype(np.uint8)
         out[block.label] = {
-            "shape": list(array.shape), "pixels": base64.b64encode(array.tobytes()).decode(),
+            **_examples(splits, subset, positions),
             "labels": [int(first.labels[p]) for p in positions],
             "dense_modal": [block.cie.dense_modal[i] for i in order],
             "compressed_modal": [block.cie.compressed_modal[i] for i in order],
             "index": [int(first.index[p]) for p in positions],
         }
     return out
+
+
+def _examples(splits, subset, positions: list[int]) -> dict:
+    """The examples at ``positions`` as the report shows them: the texts of a text dataset,
+    else base64 uint8 pixels ``[n, C, H, W]`` in [0, 255]."""
+    if splits.is_text:
+        return {"texts": [splits.texts[int(subset.index[p])] for p in positions]}
+    pixels = splits.unnormalise(subset.x[positions]).clamp(0, 1).mul(255).round()
+    array = pixels.numpy().astype(np.uint8)
+    return {"shape": list(array.shape), "pixels": base64.b64encode(array.tobytes()).decode()}
 
 
 def _image_order(cie, labels: np.ndarray) -> list[int]:
@@ -446,11 +454,11 @@ def _pooled_reliability(members: list[Predictions], labels: np.ndarray) -> dict 
 
 
 
-
-
 def _mean_cost(models: list[dict], key: str) -> float | None:
+    """The mean of a cost figure over the models; None where a model lacks it (effective
+    sparsity of a transformer, :func:`prunescope.connectivity.analysable`)."""
     values = [m["cost"][key] for m in models if m.get("cost")]
-    return float(np.mean(values)) if values else None
+    return float(np.mean(values)) if values and None not in values else None
 
 
 def _bias_amplification(predictions: np.ndarray, first: Predictions, prevalence: list,
@@ -579,8 +587,9 @@ def _same_architecture(reference: Path, metas: dict[Path, dict]) -> None:
 
 
 def _describe(spec: dict) -> str:
-    return (f"{spec.get('name')} ({spec.get('in_channels')}x{spec.get('image_size')}x"
-            f"{spec.get('image_size')} input, {spec.get('num_classes')} classes)")
+    from prunescope.checkpoint import describe
+
+    return describe(spec)
 
 
 def _load_all(dirs: list[Path], seeds: dict[Path, int], split: str, data_root: str | None,

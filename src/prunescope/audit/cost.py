@@ -4,8 +4,9 @@
   effective sparsity (:func:`prunescope.connectivity.layer_sparsities`, Vysogorets & Kempe 2023).
 - FLOPs per example of the Linear and Conv2d layers, counting a multiply-add as 2: dense
   ``2 * weight.numel() * output positions`` and sparse ``2 * nonzeros * output positions``
-  (output positions: 1 for Linear, ``H_out * W_out`` for Conv2d, measured with forward hooks on
-  one input). Biases, norms, activations and pooling are not counted.
+  (output positions: 1 for Linear on a flat input, the tokens for Linear on a sequence,
+  ``H_out * W_out`` for Conv2d, measured with forward hooks on one input). Biases, norms,
+  activations and pooling are not counted, nor a transformer's attention products.
 - Sizes: ``size_dense_bytes`` stores every parameter and buffer densely; ``size_sparse_bytes``
   stores each masked tensor as its nonzero values plus a 1-bit-per-weight bitmap and the rest
   densely; ``file_bytes`` is the checkpoint file as written (dense, with metadata).
@@ -70,7 +71,7 @@ def latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int = LA
     try:
         out = {}
         for key, n in (("latency_ms_single", 1), ("latency_ms_batch", batch_size)):
-            x = torch.randn(n, *input_shape, generator=torch.Generator().manual_seed(0))
+            x = example_input(model, input_shape, n)
             times = []
             for i in range(WARMUP + repeats):
                 start = time.perf_counter()
@@ -94,18 +95,31 @@ def _output_positions(model: nn.Module, input_shape: tuple[int, ...]) -> dict[st
             key = f"{name}.weight" if name else "weight"
 
             def hook(mod, args, output, key=key):
-                found[key] = int(output[0, 0].numel()) if output.dim() == 4 else 1
+                if output.dim() == 4:  # a convolution: its output pixels
+                    found[key] = int(output[0, 0].numel())
+                else:  # a Linear: one per token of a sequence, one for a flat input
+                    found[key] = int(output[0].numel()) // output.shape[-1]
 
             handles.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
     try:
-        model(torch.zeros(1, *input_shape))
+        model(example_input(model, input_shape, 1))
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
     return found
+
+
+def example_input(model: nn.Module, input_shape: tuple[int, ...], n: int) -> torch.Tensor:
+    """``n`` seeded inputs of ``input_shape``: the model's own ``example_input`` (a text model:
+    random tokens, no padding) or standard normal images."""
+    generator = torch.Generator().manual_seed(0)
+    own = getattr(model, "example_input", None)
+    if own is not None:
+        return own(n, input_shape, generator)
+    return torch.randn(n, *input_shape, generator=generator)
 
 
 def _sizes(model: nn.Module, mask: Mask) -> dict[str, int]:
@@ -119,7 +133,9 @@ def _sizes(model: nn.Module, mask: Mask) -> dict[str, int]:
     return {"size_dense_bytes": dense, "size_sparse_bytes": sparse}
 
 
-def _effective_total(layers: list[dict]) -> float:
+def _effective_total(layers: list[dict]) -> float | None:
+    if any(layer["effective"] is None for layer in layers):
+        return None  # a model the path analysis does not apply to
     total = sum(layer["params"] for layer in layers)
     pruned = sum(layer["effective"] * layer["params"] for layer in layers)
     return pruned / total if total else 0.0

@@ -150,7 +150,7 @@ def compute(run_dir: Path, split: str, *, data_root: str | None = None,
         "classes": list(splits.classes), "group_names": list(splits.group_names),
         "seed": source.get("seed"), "method": method_of(state.meta),
         "train_prevalence": _prevalence(splits), "checkpoint_sha256": fingerprint(path),
-        "cost": model_cost(model, mask, checkpoint_path=path),
+        "cost": model_cost(model, mask, checkpoint_path=path, input_shape=splits.input_shape),
         "representations": {**settings.as_dict(), "layers": metrics["layers"]},
     }
     groups = None if subset.groups is None else subset.groups.numpy()
@@ -176,11 +176,10 @@ def load_splits(source: dict, data_root: str | None, cache: dict | None, path: P
 
     if not source.get("name"):
         raise CheckpointError(f"{path} does not say which dataset it was trained on")
-    key = (source["name"], data_root or source.get("root"), source.get("val_size"),
-           source.get("seed", 0))
+    key = json.dumps({**source, "root": data_root or source.get("root")}, sort_keys=True)
     if cache is not None and key in cache:
         return cache[key]
-    splits = data.load(key[0], root=key[1], val_size=key[2], seed=key[3])
+    splits = data.from_spec(source, data_root)
     if cache is not None:
         cache.clear()  # one dataset at a time: they can be large
         cache[key] = splits

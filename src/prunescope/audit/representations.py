@@ -25,7 +25,9 @@ an example is the earliest probe ``l`` such that the probes ``l, l+1, ..., L-1``
 with the model's final prediction, and ``L`` (the output layer alone) when the last probe
 disagrees. The probed representations are the inputs of the model's ``nn.Linear`` and
 ``nn.Conv*`` layers in the order they are called (forward pre-hooks): probe 0 is the input
-image, the last probe the penultimate representation (the one the Q-score reads). The k-NN
+image, the last probe the penultimate representation (the one the Q-score reads). A
+transformer (:class:`prunescope.hub.models.TextClassifier`) is probed at the hidden state
+entering each block and at the head's inputs, each at its first token ([CLS]). The k-NN
 bank is ``bank`` training examples drawn with ``numpy.random.default_rng(seed)`` (1,000 and
 seed 0 by default, the same for every model of a dataset). Feature maps larger than
 :data:`MAX_DIM` values are average-pooled to ``C x 4 x 4`` before the probe, so the bank of a
@@ -105,8 +107,7 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor],
     def hook(_module, args):
         captured.append(_flat(args[0].detach()))
 
-    handles = [m.register_forward_pre_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+    handles = [m.register_forward_pre_hook(hook) for m in probed_layers(model)]
     try:
         with torch.no_grad():
             output = model(x)
@@ -116,7 +117,18 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Tensor],
     return captured, output.detach()
 
 
+def probed_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers whose inputs are probed: the model's own ``probed_layers()`` where it has
+    one (a transformer: each block's first Linear and the head), else every Linear and Conv."""
+    own = getattr(model, "probed_layers", None)
+    if own is not None:
+        return list(own())
+    return [m for m in model.modules() if isinstance(m, nn.Linear | nn.modules.conv._ConvNd)]
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 3:  # a sequence [N, tokens, features]: its first token ([CLS])
+        t = t[:, 0]
     if t.dim() == 4 and t[0].numel() > MAX_DIM:
         t = nn.functional.adaptive_avg_pool2d(t, POOL)
     return t.reshape(len(t), -1).float().cpu()

@@ -8,10 +8,13 @@ the seeded, stratified validation split from the training pool and normalises ev
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +31,9 @@ DATASETS: Registry[DatasetLoader] = Registry("dataset")
 class Subset:
     """Examples held in memory.
 
-    ``x``: float32 ``[N, C, H, W]``, already normalised; ``y``: int64 ``[N]`` class labels;
+    ``x``: float32 ``[N, C, H, W]`` images, already normalised, or int64 ``[N, 2, L]`` tokens
+    (``x[:, 0]`` token ids, ``x[:, 1]`` the attention mask, right-padded to ``L``; see
+    :mod:`prunescope.hub.text`); ``y``: int64 ``[N]`` class labels;
     ``index``: int64 ``[N]``, each example's position in its source file/split, so it can be
     traced back. ``groups``: optional int64 ``[N]`` group label of each example (e.g. a colour
     or a class-frequency tier, named by :attr:`Splits.group_names`), ``None`` for datasets
@@ -42,9 +47,12 @@ class Subset:
     groups: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.x.dtype != torch.float32 or self.x.dim() != 4:
-            raise DataError(f"Subset.x must be float32 [N, C, H, W], got {self.x.dtype} "
-                            f"{list(self.x.shape)}; convert the images before building a Subset")
+        images = self.x.dtype == torch.float32 and self.x.dim() == 4
+        tokens = self.x.dtype == torch.int64 and self.x.dim() == 3 and self.x.shape[1] == 2
+        if not (images or tokens):
+            raise DataError(f"Subset.x must be float32 images [N, C, H, W] or int64 tokens "
+                            f"[N, 2, L], got {self.x.dtype} {list(self.x.shape)}; convert the "
+                            "data before building a Subset")
         n = self.x.shape[0]
         for field, t in (("y", self.y), ("index", self.index), ("groups", self.groups)):
             if t is not None and (t.dtype != torch.int64 or tuple(t.shape) != (n,)):
@@ -53,6 +61,11 @@ class Subset:
 
     def __len__(self) -> int:
         return self.x.shape[0]
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the examples are token sequences (int64 ``[N, 2, L]``) rather than images."""
+        return self.x.dtype == torch.int64
 
     def select(self, idx: torch.Tensor) -> Subset:
         """The examples at positions ``idx`` (a new Subset; ``index`` keeps the source ids)."""
@@ -68,7 +81,9 @@ class Splits:
     (``x = (pixel - mean) / std``, pixels in ``[0, 1]``); :meth:`unnormalise` inverts it for
     display. ``augment`` names the training augmentation (``"crop_flip"``, see
     :data:`prunescope.data.AUGMENTATIONS`) or is ``None``. ``group_names`` names the values of
-    :attr:`Subset.groups` for datasets that have groups (empty otherwise).
+    :attr:`Subset.groups` for datasets that have groups (empty otherwise). Text datasets have
+    ``input_shape == (2, L)``, no ``mean``/``std``, and ``texts``: the source text of every
+    example, indexed by :attr:`Subset.index` (the report shows them where images are shown).
     """
 
     name: str
@@ -82,9 +97,10 @@ class Splits:
     std: tuple[float, ...]
     augment: str | None = None
     group_names: tuple[str, ...] = ()
+    texts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        channels = self.input_shape[0]
+        channels = 0 if self.is_text else self.input_shape[0]
         if len(self.classes) != self.num_classes or not len(self.mean) == len(self.std) == channels:
             raise DataError(f"dataset {self.name!r} is inconsistent: {self.num_classes} classes "
                             f"vs {len(self.classes)} names, {channels} channels vs "
@@ -93,6 +109,11 @@ class Splits:
             if tuple(part.x.shape[1:]) != tuple(self.input_shape):
                 raise DataError(f"dataset {self.name!r} has images of shape "
                                 f"{list(part.x.shape[1:])}, expected {list(self.input_shape)}")
+
+    @property
+    def is_text(self) -> bool:
+        """Whether the examples are token sequences (see :class:`Subset`)."""
+        return self.train.is_text
 
     def unnormalise(self, x: torch.Tensor) -> torch.Tensor:
         """Pixels in ``[0, 1]`` from normalised images ``[..., C, H, W]`` (for display)."""
@@ -163,13 +184,17 @@ def make_splits(name: str, pool: Raw, test: Raw, *, val_size: int, seed: int, sc
 
 
 def load(name: str, *, root: str | os.PathLike[str] | None = None, val_size: int | None = None,
-         seed: int = 0) -> Splits:
+         seed: int = 0, train_size: int | None = None, test_size: int | None = None,
+         **options: Any) -> Splits:
     """Load dataset ``name`` (see :func:`names`) as train/val/test :class:`Splits`.
 
     ``root`` is where the dataset's files are (required by some datasets, ignored by bundled
     ones); ``val_size`` is the number of training-pool examples held out for validation
     (``None``: the dataset's default; 0: an empty validation set); ``seed`` picks the split:
-    the same seed gives the identical split. Unknown names raise :class:`UnknownNameError`,
+    the same seed gives the identical split. ``train_size`` / ``test_size`` keep a fixed,
+    stratified subset of that many training / test examples (None: all). ``options`` go to
+    the dataset's loader (e.g. ``tokenizer`` and ``max_length`` of a text dataset; an option
+    the loader does not take is a ConfigError). Unknown names raise :class:`UnknownNameError`,
     bad arguments :class:`ConfigError`, missing or corrupt files :class:`DataError`.
     """
     loader = DATASETS.get(name)
@@ -177,8 +202,53 @@ def load(name: str, *, root: str | os.PathLike[str] | None = None, val_size: int
         raise ConfigError(f"val_size must be an integer or None, got {val_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be an integer in 0..2**63-1, got {seed!r}")
+    taken = inspect.signature(loader).parameters
+    unknown = [k for k in options if k not in taken]
+    if unknown:
+        raise ConfigError(f"dataset {name!r} takes no option {unknown[0]!r}; options it takes: "
+                          f"{', '.join(k for k in taken if k not in _COMMON) or 'none'}")
     path = None if root is None else Path(os.fspath(root)).expanduser()
-    return loader(root=path, val_size=val_size, seed=seed)
+    splits = loader(root=path, val_size=val_size, seed=seed, **options)
+    return subsample(splits, train_size=train_size, test_size=test_size)
+
+
+_COMMON = ("root", "val_size", "seed")
+
+
+def takes_option(name: str, option: str) -> bool:
+    """Whether dataset ``name``'s loader takes ``option`` (e.g. a text dataset's tokenizer)."""
+    return option in inspect.signature(DATASETS.get(name)).parameters
+
+
+def from_spec(spec: dict[str, Any], root: str | os.PathLike[str] | None = None) -> Splits:
+    """The splits a run's data spec describes (``{"name", "root", "val_size", "seed",
+    ...options}``, as checkpoints store it); ``root`` overrides the spec's."""
+    if not spec.get("name"):
+        raise ConfigError("the data spec names no dataset")
+    options = {k: v for k, v in spec.items()
+               if k not in ("name", "root", "val_size", "seed") and v is not None}
+    return load(spec["name"], root=root or spec.get("root"), val_size=spec.get("val_size"),
+                seed=spec.get("seed", 0), **options)
+SUBSET_SEED = 0  # the same test subset for every run seed: populations are audited alike
+
+
+def subsample(splits: Splits, *, train_size: int | None, test_size: int | None) -> Splits:
+    """``splits`` with stratified subsets of ``train_size`` training and ``test_size`` test
+    examples (None: keep all), drawn with :data:`SUBSET_SEED` whatever the run's seed, so that
+    runs of different seeds are audited on the same test examples (their training subsets
+    differ only as their validation splits do); a size above what the split holds is a
+    ConfigError."""
+    parts = {}
+    for field_name, size in (("train", train_size), ("test", test_size)):
+        if size is None:
+            continue
+        subset = getattr(splits, field_name)
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= len(subset):
+            raise ConfigError(f"{field_name}_size={size!r} is out of range for {splits.name}: "
+                              f"choose an integer in 1..{len(subset)}")
+        _, chosen = stratified_split(subset.y, size, SUBSET_SEED)
+        parts[field_name] = subset.select(chosen)
+    return dataclasses.replace(splits, **parts) if parts else splits
 
 
 def names() -> list[str]:

@@ -167,7 +167,7 @@ def cie_grid_figure(result: AuditResult, label: str) -> str | None:
     """Images of one focus population's CIEs, titled with the true label and both modal labels
     (green: the dense population was right); ``images`` is plain JSON, read by key."""
     entry = (result.images or {}).get(label)
-    if not entry:
+    if not entry or "pixels" not in entry:  # none, or texts (the page lists those)
         return None
     shape = entry["shape"]
     pixels = np.frombuffer(base64.b64decode(entry["pixels"]), dtype=np.uint8).reshape(shape)
@@ -229,8 +229,9 @@ def layers_figure(result: AuditResult) -> str | None:
         layers = block.models[0].cost["layers"]
         xs = np.arange(len(layers))
         axis.bar(xs - 0.2, [layer["direct"] for layer in layers], 0.4, label="direct")
-        axis.bar(xs + 0.2, [layer["effective"] for layer in layers], 0.4, label="effective",
-                 hatch="//", alpha=0.8)
+        if all(layer["effective"] is not None for layer in layers):
+            axis.bar(xs + 0.2, [layer["effective"] for layer in layers], 0.4,
+                     label="effective", hatch="//", alpha=0.8)
         axis.set_xticks(xs)
         axis.set_xticklabels([layer["name"].removesuffix(".weight") for layer in layers],
                              rotation=45, ha="right", fontsize=7)

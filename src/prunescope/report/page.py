@@ -190,6 +190,7 @@ def _figures(result: AuditResult) -> str:
                              f"CIEs of {label}: y = true label, d = dense modal label, c = "
                              "compressed modal label; green titles are examples the dense "
                              "population got right and the compressed one lost."))
+        parts.append(_cie_texts(result, label))
     parts += [
         _figure(figures.reliability_figure(result), "reliability diagrams",
                 "Reliability diagrams (all models of a population pooled): points below the "
@@ -202,6 +203,21 @@ def _figures(result: AuditResult) -> str:
                 "CIEs (AUROC in the legend; 0.5 is chance)."),
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _cie_texts(result: AuditResult, label: str) -> str:
+    """The CIEs of a text dataset as a table: the text, its label and both modal labels."""
+    entry = (result.images or {}).get(label) or {}
+    if "texts" not in entry:
+        return ""
+    classes = result.dataset.classes
+    rows = [[text, classes[y], classes[d], classes[c]] for text, y, d, c in zip(
+        entry["texts"], entry["labels"], entry["dense_modal"], entry["compressed_modal"],
+        strict=True)]
+    return (f"<h3>CIE texts {_e(label)}</h3><p class='note'>Compression-identified exemplars of "
+            f"{_e(label)} (those the dense population got right first): the true label, the "
+            "dense and the compressed populations' modal labels.</p>"
+            + _table(["text", "label", "dense", "compressed"], rows))
 
 
 def _figure(uri: str | None, alt: str, caption: str) -> str:
