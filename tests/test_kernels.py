@@ -131,6 +131,23 @@ def test_linear_without_bias_and_with_leading_dims(variant):
     check_against_reference(layer, sparse, mask, torch.randn(2, 3, 12, generator=generator))
 
 
+@pytest.mark.parametrize("n_in,n_out", [(384, 384), (384, 1536), (1536, 384)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, threads, request):
+    """MiniLM's encoder widths, [batch, tokens, features] input with batch x tokens (69 rows)
+    not a multiple of the lane tile, 90% sparse: on 2 threads the output rows are split (at
+    16-row boundaries) between threads that write the same output rows' columns."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    request.addfinalizer(lambda: torch.set_num_threads(previous))
+    generator = torch.Generator().manual_seed(n_in + n_out)
+    layer = nn.Linear(n_in, n_out)
+    mask = random_mask(layer.weight.shape, 0.1, generator)
+    mask[5] = False
+    sparse = SparseLinear.from_dense(layer, mask)
+    check_against_reference(layer, sparse, mask, torch.randn(3, 23, n_in, generator=generator))
+
+
 def test_linear_float64_and_non_contiguous_input(variant):
     generator = torch.Generator().manual_seed(4)
     layer = nn.Linear(10, 6).double()

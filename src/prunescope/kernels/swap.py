@@ -14,8 +14,9 @@ their own mask). :func:`to_dense` puts plain layers back.
 from __future__ import annotations
 
 import copy
+import math
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,11 @@ from prunescope.kernels.modules import (
 )
 from prunescope.mask import Mask
 
+Example = torch.Tensor | tuple | list | Mapping
+"""Model inputs: one tensor (``model(x)``), a tuple/list of positional inputs (``model(*x)``) or
+a mapping of keyword inputs (``model(**x)``, e.g. a tokenizer's ``input_ids`` and
+``attention_mask``)."""
+
 SPARSE_TYPES: dict[type[nn.Module], type[_SparseLayer]] = {
     nn.Linear: SparseLinear, nn.Conv2d: SparseConv2d,
 }
@@ -38,7 +44,9 @@ SPARSE_TYPES: dict[type[nn.Module], type[_SparseLayer]] = {
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """The decision for one masked tensor: ``sparse`` is True when its layer was swapped."""
+    """The decision for one masked tensor: ``sparse`` is True when its layer was swapped.
+    ``batch`` is the rows the layer computes per call: a Conv2d's images; for a Linear the
+    product of its input's leading dimensions (batch x tokens for a transformer's layers)."""
 
     name: str
     shape: str
@@ -74,13 +82,15 @@ class SwapPlan:
     def table(self) -> str:
         """The decisions as a fixed-width table (what :func:`to_sparse` prints)."""
         use, what = ("training", "forward+backward") if self.training else ("inference", "forward")
+        width = max([24] + [len(c.name.rpartition(".")[0]) for c in self.layers])
         lines = [f"prunescope.kernels: sparse layers for {use} ({self.kernels} kernels, "
                  f"{self.threads} threads, {what} per batch)",
-                 f"{'layer':<24} {'shape':<24} {'batch':>5} {'sparsity':>8} {'dense ms':>9} "
+                 f"{'layer':<{width}} {'shape':<24} {'batch':>5} {'sparsity':>8} {'dense ms':>9} "
                  f"{'sparse ms':>9} {'speedup':>7}  choice"]
         for c in self.layers:
             speed = "" if c.speedup is None else f"{c.speedup:.1f}x"
-            lines.append(f"{c.name.rpartition('.')[0]:<24} {c.shape:<24} {_fmt(c.batch, 'd'):>5} "
+            lines.append(f"{c.name.rpartition('.')[0]:<{width}} {c.shape:<24} "
+                         f"{_fmt(c.batch, 'd'):>5} "
                          f"{c.sparsity:>8.4f} {_fmt(c.dense_ms, '.3f'):>9} "
                          f"{_fmt(c.sparse_ms, '.3f'):>9} {speed:>7}  "
                          f"{'sparse' if c.sparse else 'dense'} ({c.reason})")
@@ -94,15 +104,18 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def to_sparse(model: nn.Module, mask: Mask, example: torch.Tensor | None = None, *,
+def to_sparse(model: nn.Module, mask: Mask, example: Example | None = None, *,
               training: bool = True, batch_size: int = 128, min_speedup: float = 1.1,
               repeats: int = 7, layers: Collection[str] | None = None, verbose: bool = True,
               log: Callable[[str], object] = print) -> SwapPlan:
     """Swap, in place, each layer of ``mask`` whose sparse version is measured faster.
 
-    ``example`` is a batch of model inputs as used in the job (its shapes are what gets timed);
-    without it Linear layers are timed at ``batch_size`` and Conv2d layers stay dense. Call it
-    before building the optimizer (swapped layers have new parameters, ``values``). Layers already
+    ``example`` is a batch of model inputs as used in the job (its shapes are what gets timed):
+    a tensor, a tuple of positional inputs or a mapping of keyword inputs (a Hugging Face model's
+    ``input_ids`` and ``attention_mask``); Linear layers may receive any number of leading
+    dimensions (``[batch, tokens, features]``), timed at that shape. Without it Linear layers are
+    timed at ``batch_size`` and Conv2d layers stay dense. Call it before building the optimizer
+    (swapped layers have new parameters, ``values``). Layers already
     sparse are made dense first, so every decision is measured afresh. Layers that are not
     ``nn.Linear``/``nn.Conv2d``, not float32/float64 on the CPU, or when the fast kernels are
     unavailable, stay dense; the table says why. ``layers`` (module names) skips the timing and
@@ -154,7 +167,7 @@ def _replace(model: nn.Module, module_name: str, new: nn.Module) -> None:
 
 
 def _input_shapes(model: nn.Module, mask: Mask,
-                  example: torch.Tensor | None) -> dict[str, tuple[torch.Size, bool]]:
+                  example: Example | None) -> dict[str, tuple[torch.Size, bool]]:
     """Shape of each masked layer's first input on ``example`` and whether it needs a gradient."""
     if example is None:
         return {}
@@ -172,12 +185,28 @@ def _input_shapes(model: nn.Module, mask: Mask,
     model.eval()
     try:
         with torch.enable_grad():
-            model(example)
+            call(model, example)
     finally:
         model.train(was_training)
         for handle in hooks:
             handle.remove()
     return shapes
+
+
+def call(model: nn.Module, example: Example):
+    """``model`` applied to ``example`` (see :data:`Example`)."""
+    if isinstance(example, Mapping):
+        return model(**example)
+    if isinstance(example, (tuple, list)):
+        return model(*example)
+    return model(example)
+
+
+def _rows(layer: nn.Module, input_shape: torch.Size) -> int:
+    """Rows one call computes: a Linear's product of leading dims, a Conv2d's batch."""
+    if isinstance(layer, nn.Linear):
+        return math.prod(input_shape[:-1])
+    return int(input_shape[0]) if len(input_shape) == 4 else 1
 
 
 def _decide(model: nn.Module, name: str, keep: torch.Tensor, shapes, chosen, *, training: bool,
@@ -210,7 +239,7 @@ def _decide(model: nn.Module, name: str, keep: torch.Tensor, shapes, chosen, *, 
     else:
         return stay("not reached by the example input" if shapes
                     else "give example= to time a Conv2d")
-    batch = int(input_shape[0]) if len(input_shape) > 1 else 1
+    batch = _rows(layer, input_shape)
     dense_ms, sparse_ms = _time_pair(layer, kind, keep, input_shape, needs_grad and training,
                                      training, repeats)
     if sparse_ms * min_speedup > dense_ms:

@@ -26,7 +26,7 @@ from torch import nn
 from prunescope import distributed
 from prunescope.errors import ConfigError
 from prunescope.files import write_json
-from prunescope.kernels.swap import to_dense, to_sparse
+from prunescope.kernels.swap import Example, to_dense, to_sparse
 from prunescope.mask import Mask
 from prunescope.sparsifier import MaskHold
 
@@ -46,12 +46,13 @@ class _ResidualHold(MaskHold):
 
 
 @contextlib.contextmanager
-def sparse_layers(model: nn.Module, hook: object, example: torch.Tensor, run_dir: Path, *,
+def sparse_layers(model: nn.Module, hook: object, example: Example, run_dir: Path, *,
                   resuming: bool) -> Iterator[MaskHold]:
     """Swap ``model``'s faster layers to sparse for the block; yields the hook to train with.
 
     ``hook`` must be a plain :class:`MaskHold` with a mask (methods that change the mask while
-    training cannot use fixed sparse structures). ``example`` is one training batch. With
+    training cannot use fixed sparse structures). ``example`` is one training batch of model
+    inputs (a tensor, a tuple, or a mapping such as a tokenizer's output). With
     ``resuming`` and a saved choice in ``run_dir``, the same layers are swapped again.
     """
     if type(hook) is not MaskHold or hook.mask is None:

@@ -18,18 +18,35 @@ namespace {
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ---- gather: y = W x over the kept taps of each row ---------------------------------------------
-// One output tile (NV full vectors and an optional masked tail) per row, accumulated in registers
-// over the row's taps; U independent accumulator sets when the tile is too narrow to hide the FMA
-// latency. The row loop is inside the instantiation, so a row costs no call.
+// Rows of up to 64 lanes written transposed (y[lane * y_t + row], rows contiguous) go through a
+// buffer of 8 rows and 8 x 8 register transposes: each lane's 8 outputs land as one 32-byte run.
+constexpr int kBufLanes = 64;
+
+template <class V>
+void store_transposed(const typename V::T* buf, int rows, int n, typename V::T* y, int64_t y_t) {
+  int l = 0;
+  if (V::kBlockTranspose && rows == 8)
+    for (; l + 8 <= n; l += 8) V::transpose8(buf + l, kBufLanes, y + l * y_t, y_t);
+  for (; l < n; ++l)
+    for (int r = 0; r < rows; ++r) y[l * y_t + r] = buf[r * kBufLanes + l];
+}
+
+// One output tile (NV full vectors and an optional masked tail, n lanes) per row, accumulated in
+// registers over the row's taps; U independent accumulator sets when the tile is too narrow to hide
+// the FMA latency. The row loop is inside the instantiation, so a row costs no call. y_t == 1:
+// lanes contiguous, row k at y + k * y_k; otherwise lane t at y + t * y_t and y_k must be 1.
 template <class V, int NV, bool TAIL, int U>
 void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y, int64_t y_k,
-                 const int64_t* __restrict ptr, const int32_t* __restrict idx, int64_t ld,
-                 const typename V::T* __restrict vals, const typename V::T* __restrict bias,
-                 int64_t r0, int64_t r1, typename V::M m) {
+                 int64_t y_t, const int64_t* __restrict ptr, const int32_t* __restrict idx,
+                 int64_t ld, const typename V::T* __restrict vals,
+                 const typename V::T* __restrict bias, int64_t r0, int64_t r1, typename V::M m,
+                 int n) {
   using R = typename V::R;
   using T = typename V::T;
   constexpr int W = V::W;
   constexpr int NT = NV + (TAIL ? 1 : 0);
+  alignas(64) T buf[8 * kBufLanes];
+  int64_t group = r0;  // first row held in buf
   for (int64_t k = r0; k < r1; ++k) {
     R acc[U][NT];
     const R init = V::set1(bias ? bias[k] : T(0));
@@ -53,16 +70,20 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
     }
     for (int u = 1; u < U; ++u)
       for (int v = 0; v < NT; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
-    T* yk = y + k * y_k;
+    T* yk = y_t == 1 ? y + k * y_k : buf + (k - group) * kBufLanes;
     for (int v = 0; v < NV; ++v) V::store(yk + v * W, acc[0][v]);
     if (TAIL) V::storem(yk + NV * W, acc[0][NT - 1], m);
+    if (y_t != 1 && (k + 1 - group == 8 || k + 1 == r1)) {
+      store_transposed<V>(buf, static_cast<int>(k + 1 - group), n, y + group, y_t);
+      group = k + 1;
+    }
   }
 }
 
 template <class V>
-using GatherRows = void (*)(const typename V::T*, typename V::T*, int64_t, const int64_t*,
-                            const int32_t*, int64_t, const typename V::T*, const typename V::T*,
-                            int64_t, int64_t, typename V::M);
+using GatherRows = void (*)(const typename V::T*, typename V::T*, int64_t, int64_t,
+                            const int64_t*, const int32_t*, int64_t, const typename V::T*,
+                            const typename V::T*, int64_t, int64_t, typename V::M, int);
 
 // Independent accumulator streams: enough that NT * U >= 8 chains hide the FMA latency.
 constexpr int streams(int nt) { return nt >= 6 ? 1 : nt >= 3 ? 2 : 4; }
@@ -89,13 +110,15 @@ template <class V>
 void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   constexpr int W = V::W;
   constexpr int64_t TILE = 8 * W;
+  static_assert(TILE <= kBufLanes, "a tile must fit the transposing buffer");
   for (int64_t p = 0; p < a.P; ++p) {
     const typename V::T* xp = a.x + p * a.x_p;
     for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
       const int64_t n = min64(TILE, a.L - t0);
       const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
-      pick_gather<V>(nv, tail != 0)(xp + t0, a.y + p * a.y_p + t0, a.y_k, a.ptr, a.idx, a.ld,
-                                    a.vals, a.bias, r0, r1, V::mask(tail));
+      pick_gather<V>(nv, tail != 0)(xp + t0, a.y + p * a.y_p + t0 * a.y_t, a.y_k, a.y_t, a.ptr,
+                                    a.idx, a.ld, a.vals, a.bias, r0, r1, V::mask(tail),
+                                    static_cast<int>(n));
     }
   }
 }

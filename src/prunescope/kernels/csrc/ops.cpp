@@ -63,9 +63,11 @@ const ps::Kernels<double>& kernels<double>() { return active()->f64; }
 
 // ---- threading --------------------------------------------------------------------------------------
 // Split rows [0, rows) into one contiguous range per thread with equal cost, cost(row) = its taps +
-// a fixed per-row share; each range runs on one thread with no synchronisation inside.
+// a fixed per-row share; each range runs on one thread with no synchronisation inside. Bounds are
+// rounded to multiples of `align` rows (threads writing one output row apart share no cache line).
 template <class F>
-void parallel_rows(const int64_t* ptr, int64_t rows, int64_t lanes, const F& fn) {
+void parallel_rows(const int64_t* ptr, int64_t rows, int64_t lanes, const F& fn,
+                   int64_t align = 1) {
   const int64_t threads = at::get_num_threads();
   const int64_t taps = ptr[rows] - ptr[0];
   // below ~2^18 multiply-adds (~20 us on one core) a second thread costs more than it saves
@@ -81,7 +83,7 @@ void parallel_rows(const int64_t* ptr, int64_t rows, int64_t lanes, const F& fn)
   for (int64_t t = 1; t < threads; ++t) {
     const int64_t target = total * t / threads;
     while (row < rows && (ptr[row] - ptr[0]) + kRowCost * row < target) ++row;
-    bounds[t] = row;
+    bounds[t] = std::max(bounds[t - 1], std::min(rows, (row + align / 2) / align * align));
   }
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
@@ -163,34 +165,26 @@ at::Tensor pack_tiles(const T* src, int64_t srs, int64_t C, const Tiles& t,
   return out;
 }
 
-// [tiles][C][T] -> [B, C], one parallel region over (tile, block of 128 columns of the output).
+// out[B, rows] = the product over the packed tiles of x: the full tiles as output rows p of one
+// call, the remainder tile as a second call, each writing its lanes' output rows directly
+// (transposed in registers; no unpacking pass). Threads own 16-row (64-byte) column blocks.
 template <class T>
-at::Tensor unpack_tiles(const at::Tensor& packed, int64_t C, const Tiles& t,
+at::Tensor gather_tiles(const T* xt, int64_t in, const at::Tensor& ptr, const at::Tensor& idx,
+                        const T* vals, const T* bias, const Tiles& t,
                         const at::TensorOptions& options) {
-  at::Tensor out = at::empty({t.B, C}, options);
-  const T* src = packed.const_data_ptr<T>();
-  T* dst = out.mutable_data_ptr<T>();
-  const int64_t blocks = (C + 127) / 128;
-  at::parallel_for(0, t.count() * blocks, std::max<int64_t>(1, (1 << 16) / (128 * t.T)),
-                   [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = b / blocks, c0 = (b % blocks) * 128, c1 = std::min(c0 + 128, C);
-      kernels<T>().transpose(src + i * C * t.T, t.T, dst + i * t.T * C, C, c0, c1, t.width(i));
-    }
-  });
-  return out;
-}
-
-// The full tiles as output rows p of one call, the remainder tile as a second call.
-template <class T>
-void gather_tiles(ps::GatherArgs<T> a, const Tiles& t, int64_t rows) {
+  const int64_t rows = ptr.numel() - 1;
+  at::Tensor out = at::empty({t.B, rows}, options);
+  if (t.B == 0) return out;
+  ps::GatherArgs<T> a{xt, in * t.T, out.mutable_data_ptr<T>(), 1, t.T * rows,
+                      ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T, vals,
+                      bias, t.full, t.T, rows};
   ps::GatherArgs<T> r = a;
-  a.P = t.full, a.L = t.T;
   r.x += t.full * a.x_p, r.y += t.full * a.y_p, r.P = 1, r.L = t.rem;
   parallel_rows(a.ptr, rows, t.B, [&](int64_t r0, int64_t r1) {
     if (a.P > 0) kernels<T>().gather(a, r0, r1);
     if (r.L > 0) kernels<T>().gather(r, r0, r1);
-  });
+  }, 16);
+  return out;
 }
 
 // The weight gradient, tile by tile (every tile at full width: the padded lanes are zero).
@@ -212,15 +206,10 @@ std::tuple<at::Tensor, at::Tensor> linear_forward_impl(const at::Tensor& x,
   const Tiles t = lane_tiles(B, I, K, active()->lanes);
   const at::Tensor xc = x.contiguous();
   at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, x.options());
-  at::Tensor yt = at::empty({t.count() * K * t.T}, x.options());
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  if (B > 0)
-    gather_tiles<T>({xt.const_data_ptr<T>(), I * t.T, yt.mutable_data_ptr<T>(), t.T, K * t.T,
-                     ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T,
-                     values.const_data_ptr<T>(), b.defined() ? b.const_data_ptr<T>() : nullptr,
-                     0, 0},
-                    t, K);
-  return {unpack_tiles<T>(yt, K, t, x.options()), xt};
+  at::Tensor y = gather_tiles<T>(xt.const_data_ptr<T>(), I, ptr, idx, values.const_data_ptr<T>(),
+                                 b.defined() ? b.const_data_ptr<T>() : nullptr, t, x.options());
+  return {y, xt};
 }
 
 template <class T>
@@ -242,14 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
                      t, K);
   }
   if (need_dx) {
-    at::Tensor dxt = at::empty({t.count() * I * t.T}, dy.options());
     const at::Tensor cvals = in_column_order<T>(values, cperm);
-    if (B > 0)
-      gather_tiles<T>({dyt.const_data_ptr<T>(), K * t.T, dxt.mutable_data_ptr<T>(), t.T, I * t.T,
-                       cptr.const_data_ptr<int64_t>(), crow.const_data_ptr<int32_t>(), t.T,
-                       cvals.const_data_ptr<T>(), nullptr, 0, 0},
-                      t, I);
-    dx = unpack_tiles<T>(dxt, I, t, dy.options());
+    dx = gather_tiles<T>(dyt.const_data_ptr<T>(), K, cptr, crow, cvals.const_data_ptr<T>(),
+                         nullptr, t, dy.options());
   }
   if (need_db) db = at::sum(dy, {0});
   return {dx, dw, db};

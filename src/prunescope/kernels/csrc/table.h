@@ -7,8 +7,10 @@
 
 namespace ps {
 
-// y[k, p, t] = bias[k] + sum_j vals[j] * x[idx[j] * ld + p * x_p + t] over the taps j of row k,
-// for rows k in [r0, r1), output rows p < P and lanes t < L.
+// y[k * y_k + p * y_p + t * y_t] = bias[k] + sum_j vals[j] * x[idx[j] * ld + p * x_p + t] over
+// the taps j of row k, for rows k in [r0, r1), output rows p < P and lanes t < L. y_t == 1: each
+// row's lanes contiguous; otherwise rows must be contiguous (y_k == 1): the output is written
+// transposed, [lanes, rows], as a Linear's [batch, features] output is.
 template <class T>
 struct GatherArgs {
   const T* x;
@@ -21,6 +23,7 @@ struct GatherArgs {
   const T* vals;
   const T* bias;  // nullable
   int64_t P, L;
+  int64_t y_t = 1;
 };
 
 // dw[j] = sum_{p, s, t} dy[k * dy_k + p * dy_p + s * dy_s + t] * x[idx[j] * ld + p * x_p + s * x_s
