@@ -179,13 +179,18 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_inspect)
 
     export = commands.add_parser("export", help="write a checkpoint for deployment: compact "
-                                 "(nonzero values + indices) or ONNX (dense with zeros)")
+                                 "(nonzero values + indices), ONNX (dense with zeros) or a "
+                                 "Hugging Face folder")
     export.add_argument("file", metavar="CHECKPOINT", help="a model.safetensors from a run")
-    export.add_argument("--format", choices=("compact", "onnx"), default="compact",
+    export.add_argument("--format", choices=("compact", "onnx", "huggingface"),
+                        default="compact",
                         help="compact: safetensors of the kept values and their indices "
                         "(prunescope.export.load_compact reads it back); onnx: the model with "
-                        "its zeros, needs pip install 'prunescope[onnx]'")
-    export.add_argument("--out", required=True, help="the file to write")
+                        "its zeros, needs pip install 'prunescope[onnx]'; huggingface: a "
+                        "folder transformers' from_pretrained loads (config, safetensors, "
+                        "tokenizer), with the mask beside it")
+    export.add_argument("--out", required=True, help="the file (the folder for huggingface) "
+                        "to write")
     export.set_defaults(handler=_export)
 
     listing = commands.add_parser("list", help="registered models, datasets, criteria, ...")

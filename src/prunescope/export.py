@@ -35,7 +35,7 @@ from prunescope.mask import MASK_FORMAT, Mask
 
 COMPACT_FORMAT = "prunescope.compact/1"
 ONNX_PACKAGES = ("onnx", "onnxscript")
-FORMATS = ("compact", "onnx")
+FORMATS = ("compact", "onnx", "huggingface")
 
 
 # -- inspect ---------------------------------------------------------------------------------
@@ -257,13 +257,55 @@ def _quiet_exporter():
         exporter_log.setLevel(level)
 
 
+# -- Hugging Face ----------------------------------------------------------------------------
+
+def export_huggingface(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Write the Hugging Face model of checkpoint ``path`` (mask applied) as a transformers
+    folder ``out`` (:func:`prunescope.hub.models.save_pretrained`: config with the class names,
+    safetensors weights, tokenizer, and the mask beside); returns the sizes, ``bytes`` being
+    the folder's. A checkpoint of another model is a CheckpointError."""
+    loaded = checkpoint.load(path)
+    spec = loaded.meta.get("model") or {}
+    if spec.get("source") != "huggingface":
+        raise CheckpointError(f"{path} holds {checkpoint.describe(spec)}, not a Hugging Face "
+                              "model; export it with --format compact or onnx")
+    from prunescope.hub.models import save_pretrained
+
+    model = checkpoint.build_model(loaded, path)
+    if loaded.mask is not None:
+        loaded.mask.apply_(model)
+    source = loaded.meta.get("data") or {}
+    classes = _classes(source)
+    save_pretrained(model, out, classes=classes, mask=loaded.mask)
+    size = sum(f.stat().st_size for f in Path(out).iterdir())
+    return {"format": "huggingface", "out": str(out), "bytes": size,
+            "checkpoint_bytes": Path(path).stat().st_size,
+            "dense_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+            "labels": list(classes) if classes else None}
+
+
+def _classes(source: dict[str, Any]) -> tuple[str, ...] | None:
+    """The class names of a checkpoint's dataset (None when the data cannot be read: the
+    labels are then transformers' LABEL_k)."""
+    from prunescope import data
+    from prunescope.errors import PrunescopeError
+
+    try:
+        return data.from_spec(source).classes if source else None
+    except PrunescopeError:
+        return None
+
+
 # -- shared ----------------------------------------------------------------------------------
 
+EXPORTERS = {"compact": export_compact, "onnx": export_onnx, "huggingface": export_huggingface}
+
+
 def export(path: str | os.PathLike, out: str | os.PathLike, fmt: str) -> dict[str, Any]:
-    """:func:`export_compact` or :func:`export_onnx` by ``fmt``."""
+    """Write checkpoint ``path`` to ``out`` in format ``fmt`` (:data:`FORMATS`)."""
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return (export_compact if fmt == "compact" else export_onnx)(path, out)
+    return EXPORTERS[fmt](path, out)
 
 
 def _masked_state(loaded: checkpoint.Checkpoint, path) -> dict[str, torch.Tensor]:

@@ -47,6 +47,9 @@ def tokenize(texts: Sequence[str], tokenizer: str | Path, max_length: int) -> to
         raise ConfigError(f"max_length must be an integer >= 2, got {max_length!r}")
     transformers = require_transformers()
     folder = resolve(tokenizer)
+    if not folder.is_dir():
+        raise ConfigError(f"tokenizer folder {str(folder)!r} does not exist: pass a model "
+                          "folder holding its tokenizer, or all-MiniLM-L6-v2")
     try:
         tok = transformers.AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:

@@ -15,6 +15,8 @@ training loop, the compression pipeline) and add only their own mechanics:
   2023).
 - ``elsa``: nested sparse networks in one dense model, level by level with the sparser levels'
   weights frozen (Halvachi et al. 2023; :mod:`prunescope.nested`).
+- ``layerwise``: one-shot pruning of a large model one block at a time on calibration data
+  (magnitude, Wanda, SparseGPT; :mod:`prunescope.layerwise`), then recovery.
 - ``data_pruning``: prune the training set (random, EL2N, forgetting; DRoP's class quotas) and
   train a dense model on the rest (:mod:`prunescope.data_pruning`).
 
@@ -22,7 +24,7 @@ The built-in methods are registered here, in one place: importing this package r
 all (a method of your own registers itself with :func:`prunescope.methods.base.register`).
 """
 
-from prunescope.methods import acdc, cram, elsa, gmp, lottery, one_shot, rigl  # noqa: F401, I001
+from prunescope.methods import acdc, cram, elsa, gmp, layerwise, lottery, one_shot, rigl  # noqa: F401, I001
 from prunescope.methods.base import METHODS, Method
 
 # data pruning (DRoP and its baselines) lives in its own package, which builds on this one
