@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunescope import checkpoint, data, devices, models
@@ -35,7 +36,7 @@ from prunescope.distill import DistillConfig
 from prunescope.logs import MetricsLogger
 from prunescope.mask import Mask
 from prunescope.robust_distill import RobustDistillationLoss, check_sparse_kernels
-from prunescope.train import FINAL, LossFn, TrainConfig, evaluate, fit
+from prunescope.train import FINAL, LossFn, TrainConfig, evaluate, fit, predict
 
 INIT = "init.safetensors"
 DENSE = "dense"
@@ -236,11 +237,18 @@ class Run:
         return record
 
     # -- results ----------------------------------------------------------------------------
-    def scores(self, model: nn.Module) -> dict[str, float]:
-        """Test accuracy and loss, validation accuracy."""
+    def scores(self, model: nn.Module) -> dict[str, Any]:
+        """Test accuracy, loss and recall of each class (None for a class the test set lacks),
+        validation accuracy."""
         batch = self.train.eval_batch_size
-        test = evaluate(model, self.splits.test, batch)
-        return {"accuracy": test["accuracy"], "loss": test["loss"],
+        logits = predict(model, self.splits.test, batch)
+        labels = self.splits.test.y
+        hits = logits.argmax(1) == labels
+        recall = [float(hits[labels == c].double().mean()) if bool((labels == c).any())
+                  else None for c in range(self.splits.num_classes)]
+        return {"accuracy": float(hits.double().mean()) if len(labels) else math.nan,
+                "loss": float(F.cross_entropy(logits, labels)) if len(labels) else math.nan,
+                "class_recall": recall,
                 "val_accuracy": evaluate(model, self.splits.val, batch)["accuracy"]}
 
     def result(self, model: nn.Module, mask: Mask | None, **fields: Any) -> dict[str, Any]:
