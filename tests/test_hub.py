@@ -224,3 +224,19 @@ def test_export_huggingface_refuses_a_zoo_checkpoint(tmp_path):
         from prunescope.export import export
 
         export(tmp_path / "m.safetensors", tmp_path / "hf", "huggingface")
+
+
+def test_recovery_distilled_from_the_dense_model(tiny, tmp_path):
+    method = {"method": "layerwise", "solver": "wanda", "calibration": 16}
+    recipe = _recipe(tiny, prune={"methods": [method], "sparsities": [0.5]},
+                     distill={"teacher": "dense", "temperature": 2.0, "weight": 0.5})
+    results = experiment.run(recipe, tmp_path / "out", progress=False)
+    assert results["runs"][0]["finetuned"] and results["runs"][0]["accuracy"] >= 0
+
+
+def test_gmp_during_fine_tuning_of_the_pretrained_model(tiny, tmp_path):
+    gmp = {"method": "gmp", "allocation": "uniform", "start": 0.0, "end": 0.5, "every": 1,
+           "unit": "fraction"}
+    recipe = _recipe(tiny, prune={"methods": [gmp], "sparsities": [0.6]})
+    results = experiment.run(recipe, tmp_path / "out", progress=False)
+    assert results["runs"][0]["actual_sparsity"] == pytest.approx(0.6, abs=0.01)

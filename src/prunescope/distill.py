@@ -106,7 +106,8 @@ def load_teacher(path: str | Path, num_classes: int) -> nn.Module:
     """
     state = checkpoint.load(path)
     teacher = checkpoint.build_model(state, path)
-    classes = state.meta["model"]["num_classes"]
+    spec = state.meta["model"]
+    classes = spec["num_labels"] if spec.get("source") == "huggingface" else spec["num_classes"]
     if classes != num_classes:
         raise ConfigError(
             f"teacher {path} predicts {classes} classes but the data has {num_classes}; "
