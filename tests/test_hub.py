@@ -240,3 +240,31 @@ def test_gmp_during_fine_tuning_of_the_pretrained_model(tiny, tmp_path):
     recipe = _recipe(tiny, prune={"methods": [gmp], "sparsities": [0.6]})
     results = experiment.run(recipe, tmp_path / "out", progress=False)
     assert results["runs"][0]["actual_sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_missing_transformers_is_one_line(monkeypatch):
+    import sys
+
+    from prunescope.hub import require_transformers
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import raises ImportError
+    with pytest.raises(ConfigError, match=r"need the transformers package: pip install"):
+        require_transformers()
+
+
+def test_target_glob_matching_nothing_is_one_line(tiny, tmp_path):
+    raw = recipes.to_dict(_recipe(tiny, prune={"methods": [{"method": "layerwise"}],
+                                               "sparsities": [0.5],
+                                               "include": ["*.no_such_layer.*"]}))
+    with pytest.raises(PrunescopeError, match="no prunable tensor"):
+        experiment.run(recipes.from_dict(raw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_pattern_not_fitting_a_layer_is_one_line(tiny, tmp_path):
+    raw = recipes.to_dict(_recipe(tiny, prune={"methods": [{"method": "layerwise",
+                                                            "pattern": "2:3"}],
+                                               "sparsities": [1 / 3]}))
+    with pytest.raises(ConfigError, match="inputs, not a multiple of 3"):
+        experiment.run(recipes.from_dict(raw), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -68,7 +68,16 @@ class Layerwise(Method):
                 raise ConfigError(f"layerwise {self.pattern}: its sparsity is "
                                   f"{1 - pattern.n / pattern.m:g}, not {sparsity:g}; list "
                                   f"sparsities: [{1 - pattern.n / pattern.m:g}] for it")
-        run.targets.options()  # the targets are checked when the model is pruned
+        from prunescope.targets import select
+
+        model = run.fresh_model()
+        targets = select(model, run.targets.include, run.targets.exclude)
+        params = dict(model.named_parameters())
+        for name in targets:
+            if pattern.kind == "nm" and params[name].shape[-1] % pattern.m:
+                raise ConfigError(f"layerwise {self.pattern}: {name} has "
+                                  f"{params[name].shape[-1]} inputs, not a multiple of "
+                                  f"{pattern.m}; exclude it or pick another pattern")
 
     def run_one(self, run: Run, sparsity: float) -> list[dict[str, Any]]:
         """Prune the trained dense model block by block, recover, evaluate."""
