@@ -152,6 +152,41 @@ def test_named_blocks_equal_automatic_ones_and_mode_is_restored():
     assert model.training and all(m.training for m in model.modules())
 
 
+class Block(nn.Module):
+    """A block called with keywords only, returning a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, *, hidden_states: torch.Tensor, scale: torch.Tensor) -> tuple:
+        return hidden_states + torch.relu(self.fc(hidden_states)) * scale, None
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(3))
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(hidden_states=x, scale=torch.tensor(0.5))[0]
+        return self.head(x)
+
+
+def test_keyword_hidden_states_tuple_outputs_and_a_block_without_targets():
+    torch.manual_seed(0)
+    model = Stack()
+    other = copy.deepcopy(model)
+    inputs = [torch.randn(12, 8) for _ in range(2)]
+    names = ["blocks.0.fc.weight", "blocks.2.fc.weight"]
+    mask = prune_blocks(model, inputs, names, solver="sparsegpt", sparsity=0.5)
+    kept = reference(other, [[n] for n in names], inputs, "sparsegpt", 0.5)
+    assert_same(model, other, mask, kept)
+    assert torch.equal(model.blocks[1].fc.weight, other.blocks[1].fc.weight)
+
+
 # -- (b) Wanda against a direct computation ----------------------------------------------------
 def test_wanda_keeps_per_row_top_of_weight_times_input_norm():
     layer = nn.Linear(4, 2, bias=False)

@@ -210,12 +210,11 @@ def _sequential(model, inputs, token_masks, block_list, steps, prune, bar) -> No
         block = block_list[index]
         if steps[index]:
             stats = _run_block(block, calls, token_masks, steps[index], prune)
-            for name in steps[index]:
-                prune(name, stats.get(name))
-            del stats
+            for name in steps[index]:  # each layer's statistics freed once it is pruned
+                prune(name, stats.pop(name, None))
             bar.update()
-        if index < last and calls:
-            calls = [_with_hidden(call, _hidden_of(block(*call[0], **call[1]))) for call in calls]
+        for number, (args, kwargs) in enumerate(calls if index < last else ()):
+            calls[number] = _with_hidden((args, kwargs), _hidden_of(block(*args, **kwargs)))
 
 
 def _capture(model: nn.Module, block: nn.Module, inputs) -> list[tuple[tuple, dict]]:
@@ -345,20 +344,23 @@ class _Pruner:
         kernel position (the columns are reordered for the solver and back)."""
         matrix = weight.detach().reshape(weight.shape[0], -1).cpu()
         live2d = live.reshape_as(matrix).cpu()
-        order = torch.arange(matrix.shape[1])
+        hessian, order = hessian.cpu(), None
         if self.pattern.kind == "nm":
             options: dict = {"nm": (self.pattern.n, self.pattern.m)}
             if weight.dim() > 2:
-                order = order.view(weight.shape[1], -1).t().reshape(-1)
+                order = torch.arange(matrix.shape[1]).view(weight.shape[1], -1).t().reshape(-1)
+                matrix, live2d = matrix[:, order], live2d[:, order]
+                hessian = hessian[order][:, order]
         else:
             options = {"keep": min(self._count(matrix.numel()), int(live2d.sum())),
                        "every_row": self.pattern.every_row}
-        new, keep, _ = reconstruct(
-            matrix[:, order], hessian.cpu()[order][:, order], live=live2d[:, order],
-            dampening=self.dampening, block=self.column_block, bias=None, refit=False, **options)
-        back = torch.argsort(order)
-        return (new[:, back].reshape(weight.shape).to(weight.device),
-                keep[:, back].reshape(weight.shape).to(weight.device))
+        new, keep, _ = reconstruct(matrix, hessian, live=live2d, dampening=self.dampening,
+                                   block=self.column_block, bias=None, refit=False, **options)
+        if order is not None:
+            back = torch.argsort(order)
+            new, keep = new[:, back], keep[:, back]
+        return (new.reshape(weight.shape).to(weight.device),
+                keep.reshape(weight.shape).to(weight.device))
 
     def _warn_few(self, name: str, stats: _Statistics | None) -> None:
         """One warning per call when a layer has fewer calibration rows than input columns."""
