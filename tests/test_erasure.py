@@ -18,6 +18,8 @@ from prunescope.erasure import (
     InverseFisher,
     class_positions,
     erase,
+    group_positions,
+    parse_group,
     read_positions,
 )
 from prunescope.errors import ConfigError, DataError, PruningError
@@ -153,6 +155,31 @@ def test_erasure_sets_from_a_class_and_from_a_file(tmp_path):
             read_positions(tmp_path / "bad.txt", 40)
 
 
+def test_erasure_sets_from_a_group():
+    train = _data(40, 3)
+    groups = torch.tensor([0, 1, 1, 0] * 10)  # group 1: positions 1, 2, 5, 6, ...
+    grouped = Subset(train.x, train.y, train.index, groups)
+    names = ("even", "odd", "none")
+    chosen = group_positions(grouped, 1, names, fraction=0.25, seed=3)
+    members = [i for i in range(40) if i % 4 in (1, 2)]
+    assert len(chosen) == 5 and set(chosen.tolist()) <= set(members)  # round(0.25 * 20)
+    assert chosen.tolist() == sorted(chosen.tolist())
+    assert chosen.tolist() == group_positions(grouped, 1, names, fraction=0.25,
+                                              seed=3).tolist()
+    assert group_positions(grouped, 0, names).tolist() == [i for i in range(40)
+                                                           if i % 4 in (0, 3)]
+    assert len(group_positions(grouped, 1, names, fraction=0.01)) == 1  # at least one
+    assert (parse_group("odd", names), parse_group("2", names), parse_group(0, names)) == (1, 2, 0)
+    for call, word in ((lambda: group_positions(grouped, 3, names), "0..2"),
+                       (lambda: group_positions(grouped, 2, names), "'none' has no training"),
+                       (lambda: group_positions(train, 0, names), "no groups"),
+                       (lambda: group_positions(grouped, 1, names, fraction=1.5), "fraction"),
+                       (lambda: parse_group("blue", names), "even, odd, none"),
+                       (lambda: parse_group("0", ()), "no groups")):
+        with pytest.raises(ConfigError, match=word):
+            call()
+
+
 # -- prunescope erase ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -238,3 +265,69 @@ def test_cli_defaults_are_the_erase_spec_defaults():
     spec = EraseSpec()
     assert (args.epsilon, args.dampening, args.block_size, args.fisher_samples, args.seed) == (
         spec.epsilon, spec.dampening, spec.block_size, spec.fisher_samples, spec.seed)
+
+
+DIGIT_GROUPS = ("low", "middle", "high", "empty")  # digits 0-3, 4-7, 8-9; "empty" has none
+
+
+def _attach_groups(monkeypatch):
+    """Make ``prunescope erase`` see digits with groups, digit // 4 (as mnist_lt's tiers);
+    returns the patched loader."""
+    from prunescope import commands
+    from prunescope.data.base import Splits
+
+    load = commands.load_checkpoint
+
+    def with_groups(path, data_root=None):
+        model, mask, meta, splits = load(path, data_root)
+        parts = {name: getattr(splits, name) for name in ("train", "val", "test")}
+        grouped = {name: Subset(p.x, p.y, p.index, p.y // 4) for name, p in parts.items()}
+        return model, mask, meta, Splits(
+            name=splits.name, **grouped, num_classes=splits.num_classes,
+            input_shape=splits.input_shape, classes=splits.classes, mean=splits.mean,
+            std=splits.std, group_names=DIGIT_GROUPS)
+
+    monkeypatch.setattr(commands, "load_checkpoint", with_groups)
+    return with_groups
+
+
+@pytest.fixture()
+def grouped_digits(monkeypatch):
+    return _attach_groups(monkeypatch)
+
+
+def test_erase_command_erases_a_group(trained, tmp_path, capsys, grouped_digits):
+    from prunescope.train import evaluate
+
+    out = tmp_path / "out"
+    code, stdout, err = _cli(capsys, "--checkpoint", trained["sparse"], "--group", "middle",
+                             "--fraction", "0.2", "--fisher-samples", "64", "--out", out)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert (result["group"], result["fraction"]) == ("middle", 0.2)
+    model, _, _, splits = grouped_digits(trained["sparse"])
+    middle = int(((splits.train.y >= 4) & (splits.train.y <= 7)).sum())
+    assert result["erased"] == round(0.2 * middle)
+    unseen = splits.test.select((splits.test.groups == 1).nonzero().squeeze(1))
+    assert result["before"]["unseen"] == pytest.approx(evaluate(model, unseen))
+    assert result["after"]["erased"]["loss"] > result["before"]["erased"]["loss"]
+    erased = checkpoint.load(out / "model.safetensors")
+    assert erased.meta["erasure"]["erased"] == result["erased"]
+    code, again, _ = _cli(capsys, "--checkpoint", trained["sparse"], "--group", "1",
+                          "--fraction", "0.2", "--fisher-samples", "64", "--out", out)
+    assert code == 0 and json.loads(again) == result  # the same group by index: read back
+
+
+def test_erase_by_group_refuses_bad_input_and_writes_nothing(trained, tmp_path, capsys,
+                                                             monkeypatch):
+    out = tmp_path / "out"
+    code, stdout, err = _cli(capsys, "--checkpoint", trained["dense"], "--group", "0",
+                             "--out", out)  # plain digits: no groups
+    assert code == 2 and stdout == "" and "no groups" in err and not out.exists()
+    _attach_groups(monkeypatch)
+    for group, word in (("7", "0..3"), ("tail", "low, middle, high, empty"),
+                        ("empty", "no training sample")):
+        code, stdout, err = _cli(capsys, "--checkpoint", trained["dense"], "--group", group,
+                                 "--out", out)
+        assert code == 2 and stdout == "" and word in err, (group, err)
+        assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -277,14 +277,16 @@ def _add_erase(commands) -> None:
     erase.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
     chosen = erase.add_mutually_exclusive_group(required=True)
     chosen.add_argument("--class", dest="label", metavar="K",
-                        help="erase the training samples of class K (index or name); this or "
-                        "--samples, no default")
+                        help="erase the training samples of class K (index or name); one of "
+                        "--class, --group, --samples, no default")
+    chosen.add_argument("--group", metavar="G",
+                        help="erase the training samples of group G (index or name; datasets "
+                        "with groups, e.g. mnist_lt, colored_mnist); no default")
     chosen.add_argument("--samples", metavar="FILE",
                         help="erase these positions in the training split (a JSON list, or "
-                        "integers separated by spaces, commas or newlines); this or --class, "
-                        "no default")
+                        "integers separated by spaces, commas or newlines); no default")
     erase.add_argument("--fraction", type=float, default=1.0,
-                       help="with --class: erase this seeded fraction of the class")
+                       help="with --class or --group: erase this seeded fraction of it")
     erase.add_argument("--epsilon", type=float, default=1e-3,
                        help="step size of the update (1: the plain Newton step, which "
                        "overshoots on MNIST; see docs/erasure.md)")
@@ -462,6 +464,7 @@ def _erase(args) -> int:
                      seed=args.seed)
     result = erase_checkpoint(Path(args.checkpoint), Path(args.out), label=args.label,
                               samples=Path(args.samples) if args.samples else None,
+                              group=args.group,
                               fraction=args.fraction, spec=spec, data_root=args.data_root,
                               device=args.device)
     print(json.dumps(result, indent=2))

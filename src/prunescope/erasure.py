@@ -23,9 +23,10 @@ On a sparse model the gradient coordinates of pruned weights are dropped, both i
 in the erased gradient: the step is the Newton step of the loss restricted to the kept weights,
 and pruned weights stay exactly zero (they are also projected to zero after the step).
 
-:func:`erase_checkpoint` is ``prunescope erase``: it erases a class (or a seeded fraction of
-it) or listed training indices from a checkpoint and writes the erased model and a result with
-accuracy on the erased, retained and test samples and the erased-vs-unseen loss gap.
+:func:`erase_checkpoint` is ``prunescope erase``: it erases a class or a group (or a seeded
+fraction of either) or listed training indices from a checkpoint and writes the erased model
+and a result with accuracy on the erased, retained and test samples and the erased-vs-unseen
+loss gap.
 """
 
 from __future__ import annotations
@@ -230,14 +231,41 @@ def class_positions(train: Subset, label: int, classes: Sequence[str], *,
                     fraction: float = 1.0, seed: int = 0) -> torch.Tensor:
     """Positions in ``train`` of a seeded ``fraction`` (rounded, at least one) of class
     ``label``'s examples, sorted."""
-    if not 0 < fraction <= 1:
-        raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
+    _check_fraction(fraction)
     if not 0 <= label < len(classes):
         raise ConfigError(f"class {label} is not in the label space 0..{len(classes) - 1}; "
                           "choose one of them")
     members = (train.y == label).nonzero().squeeze(1)
     if len(members) == 0:
         raise ConfigError(f"class {label} has no training sample to erase; choose another class")
+    return _seeded_fraction(members, fraction, seed)
+
+
+def group_positions(train: Subset, group: int, group_names: Sequence[str], *,
+                    fraction: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """Positions in ``train`` of a seeded ``fraction`` (rounded, at least one) of the examples
+    of group ``group`` (``train.groups``, named by ``group_names``), sorted; drawn as for a
+    class (:func:`class_positions`)."""
+    _check_fraction(fraction)
+    if train.groups is None or not group_names:
+        raise ConfigError("this dataset has no groups; erase by --class or --samples")
+    if not 0 <= group < len(group_names):
+        raise ConfigError(f"group {group} is not one of the dataset's groups "
+                          f"0..{len(group_names) - 1} ({', '.join(group_names)}); choose one")
+    members = (train.groups == group).nonzero().squeeze(1)
+    if len(members) == 0:
+        raise ConfigError(f"group {group_names[group]!r} has no training sample to erase; "
+                          "choose another group")
+    return _seeded_fraction(members, fraction, seed)
+
+
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"--fraction must be in (0, 1], got {fraction}")
+
+
+def _seeded_fraction(members: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded ``fraction`` (rounded, at least one) of ``members``, sorted."""
     count = max(1, round(fraction * len(members)))
     order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed))
     return members[order[:count]].sort().values
@@ -245,13 +273,27 @@ def class_positions(train: Subset, label: int, classes: Sequence[str], *,
 
 def parse_class(text: str, classes: Sequence[str]) -> int:
     """A class given as its index or its name."""
-    if text in classes:
-        return list(classes).index(text)
+    return _parse_name(text, classes, "class", "the label space", "a class index or name")
+
+
+def parse_group(text: str | int, group_names: Sequence[str]) -> int:
+    """A group given as its index or its name (:attr:`Splits.group_names`); ConfigError for a
+    dataset without groups or a name it does not hold."""
+    if not group_names:
+        raise ConfigError("this dataset has no groups; erase by --class or --samples")
+    return _parse_name(str(text), group_names, "group", "the dataset's groups",
+                       "a group index or name")
+
+
+def _parse_name(text: str, names: Sequence[str], what: str, space: str, advice: str) -> int:
+    """``text`` as the position of a name in ``names``, else as an integer."""
+    if text in names:
+        return list(names).index(text)
     try:
         return int(text)
     except ValueError:
-        raise ConfigError(f"class {text!r} is not in the label space ({', '.join(classes)}); "
-                          "give a class index or name") from None
+        raise ConfigError(f"{what} {text!r} is not in {space} ({', '.join(names)}); "
+                          f"give {advice}") from None
 
 
 def read_positions(path: Path, size: int) -> torch.Tensor:
@@ -296,31 +338,28 @@ class EraseSpec:
 
 
 def erase_checkpoint(path: Path, out: Path, *, label: str | None = None,
-                     samples: Path | None = None, fraction: float = 1.0,
-                     spec: EraseSpec = EraseSpec(), data_root: str | None = None,
-                     device: str | None = None, memory_limit: int | None = None
-                     ) -> dict[str, Any]:
-    """Erase a class (``label``, optionally a seeded ``fraction`` of it) or the training
-    positions listed in ``samples`` from the checkpoint at ``path``; write
-    ``out/model.safetensors`` (with the source's mask) and ``out/result.json``. Every input
-    is checked, and the memory the Fisher needs, before anything is written."""
+                     samples: Path | None = None, group: str | int | None = None,
+                     fraction: float = 1.0, spec: EraseSpec = EraseSpec(),
+                     data_root: str | None = None, device: str | None = None,
+                     memory_limit: int | None = None) -> dict[str, Any]:
+    """Erase a class (``label``) or a group (``group``, for datasets with groups), each
+    optionally a seeded ``fraction`` of it, or the training positions listed in ``samples``
+    from the checkpoint at ``path``; write ``out/model.safetensors`` (with the source's mask)
+    and ``out/result.json``. Every input is checked, and the memory the Fisher needs, before
+    anything is written."""
     from prunescope import commands, devices, stages
 
-    if (label is None) == (samples is None):
-        raise ConfigError("name the erasure set with exactly one of --class or --samples")
+    if sum(x is not None for x in (label, samples, group)) != 1:
+        raise ConfigError("name the erasure set with exactly one of --class, --group or "
+                          "--samples")
     if not spec.epsilon > 0 or not spec.dampening > 0 or spec.fisher_samples < 1:
         raise ConfigError("--epsilon and --dampening must be > 0 and --fisher-samples >= 1")
     model, mask, meta, splits = commands.load_checkpoint(path, data_root)
-    if label is not None:
-        chosen = class_positions(splits.train, parse_class(label, splits.classes),
-                                 splits.classes, fraction=fraction, seed=spec.seed)
-    else:
-        chosen = read_positions(samples, len(splits.train))
+    chosen, selection, unseen_group = _erasure_set(splits, label, samples, group, fraction,
+                                                   spec.seed)
     if len(chosen) >= len(splits.train):
         raise ConfigError("the erasure set is the whole training split; retrain instead")
     check_fits(model, trainable(model), spec.block_size, memory_limit)
-    selection = ({"class": label, "fraction": fraction} if label is not None
-                 else {"samples": str(samples)})
     key = {"source": stages.source_key(path), "selection": selection,
            "positions_sha256": hashlib.sha256(chosen.numpy().tobytes()).hexdigest(),
            "spec": spec.__dict__, "data_root": data_root}
@@ -328,16 +367,33 @@ def erase_checkpoint(path: Path, out: Path, *, label: str | None = None,
 
     def compute() -> list[dict[str, Any]]:
         return [_erase_and_report(model, mask, meta, splits, chosen, out, spec, memory_limit,
-                                  {"checkpoint": str(path), **selection})]
+                                  {"checkpoint": str(path), **selection}, unseen_group)]
 
     return stages.run([out], key, compute)[0]
 
 
-def _erase_and_report(model, mask, meta, splits, chosen, out, spec, memory_limit, fields):
+def _erasure_set(splits, label, samples, group, fraction: float, seed: int
+                 ) -> tuple[torch.Tensor, dict[str, Any], int | None]:
+    """The erased training positions, the selection as recorded, and the group index when a
+    group is erased (its test samples are then the unseen ones)."""
+    if label is not None:
+        return (class_positions(splits.train, parse_class(label, splits.classes),
+                                splits.classes, fraction=fraction, seed=seed),
+                {"class": label, "fraction": fraction}, None)
+    if group is not None:
+        index = parse_group(group, splits.group_names)
+        return (group_positions(splits.train, index, splits.group_names, fraction=fraction,
+                                seed=seed),
+                {"group": splits.group_names[index], "fraction": fraction}, index)
+    return read_positions(samples, len(splits.train)), {"samples": str(samples)}, None
+
+
+def _erase_and_report(model, mask, meta, splits, chosen, out, spec, memory_limit, fields,
+                      group=None):
     """The erasure, its measurements before and after, and the erased checkpoint."""
     from prunescope import checkpoint
 
-    erased_set, retained, unseen = _subsets(splits, chosen)
+    erased_set, retained, unseen = _subsets(splits, chosen, group)
     before = measure(model, erased_set, retained, unseen, splits.test)
     start = time.perf_counter()
     held = mask if mask.sparsity > 0 else None
@@ -358,14 +414,17 @@ def _erase_and_report(model, mask, meta, splits, chosen, out, spec, memory_limit
             "seconds": {"fisher": fisher_seconds, "erase": erase_seconds}}
 
 
-def _subsets(splits, chosen: torch.Tensor) -> tuple[Subset, Subset, Subset]:
+def _subsets(splits, chosen: torch.Tensor, group: int | None = None
+             ) -> tuple[Subset, Subset, Subset]:
     """The erased samples, the retained training samples and the unseen ones: the test
-    samples of the classes the erased set holds."""
+    samples of the erased group (``group``), else of the classes the erased set holds."""
     train = splits.train
     rest = torch.ones(len(train), dtype=torch.bool)
     rest[chosen] = False
     erased_set = train.select(chosen)
-    unseen = torch.isin(splits.test.y, erased_set.y.unique()).nonzero().squeeze(1)
+    seen = (splits.test.groups == group if group is not None and splits.test.groups is not None
+            else torch.isin(splits.test.y, erased_set.y.unique()))
+    unseen = seen.nonzero().squeeze(1)
     return erased_set, train.select(rest.nonzero().squeeze(1)), splits.test.select(unseen)
 
 
