@@ -203,3 +203,77 @@ def test_a_key_the_schema_does_not_hold_is_refused_not_dropped(audit):
     data["populations"][0]["surprise"] = 1
     with pytest.raises(AuditFileError, match="surprise"):
         AuditResult.from_dict(data)
+
+
+# -- the remedies table --------------------------------------------------------------------------
+
+# correct predictions per class (of 4 examples each) of every model of a 3-class task
+REMEDY_MODELS = {"dense": [(4, 4, 3), (4, 3, 4)],
+                 "fix s=0.9": [(4, 1, 3), (3, 2, 4)],  # two seeds: the focus population
+                 "fix s=0.5": [(2, 4, 4)]}             # one seed
+
+
+def _remedy_audit() -> AuditResult:
+    """An audit of hand-made predictions (no randomness): each model is right on the first
+    ``n_c`` examples of class c and predicts class c + 1 (mod 3) on the others."""
+    import numpy as np
+
+    from prunescope.audit import build
+    from prunescope.audit.predictions import Predictions
+
+    labels = np.repeat(np.arange(3), 4)
+    members = {"dense": [], "compressed": []}
+    for label, models in REMEDY_MODELS.items():
+        for seed, right in enumerate(models):
+            predicted = np.array([c if i < right[c] else (c + 1) % 3
+                                  for c in range(3) for i in range(4)])
+            logits = np.eye(3, dtype=np.float32)[predicted] * 3.0
+            meta = {"run": f"{label}-{seed}", "split": "test", "dataset": "hand",
+                    "classes": ["a", "b", "c"], "seed": seed}
+            if label != "dense":
+                meta["method"] = {"label": "fix", "sparsity": float(label.split("=")[1])}
+            side = "dense" if label == "dense" else "compressed"
+            members[side].append(Predictions(logits, labels, np.arange(12), None, meta))
+    return build(members["dense"], members["compressed"], n_boot=0)
+
+
+def test_remedies_table_against_hand_computed_values():
+    from prunescope.report.remedies import remedies
+
+    result = AuditResult.from_json(_remedy_audit().to_json())
+    assert result.focus == ["fix s=0.9"]
+    table = remedies(result)
+    # recall means: dense (1, .875, .875), focus (.875, .375, .875): drops (.125, .5, 0)
+    assert table.harmed_class == 1 and table.harmed_drop == pytest.approx(0.5)
+    dense, single, focus = table.rows  # dense first, then the audit's order (by sparsity)
+    assert [r.label for r in table.rows] == ["dense", "fix s=0.5", "fix s=0.9"]
+    assert dense.accuracy.mean == pytest.approx(11 / 12)
+    assert dense.worst.mean == pytest.approx(0.75) and dense.worst.interval == [0.75, 0.75]
+    assert (dense.worst_class, dense.worst_models) == (1, 1)  # classes 2 and 1 tie: lower index
+    assert dense.harmed.mean == pytest.approx(0.875) and dense.harmed.interval == [0.75, 1.0]
+    assert focus.accuracy.mean == pytest.approx(17 / 24)
+    assert focus.accuracy.interval == pytest.approx([8 / 12, 9 / 12])
+    assert focus.worst.mean == pytest.approx(0.375) and focus.worst.interval == [0.25, 0.5]
+    assert (focus.worst_class, focus.worst_models) == (1, 2)
+    assert focus.harmed.mean == pytest.approx(0.375) and focus.harmed.interval == [0.25, 0.5]
+    assert single.accuracy.interval_kind == "Wilson 95%"
+    assert single.worst.mean == 0.5 and single.worst.interval is None
+    assert (single.worst_class, single.worst_models) == (0, 1)
+    assert single.harmed.mean == 1.0 and single.harmed.interval is None
+    result.dense.recall[1] = None  # a class without a dense recall is never the harmed one
+    assert remedies(result).harmed_class == 0 and remedies(result).harmed_drop == 0.125
+
+
+def test_the_page_shows_the_remedies_table():
+    html = render(_remedy_audit())
+    section = html[html.index("<h2>Remedies"):]
+    section = section[:section.index("<h2>", 4)]
+    assert "The harmed class is b" in section and "lose most against dense" in section
+    assert "it loses 50.00 points" in section and "harmed class (b) recall" in section
+    rows = re.findall(r"<tr>(.*?)</tr>", section)[1:]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row) for row in rows]
+    assert cells[0] == ["dense", "2", "91.7%", "[91.7%, 91.7%]", "75.0%", "[75.0%, 75.0%]",
+                        "b (1 of 2)", "87.5%", "[75.0%, 100.0%]", "+0.00"]
+    assert cells[2] == ["fix s=0.9", "2", "70.8%", "[66.7%, 75.0%]", "37.5%", "[25.0%, 50.0%]",
+                        "b (2 of 2)", "37.5%", "[25.0%, 50.0%]", "-50.00"]
+    assert cells[1][4:] == ["50.0%", "-", "a (1 of 1)", "100.0%", "-", "+12.50"]

@@ -20,6 +20,7 @@ from prunescope.audit.schema import (
     WelchSummary,
 )
 from prunescope.report import figures
+from prunescope.report.remedies import OverSeeds, remedies
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto;
@@ -233,6 +234,8 @@ def _figure(uri: str | None, alt: str, caption: str) -> str:
 def _tables(result: AuditResult) -> str:
     parts = [_nested(result), "<h2>Noise floor</h2>", _noise_floor(result),
              "<h2>Worst classes and groups</h2>", _worst_classes(result), _groups(result),
+             "<h2>Remedies: overall, worst-class and harmed-class accuracy</h2>",
+             _remedies(result),
              "<h2>Risk before pruning</h2>", _risk(result),
              "<h2>Representations: Q-score and prediction depth</h2>", _representations(result),
              "<h2>Sparsity and cost</h2>", _cost(result),
@@ -395,6 +398,48 @@ def _worst_classes(result: AuditResult, count: int = 5) -> str:
             + _table(["population", "class", "dense recall", "compressed recall",
                       "normalised change (pts)", "Welch t", "p", "p (Holm)", "affected"],
                      rows))
+
+
+def _remedies(result: AuditResult) -> str:
+    """One row per population (dense first): overall accuracy, worst-class accuracy and the
+    harmed class's recall, each with its interval over seeds (:mod:`.remedies`)."""
+    table = remedies(result)
+    harmed = table.harmed_class
+    name = _class(result, harmed)
+    dense = table.rows[0].harmed
+    rows = [[row.label, row.k, _pct(row.accuracy.mean), _interval(row.accuracy.interval),
+             _pct(row.worst and row.worst.mean), _interval(row.worst and row.worst.interval),
+             "-" if row.worst_class is None
+             else f"{_class(result, row.worst_class)} ({row.worst_models} of {row.k})",
+             _pct(row.harmed and row.harmed.mean), _interval(row.harmed and row.harmed.interval),
+             _signed(_points(_change(row.harmed, dense)))] for row in table.rows]
+    focus = ", ".join(result.focus) or "none"
+    harm = ("No class has a recall in the dense and every focus population" if harmed is None
+            else f"The harmed class is {name}: the class whose recall the focus populations "
+            f"({focus}) lose most against dense, argmax over the classes of the mean over the "
+            "focus populations of (dense recall - population recall), each population's "
+            "recall the mean over its models; it loses "
+            f"{_num(_points(table.harmed_drop), 2)} points")
+    return ("<p class='muted'>One row per population, dense first, then each compressed "
+            "population (sparse models and remedies such as data-pruned or robustly distilled "
+            "ones, whatever the audit holds). Accuracy: mean over the models and the range over "
+            "seeds (Wilson 95% for a single model). Worst-class accuracy: per model its lowest "
+            "class recall, then the mean and [min, max] over the models; beside it the class "
+            f"that is worst in most models (ties to the lowest index). {_e(harm)}; its recall "
+            "per population is the mean and [min, max] over the models, and its change "
+            "against dense in points. Intervals over seeds need two models or more ('-').</p>"
+            + _table(["population", "seeds", "accuracy", "interval", "worst-class acc.",
+                      "over seeds", "worst class (models)", f"harmed class ({name}) recall",
+                      "over seeds",
+                      "vs dense (pts)"], rows))
+
+
+def _interval(interval: Sequence[float] | None) -> str:
+    return "-" if not interval else f"[{_pct(interval[0])}, {_pct(interval[1])}]"
+
+
+def _change(value: OverSeeds | None, dense: OverSeeds | None) -> float | None:
+    return None if value is None or dense is None else value.mean - dense.mean
 
 
 def _groups(result: AuditResult) -> str:
