@@ -127,7 +127,9 @@ at::Tensor in_column_order(const at::Tensor& values, const at::Tensor& cperm) {
 // ---- Linear: lane tiles ------------------------------------------------------------------------------
 // The batch is cut into tiles of T lanes; a [rows, batch] operand is stored as one [rows, T] slab
 // per tile (the last one padded), so the rows a kernel reads for one tile are contiguous and, with
-// T chosen from the layer's size, fit in half of a typical 512 KiB L2 cache.
+// T chosen from the layer's size, fit in half of a typical 512 KiB L2 cache. T is 1, 2, 3, 4 or 8
+// vectors: the weight gradient walks a tile in runs of 4 vectors, and a 5-vector tile would cost
+// it a second pass over every row's taps for the last vector.
 struct Tiles {
   int64_t B, T, full, rem;
   int64_t count() const { return full + (rem > 0); }
@@ -137,7 +139,8 @@ struct Tiles {
 Tiles lane_tiles(int64_t B, int64_t in, int64_t out, int lanes) {
   constexpr int64_t kSlabFloats = 1 << 16;
   const int64_t rows = std::max<int64_t>({in, out, 1});
-  const int64_t vectors = std::clamp<int64_t>(kSlabFloats / (rows * lanes), 1, 8);
+  int64_t vectors = std::clamp<int64_t>(kSlabFloats / (rows * lanes), 1, 8);
+  if (vectors > 4) vectors = vectors < 8 ? 4 : 8;
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(vectors * lanes, B));
   return {B, T, B / T, B % T};
 }
