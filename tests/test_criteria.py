@@ -43,9 +43,10 @@ def mse_gradient(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 def test_registered_criteria() -> None:
     assert set(CRITERIA.names()) == {"magnitude", "random", "snip", "grasp", "synflow", "taylor",
-                                     "woodfisher", "obc"}
+                                     "woodfisher", "obc", "sparsegpt"}
     assert {n for n in CRITERIA if CRITERIA.get(n).needs_data} == {"snip", "grasp", "taylor",
-                                                                   "woodfisher", "obc"}
+                                                                   "woodfisher", "obc",
+                                                                   "sparsegpt"}
     assert [n for n in CRITERIA if CRITERIA.get(n).signed] == ["grasp"]
     assert CRITERIA.get("synflow").rounds == 100
 
@@ -186,16 +187,17 @@ def test_second_order_criteria_are_listed_and_loaded_without_importing_them_firs
         "import sys\n"
         "from prunescope.criteria import CRITERIA\n"
         "assert not any(m.startswith('prunescope.second_order') for m in sys.modules)\n"
-        "assert {'obc', 'woodfisher'} <= set(CRITERIA.names()) and 'obc' in CRITERIA\n"
+        "assert {'obc', 'sparsegpt', 'woodfisher'} <= set(CRITERIA.names()) and 'obc' in CRITERIA\n"
         "assert CRITERIA.get('obc').name == 'obc' and CRITERIA.get('obc').solve is not None\n"
-        "assert 'prunescope.second_order.obc' in sys.modules\n"
+        "assert 'prunescope.second_order.exact_obc' in sys.modules\n"
+        "assert CRITERIA.get('sparsegpt').name == 'sparsegpt'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 CORE = ("mask", "connectivity", "sparsifier", "allocation", "patterns", "criteria", "targets",
         "registry", "interop", "second_order", "second_order.fisher", "second_order.obc",
-        "second_order.woodfisher")
+        "second_order.exact_obc", "second_order.woodfisher")
 
 
 def module_imports(root: Path) -> dict[str, set[str]]:

@@ -45,7 +45,7 @@ def test_demo_recipe_loads_with_its_documented_values():
                                      lr_schedule="cosine")
     assert [m.label for m in demo.prune.methods] == [
         "magnitude+global", "magnitude+uniform", "random+uniform", "random+erk", "random+igq",
-        "snip+global", "grasp+global", "synflow+global", "woodfisher+global", "obc+global",
+        "snip+global", "grasp+global", "synflow+global", "woodfisher+global", "sparsegpt+global",
     ]
     assert demo.prune.sparsities == (0.5, 0.8, 0.9, 0.95, 0.98, 0.99)
     assert (demo.prune.batches, demo.prune.batch_size, demo.prune.start) == (10, 100, "trained")

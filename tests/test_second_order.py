@@ -1,5 +1,6 @@
-"""Tests of prunescope.second_order: OBS/WoodFisher against closed forms, the layer-wise solver
-against magnitude pruning, patterns, and the bad-input errors."""
+"""Tests of prunescope.second_order: OBS/WoodFisher against closed forms, SparseGPT's layer-wise
+solver against magnitude pruning, patterns, and the bad-input errors (exact OBC:
+test_exact_obc.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prunescope.criteria import CRITERIA, Context
 from prunescope.errors import PruningError
 from prunescope.mask import Mask
 from prunescope.patterns import Pattern
-from prunescope.second_order import OBC, WoodFisher, hessians, prune_layers, reconstruct
+from prunescope.second_order import SparseGPT, WoodFisher, hessians, prune_layers, reconstruct
 
 
 def half_squared(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -120,15 +121,18 @@ def test_a_block_size_that_would_not_fit_is_refused_before_allocating(batches8) 
               "global", 0.5, batches8)
 
 
-@pytest.mark.parametrize("criterion", ["woodfisher", "obc"])
+@pytest.mark.parametrize("criterion", ["woodfisher", "sparsegpt", "obc"])
 def test_second_order_criteria_need_data(criterion: str, mlp8: nn.Module) -> None:
     with pytest.raises(PruningError, match="needs data"):
         prune(mlp8, criterion, "global", 0.5)
 
 
-def test_obc_refuses_tensors_that_are_not_layer_weights(mlp8: nn.Module, batches8) -> None:
+@pytest.mark.parametrize("criterion", ["sparsegpt", "obc"])
+def test_layerwise_criteria_refuse_tensors_that_are_not_layer_weights(
+    criterion: str, mlp8: nn.Module, batches8
+) -> None:
     with pytest.raises(PruningError, match="Linear and ungrouped Conv2d"):
-        prune(mlp8, "obc", "global", 0.5, batches8, include=["*"])
+        prune(mlp8, criterion, "global", 0.5, batches8, include=["*"])
 
 
 # -- the layer-wise solver -------------------------------------------------------------------
@@ -193,12 +197,12 @@ def test_the_bias_absorbs_inputs_that_are_constant() -> None:
         torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-4)
 
 
-def test_obc_patterns_on_a_conv_net_with_two_four() -> None:
+def test_sparsegpt_patterns_on_a_conv_net_with_two_four() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
                           nn.Linear(4 * 2 * 2, 4))
     batches = [(torch.randn(10, 4, 6, 6), torch.randint(0, 4, (10,)))]
-    mask = prune(model, "obc", "global", None, batches, pattern="2:4")
+    mask = prune(model, "sparsegpt", "global", None, batches, pattern="2:4")
     for keep in mask.values():
         assert torch.all(keep.movedim(1, -1).reshape(-1, 4).sum(1) == 2)
 
@@ -212,16 +216,17 @@ def test_layerwise_pruning_tracks_the_dense_network_better_than_magnitude() -> N
     with torch.no_grad():
         reference = dense(x)
     errors = {}
-    for name in ("magnitude", "obc"):
+    for name in ("magnitude", "sparsegpt", "obc"):
         model = copy.deepcopy(dense)
         prune(model, name, "uniform", 0.8, batches)
         with torch.no_grad():
             errors[name] = float((model(x) - reference).square().mean())
     non_sequential = copy.deepcopy(dense)
-    prune(non_sequential, OBC(sequential=False).criterion(), "uniform", 0.8, batches)
+    prune(non_sequential, SparseGPT(sequential=False).criterion(), "uniform", 0.8, batches)
     with torch.no_grad():
         errors["non-sequential"] = float((non_sequential(x) - reference).square().mean())
-    assert errors["obc"] < errors["non-sequential"] < errors["magnitude"]
+    assert errors["sparsegpt"] < errors["non-sequential"] < errors["magnitude"]
+    assert errors["sparsegpt"] < 0.5 * errors["magnitude"]
     assert errors["obc"] < 0.5 * errors["magnitude"]
 
 
@@ -235,9 +240,10 @@ def test_hessians_are_the_mean_input_outer_products_with_a_bias_column() -> None
 
 def test_second_order_criteria_are_registered() -> None:
     assert CRITERIA.get("woodfisher").solve is not None and CRITERIA.get("obc").needs_data
+    assert CRITERIA.get("sparsegpt").solve is not None and CRITERIA.get("sparsegpt").needs_data
 
 
-@pytest.mark.parametrize("criterion", ["obc", "woodfisher"])
+@pytest.mark.parametrize("criterion", ["sparsegpt", "obc", "woodfisher"])
 def test_global_second_order_never_prunes_a_layer_away(criterion: str) -> None:
     import prunescope
 
@@ -253,7 +259,7 @@ def test_global_second_order_never_prunes_a_layer_away(criterion: str) -> None:
         assert torch.all(model.get_parameter(name)[~keep] == 0)
 
 
-def test_obc_keeps_each_rows_best_weight_when_asked() -> None:
+def test_sparsegpt_keeps_each_rows_best_weight_when_asked() -> None:
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(6, 10, generator=generator)
     weight[2] *= 1e-3  # its weights score lowest: a plain exact count leaves the row empty

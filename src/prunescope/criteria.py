@@ -18,10 +18,11 @@ Registered criteria:
   exponentially spaced rounds (100 by default) (Tanaka et al. 2020).
 - ``taylor``: first-order Taylor importance ``(g * w)^2`` averaged over batches (Molchanov et al.
   2019).
-- ``woodfisher``, ``obc``: second-order criteria that also correct the weights they keep
-  (:mod:`prunescope.second_order`). They build on this module, so they are registered lazily by
-  import path at the end of it (:meth:`prunescope.registry.Registry.register_lazy`): listed at
-  once, imported on first use; this module never imports them.
+- ``woodfisher``, ``obc`` (exact greedy OBC), ``sparsegpt`` (SparseGPT's column pass):
+  second-order criteria that also correct the weights they keep (:mod:`prunescope.second_order`).
+  They build on this module, so they are registered lazily by import path at the end of it
+  (:meth:`prunescope.registry.Registry.register_lazy`): listed at once, imported on first use;
+  this module never imports them.
 
 A new criterion is one decorated function anywhere (:func:`register`); nothing else changes.
 """
@@ -230,4 +231,5 @@ def synflow(model: nn.Module, names: Sequence[str], context: Context) -> Scores:
 
 
 CRITERIA.register_lazy("woodfisher", "prunescope.second_order.woodfisher:CRITERION")
-CRITERIA.register_lazy("obc", "prunescope.second_order.obc:CRITERION")
+CRITERIA.register_lazy("obc", "prunescope.second_order.exact_obc:CRITERION")
+CRITERIA.register_lazy("sparsegpt", "prunescope.second_order.obc:CRITERION")

@@ -1,13 +1,17 @@
-"""Layer-wise reconstruction pruning: OBC / SparseGPT column by column.
+"""Layer-wise reconstruction pruning, and SparseGPT's column pass (the ``sparsegpt`` criterion).
 
-Frantar & Alistarh (NeurIPS 2022), "Optimal Brain Compression", and (ICML 2023) "SparseGPT":
-each layer is pruned to reproduce its own outputs on calibration inputs ``X``, i.e. to minimise
+Each layer is pruned to reproduce its own outputs on calibration inputs ``X``, i.e. to minimise
 ``||W X - W' X||^2`` over sparse ``W'``, whose Hessian is ``H = X X^T`` (here averaged per
-calibration example). With the upper Cholesky factor ``U`` of ``H^-1`` the columns are processed
-left to right: a column's pruned entries are zeroed and their error ``(w - q) / U_ii`` is spread
-over the columns not yet processed (SparseGPT's sequential OBS update, applied lazily in blocks
-of 128 columns). Which weights a block prunes is chosen adaptively when the block starts, by
-``w^2 / U_ii^2`` on the weights as already corrected:
+calibration example). This module holds what every such method shares (the calibration inputs
+and Hessians, :func:`prune_layers` running a per-layer solver over a model in order) and
+SparseGPT's solver, :func:`reconstruct` (Frantar & Alistarh, ICML 2023, "SparseGPT"; exact
+greedy OBC, Frantar & Alistarh, NeurIPS 2022, is :mod:`prunescope.second_order.exact_obc`).
+
+With the upper Cholesky factor ``U`` of ``H^-1`` the columns are processed left to right: a
+column's pruned entries are zeroed and their error ``(w - q) / U_ii`` is spread over the columns
+not yet processed (SparseGPT's sequential OBS update, applied lazily in blocks of 128 columns).
+Which weights a block prunes is chosen adaptively when the block starts, by ``w^2 / U_ii^2`` on
+the weights as already corrected:
 
 - unstructured, with an exact count per layer: the count is split over the column blocks by the
   initial scores, then each block keeps its quota of highest current scores; under a pattern
@@ -16,24 +20,25 @@ of 128 columns). Which weights a block prunes is chosen adaptively when the bloc
 - N:M: in every group of M consecutive inputs, the M - N lowest current scores;
 - any other pattern (block): the mask is fixed beforehand and only the weights are corrected.
 
-Differences from the papers: with ``bias=True`` a layer's bias is an extra, never-pruned last
-column fed by a constant input of 1, so the error of removing inputs that are constant over the
-calibration data (the background of normalised images) is absorbed by the bias instead of being
-piled onto another weight. Weights on inputs that are zero over the whole calibration data (dead
-ReLUs) score 0. After the column pass, each row's kept weights are refit exactly (least squares
-on the row's support). Layers are processed in model order; with ``sequential=True`` each layer's
-calibration inputs come from the network whose earlier layers are already pruned (as in
-SparseGPT), and the layer is first refit by least squares to reproduce the *original* network's
-outputs from them (``W <- W X0 X^T (X X^T)^-1``, so that it also undoes the error of the layers
-before it, rather than only reproducing its own dense output on the changed inputs as SparseGPT
-does); otherwise every layer sees the original network's inputs (as in SPADE).
+prunescope's additions to SparseGPT: with ``bias=True`` a layer's bias is an extra, never-pruned
+last column fed by a constant input of 1, so the error of removing inputs that are constant over
+the calibration data (the background of normalised images) is absorbed by the bias instead of
+being piled onto another weight. Weights on inputs that are zero over the whole calibration data
+(dead ReLUs) score 0. After the column pass, each row's kept weights are refit exactly (least
+squares on the row's support, ``refit=True``). Layers are processed in model order; with
+``sequential=True`` each layer's calibration inputs come from the network whose earlier layers
+are already pruned (as in SparseGPT), and the layer is first refit by least squares to reproduce
+the *original* network's outputs from them (``W <- W X0 X^T (X X^T)^-1``, so that it also undoes
+the error of the layers before it, rather than only reproducing its own dense output on the
+changed inputs as SparseGPT does); otherwise every layer sees the original network's inputs (as
+in SPADE).
 """
-
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +50,7 @@ from prunescope.mask import Mask
 from prunescope.patterns import Pattern, row_best, topk_mask, topk_rows
 from prunescope.second_order.fisher import inverse_from_factor
 
-CACHE_KEY = "obc"
+CACHE_KEY = "layerwise-hessians"
 LAYERS = (nn.Linear, nn.Conv2d)
 
 
@@ -300,23 +305,31 @@ def _refit_(layer: nn.Module, hessian: torch.Tensor, cross: torch.Tensor, dampen
         layer.bias.copy_(refit[:, -1])
 
 
+Solver = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+"""A per-matrix solver with :func:`reconstruct`'s contract: ``(weight, hessian, *, live, bias,
+keep= | nm= | fixed=, every_row=) -> (weight, keep-mask, bias)``."""
+
+
 @torch.no_grad()
 def prune_layers(model: nn.Module, current: Mask, pattern: Pattern, inputs: Sequence[torch.Tensor],
                  *, counts: Mapping[str, int] | None = None, sequential: bool = True,
                  dampening: float = 0.01, block: int = 128, bias: bool = True,
-                 known: Mapping[str, torch.Tensor] | None = None) -> Mask:
+                 known: Mapping[str, torch.Tensor] | None = None,
+                 solver: Solver | None = None) -> Mask:
     """Prune every tensor of ``current`` by layer-wise reconstruction, in model order, in place.
 
     ``counts`` (kept weights per tensor) is needed unless the pattern is N:M. ``known`` holds
     input Hessians already computed on the model as it is now (reused where still valid). With
     ``sequential``, a layer after the first sees the inputs of the network pruned so far and
     is first refit by least squares to the original network's outputs, then pruned. With
-    ``bias`` the layers' biases take part in the reconstruction (and are corrected). Returns the
-    new mask, a subset of ``current``.
+    ``bias`` the layers' biases take part in the reconstruction (and are corrected). ``solver``
+    prunes one layer's matrix (default: SparseGPT's :func:`reconstruct` with ``dampening`` and
+    ``block``). Returns the new mask, a subset of ``current``.
     """
     if counts is None and pattern.kind != "nm":
         raise PruningError(f"layer-wise reconstruction under the {pattern} pattern needs the "
                            "kept count of every tensor (counts=)")
+    solver = solver or partial(reconstruct, dampening=dampening, block=block)
     layers = {n: layer_of(model, n) for n in current}
     known = dict(known or {})
     if not sequential and any(n not in known for n in layers):
@@ -332,14 +345,14 @@ def prune_layers(model: nn.Module, current: Mask, pattern: Pattern, inputs: Sequ
         else:
             hessian = hessians(model, {name: layer}, inputs, bias=bias)[name]
         kept[name] = _prune_layer(name, layer, hessian, current[name], pattern,
-                                  None if counts is None else counts[name], dampening, block)
+                                  None if counts is None else counts[name], dampening, solver)
     return Mask(kept)
 
 
 def _prune_layer(name: str, layer: nn.Module, hessian: torch.Tensor, live: torch.Tensor,
-                 pattern: Pattern, count: int | None, dampening: float, block: int
+                 pattern: Pattern, count: int | None, dampening: float, solver: Solver
                  ) -> torch.Tensor:
-    """Reconstruct one layer in place under ``pattern``; returns its keep-mask."""
+    """Reconstruct one layer in place under ``pattern`` with ``solver``; returns its keep-mask."""
     weight = layer.weight
     matrix, live2d = weight.detach().reshape(weight.shape[0], -1), live.reshape(weight.shape[0], -1)
     order = torch.arange(matrix.shape[1])
@@ -355,9 +368,9 @@ def _prune_layer(name: str, layer: nn.Module, hessian: torch.Tensor, live: torch
         scores = torch.where(live, layer_scores(weight, hessian, dampening), -torch.inf)
         options["fixed"] = (pattern.select(name, scores, count) & live).reshape_as(live2d)
     full = torch.cat([order, torch.arange(order.numel(), hessian.shape[0])])
-    new, keep, bias = reconstruct(
-        matrix[:, order], hessian[full][:, full], live=live2d[:, order], dampening=dampening,
-        block=block, bias=layer.bias if hessian.shape[0] > matrix.shape[1] else None, **options)
+    new, keep, bias = solver(
+        matrix[:, order], hessian[full][:, full], live=live2d[:, order],
+        bias=layer.bias if hessian.shape[0] > matrix.shape[1] else None, **options)
     back = torch.argsort(order)
     weight.copy_(new[:, back].reshape(weight.shape))
     if bias is not None:
@@ -365,22 +378,36 @@ def _prune_layer(name: str, layer: nn.Module, hessian: torch.Tensor, live: torch
     return keep[:, back].reshape(weight.shape).to(live.device)
 
 
-def _calibration_inputs(context: Context) -> list[torch.Tensor]:
+def calibration_inputs(context: Context, criterion: str) -> list[torch.Tensor]:
+    """The inputs of the context's batches; PruningError naming ``criterion`` when there are
+    none."""
     if not context.batches:
-        raise PruningError("criterion 'obc' needs data: pass data= (batches of (inputs, "
+        raise PruningError(f"criterion {criterion!r} needs data: pass data= (batches of (inputs, "
                            "targets)); their inputs calibrate the layer-wise reconstruction")
     return [x for x, _ in context.batches]
 
 
+def layerwise_scores(model: nn.Module, names: Sequence[str], context: Context, *,
+                     criterion: str, dampening: float, bias: bool) -> Scores:
+    """OBS saliencies ``w^2 / [H^-1]_qq`` of every weight of the layers ``names`` (the
+    allocation's scores); their input Hessians are left in ``context.cache`` for the solve."""
+    layers = {n: layer_of(model, n) for n in names}
+    found = hessians(model, layers, calibration_inputs(context, criterion), bias=bias)
+    context.cache[CACHE_KEY] = found
+    return {n: layer_scores(layers[n].weight, found[n], dampening) for n in names}
+
+
 @dataclass(frozen=True)
-class OBC:
-    """Layer-wise OBC / SparseGPT pruning: the criterion's score and solve, with settings.
+class SparseGPT:
+    """SparseGPT's column pass (Frantar & Alistarh, ICML 2023) as a criterion, with settings.
 
     ``dampening``: ``lambda`` relative to the mean Hessian diagonal (SparseGPT's 1%).
     ``block``: columns per lazy-update block. ``sequential``: feed each layer the outputs of the
-    already pruned layers before it. ``bias``: let the biases take part in the reconstruction.
-    The allocation ranks the OBS saliencies ``w^2 / [H^-1]_qq`` of the unpruned model; the
-    solver then fills each layer's count.
+    already pruned layers before it, after a least-squares refit of the layer to the original
+    network's outputs. ``bias``: let the biases take part in the reconstruction. The final
+    per-row least-squares refit on the chosen support is always on (:func:`reconstruct`'s
+    ``refit``). The allocation ranks the OBS saliencies ``w^2 / [H^-1]_qq`` of the unpruned
+    model; the solver then fills each layer's count.
     """
 
     dampening: float = 0.01
@@ -390,23 +417,21 @@ class OBC:
 
     def score(self, model: nn.Module, names: Sequence[str], context: Context) -> Scores:
         """OBS saliencies per layer; the Hessians are kept for :meth:`solve`."""
-        layers = {n: layer_of(model, n) for n in names}
-        found = hessians(model, layers, _calibration_inputs(context), bias=self.bias)
-        context.cache[CACHE_KEY] = found
-        return {n: layer_scores(layers[n].weight, found[n], self.dampening) for n in names}
+        return layerwise_scores(model, names, context, criterion="sparsegpt",
+                                dampening=self.dampening, bias=self.bias)
 
     def solve(self, model: nn.Module, current: Mask, counts: dict[str, int], pattern: Pattern,
               context: Context) -> Mask:
         """Reconstruct every layer to its count under ``pattern``."""
-        return prune_layers(model, current, pattern, _calibration_inputs(context), counts=counts,
-                            sequential=self.sequential, dampening=self.dampening,
+        return prune_layers(model, current, pattern, calibration_inputs(context, "sparsegpt"),
+                            counts=counts, sequential=self.sequential, dampening=self.dampening,
                             block=self.block, bias=self.bias,
                             known=context.cache.pop(CACHE_KEY, None))
 
-    def criterion(self, name: str = "obc") -> Criterion:
+    def criterion(self, name: str = "sparsegpt") -> Criterion:
         """This configuration as a :class:`Criterion` for :func:`prunescope.prune`."""
         return Criterion(name, self.score, needs_data=True, solve=self.solve)
 
 
-CRITERION = OBC().criterion()
-"""The registered ``obc`` criterion, with the default settings."""
+CRITERION = SparseGPT().criterion()
+"""The registered ``sparsegpt`` criterion, with the default settings."""
