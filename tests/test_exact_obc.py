@@ -159,16 +159,6 @@ def test_obc_prunes_a_model_in_rounds_keeping_the_count(mlp8: nn.Module, batches
         assert keep.any(dim=1).all(), name
 
 
-def test_obc_two_four_on_a_conv_net() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
-                          nn.Linear(4 * 2 * 2, 4))
-    batches = [(torch.randn(10, 4, 6, 6), torch.randint(0, 4, (10,)))]
-    mask = prune(model, "obc", "global", None, batches, pattern="2:4")
-    for keep in mask.values():
-        assert torch.all(keep.movedim(1, -1).reshape(-1, 4).sum(1) == 2)
-
-
 def test_a_layer_too_large_is_refused_in_one_line_before_pruning(batches8) -> None:
     model = nn.Sequential(nn.Linear(8, 40), nn.ReLU(), nn.Linear(40, 8))
     before = [p.detach().clone() for p in model.parameters()]

@@ -197,12 +197,13 @@ def test_the_bias_absorbs_inputs_that_are_constant() -> None:
         torch.testing.assert_close(layer(x), before, rtol=1e-4, atol=1e-4)
 
 
-def test_sparsegpt_patterns_on_a_conv_net_with_two_four() -> None:
+@pytest.mark.parametrize("criterion", ["sparsegpt", "obc"])
+def test_layerwise_criteria_on_a_conv_net_with_two_four(criterion) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(4, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(),
                           nn.Linear(4 * 2 * 2, 4))
     batches = [(torch.randn(10, 4, 6, 6), torch.randint(0, 4, (10,)))]
-    mask = prune(model, "sparsegpt", "global", None, batches, pattern="2:4")
+    mask = prune(model, criterion, "global", None, batches, pattern="2:4")
     for keep in mask.values():
         assert torch.all(keep.movedim(1, -1).reshape(-1, 4).sum(1) == 2)
 
