@@ -131,21 +131,27 @@ def test_linear_without_bias_and_with_leading_dims(variant):
     check_against_reference(layer, sparse, mask, torch.randn(2, 3, 12, generator=generator))
 
 
-@pytest.mark.parametrize("n_in,n_out", [(384, 384), (384, 1536), (1536, 384)])
+@pytest.mark.parametrize("n_in,n_out,dtype", [(384, 384, torch.float32),
+                                              (384, 1536, torch.float32),
+                                              (1536, 384, torch.float32),
+                                              (1536, 384, torch.float64)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, threads, request):
+def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, threads, request):
     """MiniLM's encoder widths, [batch, tokens, features] input with batch x tokens (69 rows)
-    not a multiple of the lane tile, 90% sparse: on 2 threads the output rows are split (at
-    16-row boundaries) between threads that write the same output rows' columns."""
+    not a multiple of the lane tile, 90% sparse: 1536 input features are read in column blocks
+    (partial sums between them; in float64 over two lane chunks per tile), and on 2 threads the
+    output rows are split (at 16-row boundaries) between threads writing the same rows."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     request.addfinalizer(lambda: torch.set_num_threads(previous))
     generator = torch.Generator().manual_seed(n_in + n_out)
-    layer = nn.Linear(n_in, n_out)
+    layer = nn.Linear(n_in, n_out).to(dtype)
     mask = random_mask(layer.weight.shape, 0.1, generator)
     mask[5] = False
+    mask[:, 700:1100] = False  # whole column blocks without taps in some rows
     sparse = SparseLinear.from_dense(layer, mask)
-    check_against_reference(layer, sparse, mask, torch.randn(3, 23, n_in, generator=generator))
+    x = torch.randn(3, 23, n_in, generator=generator, dtype=dtype)
+    check_against_reference(layer, sparse, mask, x, rtol=RTOL if dtype == torch.float32 else 1e-12)
 
 
 def test_linear_float64_and_non_contiguous_input(variant):

@@ -7,7 +7,9 @@
 // no scatters, full-width vector loads. See docs/kernels.md.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "table.h"
 #include "vec.h"
@@ -35,25 +37,31 @@ void store_transposed(const typename V::T* buf, int rows, int n, typename V::T* 
 // registers over the row's taps; U independent accumulator sets when the tile is too narrow to hide
 // the FMA latency. The row loop is inside the instantiation, so a row costs no call. y_t == 1:
 // lanes contiguous, row k at y + k * y_k; otherwise lane t at y + t * y_t and y_k must be 1.
+// Row k's taps are [ptr[k * ps], ptr[k * ps + 1]) (ps > 1: one block of a row's columns, see
+// gather). With `part`, the row's NT vectors start from part (from_part) instead of the bias,
+// and end in part (to_part) instead of y: the partial sums between column blocks.
 template <class V, int NV, bool TAIL, int U>
 void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y, int64_t y_k,
-                 int64_t y_t, const int64_t* __restrict ptr, const int32_t* __restrict idx,
-                 int64_t ld, const typename V::T* __restrict vals,
+                 int64_t y_t, const int64_t* __restrict ptr, int64_t ps,
+                 const int32_t* __restrict idx, int64_t ld, const typename V::T* __restrict vals,
                  const typename V::T* __restrict bias, int64_t r0, int64_t r1, typename V::M m,
-                 int n) {
+                 int n, typename V::T* __restrict part, bool from_part, bool to_part) {
   using R = typename V::R;
   using T = typename V::T;
   constexpr int W = V::W;
   constexpr int NT = NV + (TAIL ? 1 : 0);
+  if constexpr (NT == 0) return;  // no lanes (never called; keeps the table total)
   alignas(64) T buf[8 * kBufLanes];
   int64_t group = r0;  // first row held in buf
   for (int64_t k = r0; k < r1; ++k) {
     R acc[U][NT];
+    T* pk = part ? part + (k - r0) * NT * W : nullptr;
     const R init = V::set1(bias ? bias[k] : T(0));
     for (int u = 0; u < U; ++u)
-      for (int v = 0; v < NT; ++v) acc[u][v] = u == 0 ? init : V::zero();
-    int64_t j = ptr[k];
-    const int64_t j1 = ptr[k + 1];
+      for (int v = 0; v < NT; ++v)
+        acc[u][v] = u > 0 ? V::zero() : from_part ? V::load(pk + v * W) : init;
+    int64_t j = ptr[k * ps];
+    const int64_t j1 = ptr[k * ps + 1];
     for (; j + U <= j1; j += U) {
       for (int u = 0; u < U; ++u) {
         const T* xp = x + static_cast<int64_t>(idx[j + u]) * ld;
@@ -70,6 +78,10 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
     }
     for (int u = 1; u < U; ++u)
       for (int v = 0; v < NT; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
+    if (to_part) {  // all lanes: the padded ones are never stored to y
+      for (int v = 0; v < NT; ++v) V::store(pk + v * W, acc[0][v]);
+      continue;
+    }
     T* yk = y_t == 1 ? y + k * y_k : buf + (k - group) * kBufLanes;
     for (int v = 0; v < NV; ++v) V::store(yk + v * W, acc[0][v]);
     if (TAIL) V::storem(yk + NV * W, acc[0][NT - 1], m);
@@ -82,8 +94,9 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
 
 template <class V>
 using GatherRows = void (*)(const typename V::T*, typename V::T*, int64_t, int64_t,
-                            const int64_t*, const int32_t*, int64_t, const typename V::T*,
-                            const typename V::T*, int64_t, int64_t, typename V::M, int);
+                            const int64_t*, int64_t, const int32_t*, int64_t,
+                            const typename V::T*, const typename V::T*, int64_t, int64_t,
+                            typename V::M, int, typename V::T*, bool, bool);
 
 // Independent accumulator streams: enough that NT * U >= 8 chains hide the FMA latency.
 constexpr int streams(int nt) { return nt >= 6 ? 1 : nt >= 3 ? 2 : 4; }
@@ -106,19 +119,32 @@ GatherRows<V> pick_gather(int nv, bool tail) {
   return tail ? with_tail[nv] : full[nv];
 }
 
+// Without blocks, each row in one pass. With `blocks` (a.bptr, a.nb > 1), block by block of the
+// input rows (each block's share of x stays in the fastest caches while every output row reads
+// it), the rows' partial sums kept between blocks in a buffer of this range's rows.
 template <class V>
 void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
+  using T = typename V::T;
   constexpr int W = V::W;
   constexpr int64_t TILE = 8 * W;
   static_assert(TILE <= kBufLanes, "a tile must fit the transposing buffer");
+  const bool blocked = a.bptr != nullptr && a.nb > 1;
+  std::vector<T> part(blocked ? static_cast<std::size_t>((r1 - r0) * TILE) : 0);
   for (int64_t p = 0; p < a.P; ++p) {
-    const typename V::T* xp = a.x + p * a.x_p;
+    const T* xp = a.x + p * a.x_p;
     for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
       const int64_t n = min64(TILE, a.L - t0);
       const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
-      pick_gather<V>(nv, tail != 0)(xp + t0, a.y + p * a.y_p + t0 * a.y_t, a.y_k, a.y_t, a.ptr,
-                                    a.idx, a.ld, a.vals, a.bias, r0, r1, V::mask(tail),
-                                    static_cast<int>(n));
+      const GatherRows<V> fn = pick_gather<V>(nv, tail != 0);
+      T* y = a.y + p * a.y_p + t0 * a.y_t;
+      if (!blocked) {
+        fn(xp + t0, y, a.y_k, a.y_t, a.ptr, 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
+           V::mask(tail), static_cast<int>(n), nullptr, false, false);
+        continue;
+      }
+      for (int64_t b = 0; b < a.nb; ++b)
+        fn(xp + t0, y, a.y_k, a.y_t, a.bptr + b, a.nb + 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
+           V::mask(tail), static_cast<int>(n), part.data(), b > 0, b + 1 < a.nb);
     }
   }
 }
@@ -171,12 +197,16 @@ SddmmTile<V> pick_sddmm(int nv, bool tail) {
   return tail ? with_tail[nv] : full[nv];
 }
 
+// With blocks (a.bptr, a.nb > 1), block by block of x's rows, as in gather.
 template <class V>
 void sddmm_short(const SddmmArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   constexpr int W = V::W;
   constexpr int64_t TILE = 4 * W;
   if (!a.accumulate)
     for (int64_t j = a.ptr[r0]; j < a.ptr[r1]; ++j) a.dw[j] = 0;
+  const bool blocked = a.bptr != nullptr && a.nb > 1;
+  const int64_t nb = blocked ? a.nb : 1, ps = blocked ? a.nb + 1 : 1;
+  const int64_t* ptr = blocked ? a.bptr : a.ptr;
   for (int64_t p = 0; p < a.P; ++p) {
     const typename V::T* xp = a.x + p * a.x_p;
     for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
@@ -184,10 +214,12 @@ void sddmm_short(const SddmmArgs<typename V::T>& a, int64_t r0, int64_t r1) {
       const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
       const typename V::M m = V::mask(tail);
       SddmmTile<V> fn = pick_sddmm<V>(nv, tail != 0);
-      for (int64_t k = r0; k < r1; ++k) {
-        if (a.ptr[k] == a.ptr[k + 1]) continue;
-        fn(a.dy + k * a.dy_k + p * a.dy_p + t0, xp + t0, a.idx, a.ld, a.ptr[k], a.ptr[k + 1],
-           a.dw, m);
+      for (int64_t b = 0; b < nb; ++b) {
+        for (int64_t k = r0; k < r1; ++k) {
+          const int64_t j0 = ptr[k * ps + b], j1 = ptr[k * ps + b + 1];
+          if (j0 == j1) continue;
+          fn(a.dy + k * a.dy_k + p * a.dy_p + t0, xp + t0, a.idx, a.ld, j0, j1, a.dw, m);
+        }
       }
     }
   }

@@ -168,6 +168,42 @@ at::Tensor pack_tiles(const T* src, int64_t srs, int64_t C, const Tiles& t,
   return out;
 }
 
+// Column blocks of a slab of `columns` rows of T lanes: each block's share of the slab (at most
+// kBlockBytes) stays in the fastest caches while every output row reads it. Measured on MiniLM's
+// widths (2048 rows, 80-90% sparse): 3-13% faster for 1536 input rows (4 blocks), never slower;
+// the kernels read slabs of 384 rows x 32 lanes (48 KiB) as fast as slabs of 96 rows.
+struct Blocks {
+  std::vector<int64_t> bptr;  // [rows][nb + 1]; empty for one block
+  int64_t nb = 1;
+};
+
+constexpr int64_t kBlockBytes = 48 << 10;
+
+// Row k's taps split into runs by blocks of `width` columns: bptr[k * (nb + 1) + b] is its first
+// tap in block b. Any split of a row's taps into consecutive runs gives the same sums (formats
+// lays columns out ascending in each row, so each run is one block's).
+template <class T>
+Blocks column_blocks(const at::Tensor& ptr, const at::Tensor& idx, int64_t columns,
+                     const Tiles& t) {
+  Blocks out;
+  out.nb = std::max<int64_t>(1, (columns * t.T * static_cast<int64_t>(sizeof(T)) +
+                                 kBlockBytes - 1) / kBlockBytes);
+  if (out.nb == 1) return out;
+  const int64_t rows = ptr.numel() - 1, width = (columns + out.nb - 1) / out.nb, nb = out.nb;
+  const int64_t* p = ptr.const_data_ptr<int64_t>();
+  const int32_t* c = idx.const_data_ptr<int32_t>();
+  out.bptr.resize(rows * (nb + 1));
+  for (int64_t k = 0; k < rows; ++k) {
+    int64_t j = p[k];
+    for (int64_t b = 0; b < nb; ++b) {
+      out.bptr[k * (nb + 1) + b] = j;
+      while (j < p[k + 1] && c[j] < (b + 1) * width) ++j;
+    }
+    out.bptr[k * (nb + 1) + nb] = p[k + 1];
+  }
+  return out;
+}
+
 // out[B, rows] = the product over the packed tiles of x: the full tiles as output rows p of one
 // call, the remainder tile as a second call, each writing its lanes' output rows directly
 // (transposed in registers; no unpacking pass). Threads own 16-row (64-byte) column blocks.
@@ -178,9 +214,11 @@ at::Tensor gather_tiles(const T* xt, int64_t in, const at::Tensor& ptr, const at
   const int64_t rows = ptr.numel() - 1;
   at::Tensor out = at::empty({t.B, rows}, options);
   if (t.B == 0) return out;
+  const Blocks blocks = column_blocks<T>(ptr, idx, in, t);
   ps::GatherArgs<T> a{xt, in * t.T, out.mutable_data_ptr<T>(), 1, t.T * rows,
                       ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T, vals,
-                      bias, t.full, t.T, rows};
+                      bias, t.full, t.T, rows, blocks.nb > 1 ? blocks.bptr.data() : nullptr,
+                      blocks.nb};
   ps::GatherArgs<T> r = a;
   r.x += t.full * a.x_p, r.y += t.full * a.y_p, r.P = 1, r.L = t.rem;
   parallel_rows(a.ptr, rows, t.B, [&](int64_t r0, int64_t r1) {
@@ -192,8 +230,9 @@ at::Tensor gather_tiles(const T* xt, int64_t in, const at::Tensor& ptr, const at
 
 // The weight gradient, tile by tile (every tile at full width: the padded lanes are zero).
 template <class T>
-void sddmm_tiles(ps::SddmmArgs<T> a, const Tiles& t, int64_t rows) {
+void sddmm_tiles(ps::SddmmArgs<T> a, const Tiles& t, int64_t rows, const Blocks& blocks) {
   a.P = t.count(), a.L = t.T, a.accumulate = false;
+  a.bptr = blocks.nb > 1 ? blocks.bptr.data() : nullptr, a.nb = blocks.nb;
   parallel_rows(a.ptr, rows, t.B, [&](int64_t r0, int64_t r1) {
     kernels<T>().sddmm_short(a, r0, r1);
   });
@@ -231,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
       sddmm_tiles<T>({dyt.const_data_ptr<T>(), t.T, K * t.T, 0, xt.const_data_ptr<T>(), I * t.T,
                       0, 0, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T,
                       dw.mutable_data_ptr<T>(), 0, 0, false},
-                     t, K);
+                     t, K, column_blocks<T>(ptr, idx, I, t));
   }
   if (need_dx) {
     const at::Tensor cvals = in_column_order<T>(values, cperm);

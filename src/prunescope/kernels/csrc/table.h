@@ -24,6 +24,9 @@ struct GatherArgs {
   const T* bias;  // nullable
   int64_t P, L;
   int64_t y_t = 1;
+  // optional column blocks: row k's taps in block b are [bptr[k * (nb + 1) + b], ... + 1)
+  const int64_t* bptr = nullptr;
+  int64_t nb = 1;
 };
 
 // dw[j] = sum_{p, s, t} dy[k * dy_k + p * dy_p + s * dy_s + t] * x[idx[j] * ld + p * x_p + s * x_s
@@ -41,6 +44,8 @@ struct SddmmArgs {
   T* dw;
   int64_t P, L;
   bool accumulate;  // add to dw instead of overwriting it
+  const int64_t* bptr = nullptr;  // optional column blocks, as in GatherArgs
+  int64_t nb = 1;
 };
 
 // dx[dst[j] + p * dx_p + t] += vals[perm[j]] * dy[src[j] + p * dy_p + t] for the taps j of row c
