@@ -393,7 +393,8 @@ def test_random_crop_flip_is_a_padded_crop() -> None:
 
 
 def test_names_and_unknown_dataset() -> None:
-    assert data.names() == ["cifar10", "cifar100", "colored_mnist", "digits", "mnist", "mnist_lt"]
+    assert data.names() == ["cifar10", "cifar100", "colored_mnist", "digits", "mnist", "mnist_lt",
+                            "text-csv", "tweets"]
     with pytest.raises(UnknownNameError, match="choose one of: cifar10, cifar100, colored_mnist, "
                        "digits, mnist, mnist_lt"):
         data.load("imagenet")

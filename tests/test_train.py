@@ -93,7 +93,7 @@ def test_make_optimizer_uses_the_fused_form_and_updates_as_the_plain_loop(optimi
 @pytest.mark.parametrize("bad", [
     {"optimizer": "adam"}, {"lr": 0}, {"lr": -0.1}, {"lr": math.inf}, {"lr": math.nan},
     {"epochs": -1}, {"batch_size": 0}, {"label_smoothing": 1.0}, {"label_smoothing": -0.1},
-    {"lr_schedule": "linear"}, {"momentum": 1.0}, {"weight_decay": -1e-4},
+    {"lr_schedule": "triangle"}, {"momentum": 1.0}, {"weight_decay": -1e-4},
 ])
 def test_train_config_rejects_bad_values(bad):
     with pytest.raises(ConfigError) as exc:

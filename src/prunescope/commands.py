@@ -21,7 +21,7 @@ from prunescope import checkpoint, data, devices, stages
 from prunescope.errors import CheckpointError, ConfigError
 from prunescope.mask import Mask
 from prunescope.pipeline import FINETUNE, PruneSpec, compress
-from prunescope.run import Run, Scoring, Stopwatch, Targets, sparsity_report
+from prunescope.run import Run, Scoring, Stopwatch, Targets, registry_model, sparsity_report
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,20 @@ def _load_model(path: Path) -> tuple[nn.Module, Mask, dict[str, Any]]:
 def _run(splits: data.Splits, spec: dict[str, Any], out: Path, data_spec: dict[str, Any], *,
          seed: int, device: str | None, progress: bool | None,
          targets: Targets | None = None) -> Run:
-    """A run of the model ``spec`` (a checkpoint's) on ``splits`` writing into ``out``."""
-    return Run(splits, lambda: checkpoint.from_spec(spec), out, seed=seed,
+    """A run of the model ``spec`` (a checkpoint's), sized for ``splits``, writing into
+    ``out``."""
+    return Run(splits, _factory(spec, splits), out, seed=seed,
                device=devices.resolve(device), progress=progress, data_spec=data_spec,
                scoring=Scoring(), targets=targets or Targets())
+
+
+def _factory(spec: dict[str, Any], splits: data.Splits):
+    """A factory of the checkpoint's architecture for ``splits``' classes and input (a
+    transfer changes them)."""
+    if spec.get("source") == "huggingface":
+        sized = {**spec, "num_labels": splits.num_classes}
+        return lambda: checkpoint.from_spec(sized)
+    return registry_model(spec["name"], splits)
 
 
 def sparsity_summary(model: nn.Module, mask: Mask) -> dict[str, Any]:
