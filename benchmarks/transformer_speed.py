@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import RESULTS, machine, write_json_file  # noqa: E402
+from common import RESULTS, machine, markdown_table, write_json_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import prunescope  # noqa: E402
@@ -210,6 +210,10 @@ GROUPS = (  # (group, substrings of profiler event names), first match wins
     ("LayerNorm", ("layer_norm",)),
     ("optimizer", ("adam", "Optimizer")),
     ("embedding", ("embedding", "index_select")),
+    ("dropout", ("dropout", "bernoulli")),
+    ("copies", ("copy_", "contiguous", "clone")),
+    ("sums (bias gradients, mask hold)", ("aten::sum",)),
+    ("elementwise", ("aten::mul", "aten::add", "aten::div", "aten::fill_", "aten::zero_")),
 )
 
 
@@ -247,6 +251,21 @@ def line(label: str, r: dict[str, object]) -> str:
             f"speedup {r['speedup']:5.2f}x  (min {s['min']:.2f}, q1 {s['q1']:.2f}, "
             f"q3 {s['q3']:.2f}, max {s['max']:.2f}; {r['pairs']} pairs)  "
             f"{r['swapped']}/{r['layers_masked']} layers sparse")
+
+
+def table(points: list[dict], step: dict) -> str:
+    """The measured points as a markdown table (what docs/kernels.md shows)."""
+    rows = []
+    for label, r in [*((f"inference, batch {p['batch']}", p) for p in points),
+                     (f"fine-tuning step, batch {TRAIN_BATCH}", step)]:
+        s = r["spread"]
+        rows.append({"what": label, "sparsity": f"{r['sparsity']:.0%}",
+                     "dense ms": r["dense_ms"], "sparse ms": r["sparse_ms"],
+                     "speedup": f"{r['speedup']:.2f}x",
+                     "spread (min, q1-q3, max)": f"{s['min']:.2f}, {s['q1']:.2f}-{s['q3']:.2f}, "
+                                                 f"{s['max']:.2f}",
+                     "layers sparse": f"{r['swapped']}/{r['layers_masked']}"})
+    return markdown_table(rows, list(rows[0]))
 
 
 def checks(points: list[dict], step: dict) -> list[dict[str, object]]:
@@ -288,6 +307,7 @@ def main() -> None:
         print(f"profile, {what} (self CPU ms per call):")
         for side, groups in sides.items():
             print(f"  {side:<6} " + ", ".join(f"{g} {ms:.1f}" for g, ms in groups.items()))
+    print(table(points, step))
     results = checks(points, step)
     for check in results:
         print(f"[{'x' if check['met'] else ' '}] {check['what']}: {check['measured']:.2f}")
