@@ -55,6 +55,13 @@ bench-sparse-training: $(STAMP)
 bench-spade: $(STAMP)
 	$(BIN)/python benchmarks/spade.py
 
+# the transformer track's figures: kernels end to end, block-by-block memory, and the whole
+# MiniLM run with the frozen-encoder reference (~50 min in all on 2 cores)
+bench-transformer: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/transformer_speed.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/layerwise_memory.py
+	HF_HUB_OFFLINE=1 $(BIN)/python benchmarks/minilm_tweets.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
