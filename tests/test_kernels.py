@@ -154,6 +154,32 @@ def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, th
     check_against_reference(layer, sparse, mask, x, rtol=RTOL if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("rows,n_in,n_out,dtype", [(2048, 384, 1536, torch.float32),
+                                                   (1000, 1536, 384, torch.float32),
+                                                   (70, 33, 130, torch.float32),
+                                                   (300, 1536, 384, torch.float64),
+                                                   (5, 16, 16, torch.float32)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_inference_matches_reference(variant, rows, n_in, n_out, dtype, threads, request):
+    """Without autograd the forward packs each lane tile in a thread's own buffer (many tiles,
+    a remainder tile, column blocks at 1536 inputs) or, with fewer tiles than two per thread,
+    takes the packed path; both against the reference, as 3-d input."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    request.addfinalizer(lambda: torch.set_num_threads(previous))
+    generator = torch.Generator().manual_seed(rows + n_in)
+    layer = nn.Linear(n_in, n_out).to(dtype)
+    mask = random_mask(layer.weight.shape, 0.1, generator)
+    mask[3] = False
+    sparse = SparseLinear.from_dense(layer, mask)
+    x = torch.randn(rows // 5 or 1, 5, n_in, generator=generator, dtype=dtype)
+    with torch.no_grad():
+        expected = reference.linear(x, sparse.values, sparse.mask, sparse.bias)
+        assert_close(sparse(x), expected, RTOL if dtype == torch.float32 else 1e-12)
+    assert_close(sparse(x.requires_grad_()).detach(), expected,  # the autograd path, same result
+                 RTOL if dtype == torch.float32 else 1e-12)
+
+
 def test_linear_float64_and_non_contiguous_input(variant):
     generator = torch.Generator().manual_seed(4)
     layer = nn.Linear(10, 6).double()

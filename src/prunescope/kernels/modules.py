@@ -12,7 +12,8 @@ Loading a dense weight with non-zeros outside the layer's mask is an error, neve
 
 Float32 and float64 on the CPU run the fast kernels (:mod:`prunescope.kernels.build`) through one
 operator per layer whose autograd node is C++ (``torch.ops.prunescope_kernels.sparse_linear`` /
-``sparse_conv2d``); any other dtype or device, autocast, or a machine where the kernels could not
+``sparse_conv2d``; a Linear call that needs no gradient runs a forward that keeps nothing for
+backward); any other dtype or device, autocast, or a machine where the kernels could not
 be built runs the reference path (:mod:`prunescope.kernels.reference`), which gives the same
 results through dense ops (double backward included, which the kernels refuse).
 """

@@ -7,9 +7,8 @@
 // no scatters, full-width vector loads. See docs/kernels.md.
 #pragma once
 
-#include <cstddef>
 #include <cstdint>
-#include <vector>
+#include <memory>
 
 #include "table.h"
 #include "vec.h"
@@ -129,7 +128,7 @@ void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   constexpr int64_t TILE = 8 * W;
   static_assert(TILE <= kBufLanes, "a tile must fit the transposing buffer");
   const bool blocked = a.bptr != nullptr && a.nb > 1;
-  std::vector<T> part(blocked ? static_cast<std::size_t>((r1 - r0) * TILE) : 0);
+  const std::unique_ptr<T[]> part(blocked ? new T[(r1 - r0) * TILE] : nullptr);
   for (int64_t p = 0; p < a.P; ++p) {
     const T* xp = a.x + p * a.x_p;
     for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
@@ -144,7 +143,7 @@ void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
       }
       for (int64_t b = 0; b < a.nb; ++b)
         fn(xp + t0, y, a.y_k, a.y_t, a.bptr + b, a.nb + 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
-           V::mask(tail), static_cast<int>(n), part.data(), b > 0, b + 1 < a.nb);
+           V::mask(tail), static_cast<int>(n), part.get(), b > 0, b + 1 < a.nb);
     }
   }
 }
