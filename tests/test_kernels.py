@@ -131,6 +131,13 @@ def test_linear_without_bias_and_with_leading_dims(variant):
     check_against_reference(layer, sparse, mask, torch.randn(2, 3, 12, generator=generator))
 
 
+def _use_threads(threads: int, request) -> None:
+    """``torch.set_num_threads(threads)`` for this test, the previous count restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    request.addfinalizer(lambda: torch.set_num_threads(previous))
+
+
 @pytest.mark.parametrize("n_in,n_out,dtype", [(384, 384, torch.float32),
                                               (384, 1536, torch.float32),
                                               (1536, 384, torch.float32),
@@ -141,9 +148,7 @@ def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, th
     not a multiple of the lane tile, 90% sparse: 1536 input features are read in column blocks
     (partial sums between them; in float64 over two lane chunks per tile), and on 2 threads the
     output rows are split (at 16-row boundaries) between threads writing the same rows."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    request.addfinalizer(lambda: torch.set_num_threads(previous))
+    _use_threads(threads, request)
     generator = torch.Generator().manual_seed(n_in + n_out)
     layer = nn.Linear(n_in, n_out).to(dtype)
     mask = random_mask(layer.weight.shape, 0.1, generator)
@@ -164,9 +169,7 @@ def test_linear_inference_matches_reference(variant, rows, n_in, n_out, dtype, t
     """Without autograd the forward packs each lane tile in a thread's own buffer (many tiles,
     a remainder tile, column blocks at 1536 inputs) or, with fewer tiles than two per thread,
     takes the packed path; both against the reference, as 3-d input."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    request.addfinalizer(lambda: torch.set_num_threads(previous))
+    _use_threads(threads, request)
     generator = torch.Generator().manual_seed(rows + n_in)
     layer = nn.Linear(n_in, n_out).to(dtype)
     mask = random_mask(layer.weight.shape, 0.1, generator)
