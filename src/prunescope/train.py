@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from prunescope import checkpoint, devices, distributed
+from prunescope import checkpoint, devices, distributed, losses
 from prunescope.data import Loader, Splits, Subset, random_crop_flip
 from prunescope.errors import ConfigError, TrainingError
 from prunescope.files import append_jsonl, atomic_write_bytes, read_jsonl
@@ -62,7 +62,9 @@ class TrainConfig:
     ``warmup``: the fraction of the steps over which the rate rises linearly from 0 before the
     schedule (the ``linear`` schedule then decays linearly to 0: the transformer fine-tuning
     default, Devlin et al. 2019); ``max_grad_norm``: clip the global gradient norm to it
-    (None: no clipping).
+    (None: no clipping). ``loss``: ``cross_entropy``, or ``supcon``: cross-entropy plus
+    ``supcon_weight`` times the supervised contrastive loss at ``temperature`` on the
+    penultimate representation (:mod:`prunescope.losses`).
     """
 
     epochs: int = 8
@@ -81,6 +83,9 @@ class TrainConfig:
     precision: str = "fp32"
     warmup: float = 0.0
     max_grad_norm: float | None = None
+    loss: str = "cross_entropy"
+    temperature: float = losses.TEMPERATURE
+    supcon_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -108,6 +113,10 @@ class TrainConfig:
             raise ConfigError(
                 f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}"
             )
+        losses.check(self.loss, self.temperature, self.supcon_weight)
+        if self.loss != "cross_entropy" and self.sparse_kernels:
+            raise ConfigError(f"train.loss {self.loss} reads the model's layers, which "
+                              "sparse_kernels replaces; use one or the other")
 
 
 def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -188,7 +197,8 @@ def fit(model: nn.Module, splits: Splits, config: TrainConfig, run_dir: str | Pa
 
     Resumes from ``run_dir/last.safetensors`` when present. ``hook`` (a
     :class:`~prunescope.hooks.Hook`) keeps or changes the mask. ``loss_fn(logits, targets,
-    inputs)`` replaces the default cross-entropy (with the config's label smoothing). ``meta``
+    inputs)`` replaces the default cross-entropy (with the config's label smoothing; the
+    config's SupCon term, if any, is added to either). ``meta``
     (e.g. the model spec and dataset) is stored in every checkpoint. ``device`` moves the model
     there first (default: where it is). A model still carrying ``torch.nn.utils.prune``'s
     reparametrization is made plain first and, without a hook, its mask is held. Raises
@@ -224,10 +234,11 @@ def _train(model, splits, config, run_dir, hook, seed, meta, loss_fn, progress, 
            metrics_logger) -> dict[str, Any]:
     loop = _Loop(model, splits, config, run_dir, hook or Hook(), seed, meta or {}, loss_fn)
     loop.resume()
-    for epoch in range(loop.epoch, config.epochs):
-        loop.train_epoch(epoch, progress, desc)
-        if metrics_logger is not None:
-            metrics_logger.log_epoch(desc, loop.last, model, loop.hook.mask)
+    with losses.training_loss(model, config, loop.loss_fn) as loop.loss_fn:
+        for epoch in range(loop.epoch, config.epochs):
+            loop.train_epoch(epoch, progress, desc)
+            if metrics_logger is not None:
+                metrics_logger.log_epoch(desc, loop.last, model, loop.hook.mask)
     return loop.finish()
 
 
