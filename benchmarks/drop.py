@@ -1,13 +1,15 @@
-"""DRoP benchmark (issue 12): Random+DRoP against random and EL2N data pruning on ``mnist_lt``.
+"""DRoP benchmark (issue 12): Random+DRoP against random, EL2N and forgetting data pruning on
+``mnist_lt``.
 
 For each seed and density (0.3, 0.5) the training set of long-tailed MNIST is pruned by random
-selection, by EL2N (3 scoring models of 2 epochs) and by Random+DRoP (``drop_code`` quotas from
-3 query models of 2 epochs; ``--paper`` adds ``drop_paper``), then a LeNet-300-100 trains on the
-kept examples for E' = floor((0.5 + 0.5 d) E / d) epochs and is evaluated on the test half of
-the DRoP protocol; the same model on the full training set (E epochs) is the reference. Prints
-the mean over seeds with a 95% t-interval of overall accuracy and worst-class recall, and the
-paired difference of Random+DRoP against each baseline; writes
-bench/results/drop.json.
+selection, by EL2N (3 scoring models of 2 epochs), by forgetting counts (one model of E epochs,
+the whole training run as in Toneva et al. 2019), by Random+DRoP and Forgetting+DRoP
+(``drop_code`` quotas from 3 query models of 2 epochs; ``--paper`` adds Random+DRoP with
+``drop_paper``), then a LeNet-300-100 trains on the kept examples for
+E' = floor((0.5 + 0.5 d) E / d) epochs and is evaluated on the test half of the DRoP protocol;
+the same model on the full training set (E epochs) is the reference. Prints the mean over seeds
+with a 95% t-interval of overall accuracy and worst-class recall, and the paired difference of
+each DRoP variant against the baselines; writes bench/results/drop.json.
 
     .venv/bin/python benchmarks/drop.py [--seeds 3] [--epochs 10] [--out runs/bench-drop]
 """
@@ -43,8 +45,10 @@ def run_seed(seed: int, epochs: int, out: Path, quotas: tuple[str, ...]) -> list
                            train=TrainConfig(epochs=epochs, batch_size=128, lr=0.05))
     records = []
     for density in (1.0, *DENSITIES):
-        specs = [DataPruningSpec(density, "random"), DataPruningSpec(density, "el2n")]
+        specs = [DataPruningSpec(density, "random"), DataPruningSpec(density, "el2n"),
+                 DataPruningSpec(density, "forgetting", score_epochs=epochs)]
         specs += [DataPruningSpec(density, "random", quota) for quota in quotas]
+        specs += [DataPruningSpec(density, "forgetting", "drop_code", score_epochs=epochs)]
         specs = specs[:1] if density == 1.0 else specs  # the full training set, once
         for spec in specs:
             start = time.perf_counter()
@@ -78,16 +82,23 @@ def summary(records: list[dict]) -> list[dict]:
     return rows
 
 
-def paired(records: list[dict], ours: str = "random+drop_code") -> list[dict]:
-    """Random+DRoP minus each baseline, paired by seed, in points with 95% t-intervals."""
+PAIRS = (("random+drop_code", "random"), ("random+drop_code", "el2n"),
+         ("random+drop_code", "forgetting"), ("forgetting+drop_code", "forgetting"))
+
+
+def paired(records: list[dict]) -> list[dict]:
+    """Each DRoP variant minus its baselines (:data:`PAIRS`), paired by seed, in points with
+    95% t-intervals."""
     rows = []
     for density in DENSITIES:
         at = {(r["method"], r["seed"]): r for r in records if r["density"] == density}
-        for base in ("random", "el2n"):
+        for ours, base in PAIRS:
             seeds = sorted(s for m, s in at if m == base and (ours, s) in at)
+            if not seeds:
+                continue
             for key in ("worst_class_recall", "accuracy"):
                 diff, ci = interval([100 * (at[ours, s][key] - at[base, s][key]) for s in seeds])
-                rows.append({"density": density, "vs": base, "metric": key,
+                rows.append({"density": density, "method": ours, "vs": base, "metric": key,
                              "difference (points)": f"{diff:+.2f} ± {ci:.2f}"})
     return rows
 
@@ -106,7 +117,8 @@ def main() -> None:
     print(markdown_table(summary(records), ["density", "method", "seeds", "accuracy",
                                             "worst-class recall"]))
     print()
-    print(markdown_table(paired(records), ["density", "vs", "metric", "difference (points)"]))
+    print(markdown_table(paired(records), ["density", "method", "vs", "metric",
+                                           "difference (points)"]))
     print(f"\n{time.perf_counter() - start:.0f} s in all")
     print(write_results("drop", records))
 

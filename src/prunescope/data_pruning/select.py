@@ -138,11 +138,15 @@ def keep_count(total: int, density: float) -> int:
 def select(labels: torch.Tensor, keep: int, scores: torch.Tensor | None,
            quotas: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
     """Sorted positions of the kept examples: the ``keep`` highest ``scores`` (random order
-    when None), globally or ``quotas[k]`` within each class ``k``; ties go to the lower
-    position."""
+    when None), globally or ``quotas[k]`` within each class ``k``; equal scores are ordered
+    at random by ``generator`` (forgetting counts are mostly ties: a fixed order would keep
+    the examples of low positions, and a dataset's order is not random)."""
     if scores is None:
-        scores = torch.randperm(len(labels), generator=generator).double()
-    order = torch.sort(-scores, stable=True).indices
+        order = torch.sort(-torch.randperm(len(labels), generator=generator).double(),
+                           stable=True).indices
+    else:
+        shuffled = torch.randperm(len(labels), generator=generator)
+        order = shuffled[torch.sort(-scores[shuffled], stable=True).indices]
     if quotas is None:
         return order[:keep].sort().values
     # rank of every example within its class, in score order
