@@ -131,6 +131,79 @@ def test_a_level_of_a_plain_checkpoint_is_refused(finished, capsys):
     assert "is not a nested checkpoint" in assert_user_error(code, err)
 
 
+def assert_nested_and_frozen(out, results, levels, top_dir):
+    """Every level reaches its sparsity, each level's mask is a subset of the next denser one,
+    and each level's weights are bit-identical in the nested checkpoint to the model that level
+    trained (the sparsest: the top sparsifier's final model)."""
+    assert [r["sparsity"] for r in results] == levels
+    for result in results:
+        assert result["actual_sparsity"] == pytest.approx(result["level"], abs=1e-3)
+    state, nest, _, _ = nested.read(out / "elsa" / "nested.safetensors")
+    trained_at = [top_dir] + [out / "elsa" / f"s{level:g}" for level in levels[1:]]
+    for index, directory in enumerate(trained_at):
+        at_level = checkpoint.load(directory / "model.safetensors").model
+        for name, keep in nest.masks[index].items():
+            assert torch.equal(state[name][keep], at_level[name][keep]), (index, name)
+    for sparse, dense in zip(nest.masks, nest.masks[1:], strict=False):
+        assert all(not (sparse[n] & ~dense[n]).any() for n in sparse)
+
+
+@pytest.mark.parametrize("top", [
+    {"method": "acdc", "warmup": 0.2, "compressed": 0.2, "decompressed": 0.2, "final": 0.2},
+    {"method": "one_shot", "criterion": "woodfisher"},
+], ids=["acdc", "woodfisher"])
+def test_acdc_and_obs_as_the_top_sparsifier(tmp_path, top):
+    run, method = elsa_run(tmp_path, top=top)
+    results = method.run_one(run, 0.9)
+    assert_nested_and_frozen(tmp_path, results, [0.9, 0.5, 0.0],
+                             tmp_path / "elsa" / "top" / "s0.9")
+    top_model = checkpoint.load(tmp_path / "elsa" / "top" / "s0.9" / "model.safetensors")
+    assert top_model.meta["method"]["method"] == "elsa/top"
+    assert top_model.mask.sparsity == pytest.approx(0.9, abs=1e-3)
+
+
+def test_regrow_admission_and_frozen_rest(tmp_path):
+    run, method = elsa_run(tmp_path, admission="regrow", regrow=0.5, rest="freeze")
+    results = method.run_one(run, 0.9)
+    levels = [0.9, 0.5, 0.0]
+    assert_nested_and_frozen(tmp_path, results, levels, tmp_path / "elsa" / "top" / "s0.9")
+    top = checkpoint.load(tmp_path / "elsa" / "top" / "s0.9" / "model.safetensors").model
+    rest = [k for k in top if not k.endswith("weight")]
+    assert rest
+    for level in levels[1:]:  # biases kept the top level's values through every later level
+        at_level = checkpoint.load(tmp_path / "elsa" / f"s{level:g}" / "model.safetensors").model
+        assert all(torch.equal(at_level[k], top[k]) for k in rest), level
+    _, _, rests, _ = nested.read(tmp_path / "elsa" / "nested.safetensors")
+    assert not any(rests)  # nothing differs: no per-level copies
+
+
+def test_regrow_chooses_the_free_weights_by_their_own_magnitude_at_its_step():
+    model = nn.Sequential(nn.Linear(3, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[5.0, -0.5, 2.0], [0.25, -4.0, 0.125]]))
+    frozen = Mask({"0.weight": torch.tensor([[F, T, F], [F, F, F]])})  # -0.5 frozen though small
+    hook = FreezeHold(None, frozen, admit_at=(3, 0.5))  # 3 of 6 kept: -0.5, then 5, -4
+    hook.hold_(model)
+    hook.on_step(model, 2)
+    assert hook.mask is None and model[0].weight.count_nonzero() == 6  # still dense
+    hook.on_step(model, 3)
+    assert hook.mask["0.weight"].tolist() == [[T, T, F], [F, T, F]]
+    assert model[0].weight.tolist() == [[5.0, -0.5, 0.0], [0.0, -4.0, 0.0]]
+    hook.on_step(model, 4)  # chosen once
+    assert hook.mask["0.weight"].tolist() == [[T, T, F], [F, T, F]]
+
+
+def test_level_training_configs(tmp_path):
+    run, method = elsa_run(tmp_path)
+    config = method.train_config(run, 1)
+    assert (config.epochs, config.lr) == (1, 0.01)  # the fine-tuning config, level_epochs
+    _, other = elsa_run(tmp_path, level_config="train", level_lr=[0.2, 0.3],
+                        level_epochs=[3, 2], budget=0.5)
+    first, second = other.train_config(run, 1), other.train_config(run, 2)
+    assert (first.epochs, first.lr, first.lr_schedule) == (2, 0.2, "cosine")  # round(1.5)
+    assert (second.epochs, second.lr) == (1, 0.3)
+
+
 def test_one_shot_fine_tuning_as_the_top_sparsifier(tmp_path):
     run, method = elsa_run(tmp_path, levels=[0.8, 0.0], level_epochs=[1],
                            top={"method": "one_shot"})
@@ -145,6 +218,12 @@ def test_one_shot_fine_tuning_as_the_top_sparsifier(tmp_path):
     ({"level_epochs": [1]}, "one entry per level after the first"),
     ({"top": {"method": "lottery"}}, "top must be one of"),
     ({"sparsities": [0.5]}, "set levels"),
+    ({"level_lr": [0.1]}, "level_lr needs one entry per level after the first"),
+    ({"level_lr": [0.1, 0.0]}, "level_lr must be > 0"),
+    ({"admission": "gradient"}, "admission must be one of dense, regrow"),
+    ({"rest": "drop"}, "rest must be one of train, freeze"),
+    ({"level_config": "dense"}, "level_config must be one of finetune, train"),
+    ({"regrow": 1.0}, r"regrow .* must be in \(0, 1\)"),
 ])
 def test_bad_elsa_configs_are_one_line(options, message):
     method = {"method": "elsa", "levels": [0.9, 0.5, 0.0], "level_epochs": [1, 1], **options}

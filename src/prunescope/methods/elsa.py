@@ -6,13 +6,16 @@ One dense network embeds sparse networks at several sparsities, each a subset of
 denser one, so a deployment picks its level at load time by zeroing weights along a mask. The
 procedure (the paper's outline; the details PackNet-style, see ``docs/elsa.md``):
 
-1. sparsify to the highest sparsity with any sparsifier (``top``: ``gmp``, ``one_shot``
-   fine-tuning the run's dense model, ``rigl`` or ``set``);
+1. sparsify to the highest sparsity with any sparsifier (``top``: ``gmp``, ``acdc``,
+   ``one_shot`` pruning the run's dense model by any criterion, OBS / WoodFisher included, and
+   fine-tuning it, ``rigl`` or ``set``);
 2. for each next denser level: freeze the surviving weights (gradients and optimizer state
    zeroed, values written back after every step, so they stay bit-identical), admit the
-   weights of the next level by the magnitude of the run's trained dense model, starting from
-   their dense values, and train them with every other weight still pruned, for that level's
-   epochs;
+   weights of the next level (``admission``: ``dense``, by the magnitude of the run's trained
+   dense model; ``regrow``, by their own magnitude after a short training of every free weight)
+   starting from their dense values, and train them with every other weight pruned, for that
+   level's epochs, with the run's fine-tuning or training config (``level_config``,
+   ``level_lr``); biases and norms keep training or stay as the top level left them (``rest``);
 3. write one nested checkpoint (:mod:`prunescope.nested`) holding every level.
 
 The method runs once, at its top level: its ``levels`` replace the recipe's ``sparsities``, and
@@ -27,6 +30,7 @@ the dense one included, as a compressed model of the run's dense network; under
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +50,10 @@ from prunescope.sparsifier import MaskHold
 from prunescope.train import FINAL, TrainConfig
 
 NESTED = "nested.safetensors"
-TOP_METHODS = ("gmp", "one_shot", "rigl", "set")  # each ends in directories()[0]/FINAL + mask
+TOP_METHODS = ("gmp", "acdc", "one_shot", "rigl", "set")  # each ends in directories()[0]/FINAL
+ADMISSIONS = ("dense", "regrow")
+LEVEL_CONFIGS = ("finetune", "train")
+RESTS = ("train", "freeze")
 
 
 class FreezeHold(MaskHold):
@@ -55,13 +62,22 @@ class FreezeHold(MaskHold):
     Adam moments) are zeroed before each step and their values written back after it, so
     weight decay and momentum cannot move them: they stay bit-identical.
 
+    ``mask=None`` with ``admit_at=(step, sparsity)`` is the ``regrow`` admission: every free
+    weight trains until ``step``, where the mask becomes :func:`admit` of ``frozen`` by the
+    free weights' own magnitudes at ``sparsity`` (held from then on). ``freeze_rest`` drops
+    the gradient of every parameter outside ``frozen``'s tensors (biases, norms) before each
+    step, so the optimizer skips them: they keep their values.
+
     The frozen values are those the model holds when training starts (:meth:`hold_` before
     the first step; after a resume, the restored ones, which are the same).
     """
 
-    def __init__(self, mask: Mask, frozen: Mask) -> None:
+    def __init__(self, mask: Mask | None, frozen: Mask, *,
+                 admit_at: tuple[int, float] | None = None, freeze_rest: bool = False) -> None:
         super().__init__(mask)
-        self.frozen = frozen
+        if mask is None and admit_at is None:
+            raise ValueError("FreezeHold needs a mask or admit_at")
+        self.frozen, self.admit_at, self.freeze_rest = frozen, admit_at, freeze_rest
         self._values: dict[str, torch.Tensor] = {}
         self._frozen_params: dict[str, nn.Parameter] = {}
 
@@ -71,12 +87,25 @@ class FreezeHold(MaskHold):
         self._values = {n: p.detach().clone() for n, p in self._frozen_params.items()}
 
     @torch.no_grad()
+    def on_step(self, model: nn.Module, step: int, optimizer=None) -> None:
+        if self.mask is None and self.admit_at is not None and step >= self.admit_at[0]:
+            self.mask = admit(self.frozen, self._frozen_params, self.admit_at[1])
+            MaskHold.hold_(self, model)
+            if optimizer is not None:  # the pruned weights' momentum must not revive them
+                for name, param in self._frozen_params.items():
+                    reset_state(optimizer, param, ~self.mask[name].to(param.device))
+
+    @torch.no_grad()
     def before_optimizer_step(self, model: nn.Module, step: int, optimizer=None,
                               closure=None) -> bool:
         super().before_optimizer_step(model, step, optimizer, closure)
         for name, param in self._frozen_params.items():
             if param.grad is not None:
                 param.grad.masked_fill_(self._keep(name, param), 0.0)
+        if self.freeze_rest:
+            for name, param in model.named_parameters():
+                if name not in self._frozen_params:
+                    param.grad = None
         self._zero_state(optimizer)
         return True
 
@@ -122,16 +151,28 @@ def admit(frozen: Mask, scores: dict[str, torch.Tensor], sparsity: float) -> Mas
 @register("elsa")
 @dataclass(frozen=True)
 class ELSA(Method):
-    """``levels``: sparsities from the sparsest (reached by ``top``, any of ``gmp``,
-    ``one_shot``, ``rigl``, ``set`` with its own keys) to the densest (0 for the dense model);
-    ``level_epochs``: the training epochs of each level after the first (default: the run's
-    fine-tuning epochs), scaled by ``budget``, with the run's fine-tuning config. The recipe's
-    ``sparsities`` do not apply: the method runs once, at its top level."""
+    """``levels``: sparsities from the sparsest (reached by ``top``, any of ``gmp``, ``acdc``,
+    ``one_shot`` (e.g. ``criterion: woodfisher``, global OBS), ``rigl``, ``set`` with its own
+    keys) to the densest (0 for the dense model). Each level after the first trains for its
+    ``level_epochs`` (default: the config's epochs), scaled by ``budget``, with the run's
+    ``level_config`` (``finetune``, the default, or ``train``: its optimizer, rate and
+    schedule), at ``level_lr`` (one rate per level after the first; default: the config's).
+    ``admission``: ``dense`` (default: the free weights of largest magnitude in the run's
+    trained dense model) or ``regrow`` (every free weight trains, from its dense value, for the
+    first ``regrow`` fraction of the level's steps; then those of largest magnitude are kept).
+    ``rest``: ``train`` (default: biases and norms train at every level) or ``freeze`` (they
+    keep the top level's values). The recipe's ``sparsities`` do not apply: the method runs
+    once, at its top level."""
 
     method: str = "elsa"
     levels: tuple[float, ...] = (0.98, 0.95, 0.9, 0.0)
     top: Method = field(default_factory=GMP)
     level_epochs: tuple[int, ...] = ()
+    level_config: str = "finetune"
+    level_lr: tuple[float, ...] = ()
+    admission: str = "dense"
+    regrow: float = 0.25
+    rest: str = "train"
 
     def __post_init__(self) -> None:
         levels = nested._check_levels(self.levels)
@@ -145,11 +186,23 @@ class ELSA(Method):
         if self.top.method not in TOP_METHODS:
             raise ConfigError(f"elsa: top must be one of {', '.join(TOP_METHODS)}, got "
                               f"{self.top.method!r}")
-        if self.level_epochs and len(self.level_epochs) != len(levels) - 1:
-            raise ConfigError(f"elsa: level_epochs needs one entry per level after the first "
-                              f"({len(levels) - 1}), got {len(self.level_epochs)}")
+        for key, values in (("level_epochs", self.level_epochs), ("level_lr", self.level_lr)):
+            if values and len(values) != len(levels) - 1:
+                raise ConfigError(f"elsa: {key} needs one entry per level after the first "
+                                  f"({len(levels) - 1}), got {len(values)}")
         if any(epochs < 1 for epochs in self.level_epochs):
             raise ConfigError(f"elsa: level_epochs must be >= 1, got {list(self.level_epochs)}")
+        if any(not lr > 0 for lr in self.level_lr):
+            raise ConfigError(f"elsa: level_lr must be > 0, got {list(self.level_lr)}")
+        for key, value, allowed in (("level_config", self.level_config, LEVEL_CONFIGS),
+                                    ("admission", self.admission, ADMISSIONS),
+                                    ("rest", self.rest, RESTS)):
+            if value not in allowed:
+                raise ConfigError(f"elsa: {key} must be one of {', '.join(allowed)}, "
+                                  f"got {value!r}")
+        if not 0.0 < self.regrow < 1.0:
+            raise ConfigError(f"elsa: regrow (the fraction of a level's steps before its "
+                              f"weights are chosen) must be in (0, 1), got {self.regrow}")
 
     def key(self) -> dict[str, Any]:
         fields = super().key()
@@ -187,12 +240,15 @@ class ELSA(Method):
         """Every level, the dense one included: each is a network of the same dense model."""
         return self.directories(run, sparsity)
 
-    def level_config(self, run: Run, index: int) -> TrainConfig:
+    def train_config(self, run: Run, index: int) -> TrainConfig:
         """The training of level ``index`` (>= 1): the run's fine-tuning config (the pipeline's
-        default when it has none) with the level's epochs, scaled by ``budget``."""
-        base = run.finetune or FINETUNE
+        default when it has none) or its training config (``level_config``), with the level's
+        epochs and rate, the epochs scaled by ``budget``."""
+        base = run.train if self.level_config == "train" else run.finetune or FINETUNE
         if self.level_epochs:
             base = dataclasses.replace(base, epochs=self.level_epochs[index - 1])
+        if self.level_lr:
+            base = dataclasses.replace(base, lr=self.level_lr[index - 1])
         return run.train_config(self.budget, base)
 
     # -- computing ----------------------------------------------------------------------------
@@ -222,20 +278,30 @@ class ELSA(Method):
 
     def _train_level(self, run: Run, model: nn.Module, dense: nn.Module, frozen: Mask,
                      index: int) -> Mask:
-        """Admit level ``index``'s weights at their dense values and train them with the
-        previous level's weights frozen; returns the level's mask."""
-        level = self.levels[index]
+        """Admit level ``index``'s weights (by ``admission``) at their dense values and train
+        them with the previous level's weights frozen; returns the level's mask."""
+        level, config = self.levels[index], self.train_config(run, index)
         reference = dict(dense.named_parameters())
-        mask = admit(frozen, {n: reference[n] for n in frozen}, level)
+        if self.admission == "regrow" and level > 0:
+            mask, admit_at = None, (self._regrow_steps(run, config), level)
+            start = Mask({n: ~frozen[n] for n in frozen})  # every free weight trains first
+        else:
+            mask, admit_at = admit(frozen, {n: reference[n] for n in frozen}, level), None
+            start = Mask({n: mask[n] & ~frozen[n] for n in frozen})
         with torch.no_grad():
-            params = mask.resolve(model)
-            for name, param in params.items():
-                admitted = (mask[name] & ~frozen[name]).to(param.device)
-                param.copy_(torch.where(admitted, reference[name].to(param.device), param))
-        hook = FreezeHold(mask, frozen)
-        run.fit(model, run.dir(self.label, level), self.level_config(run, index), hook=hook,
+            for name, param in start.resolve(model).items():
+                param.copy_(torch.where(start[name].to(param.device),
+                                        reference[name].to(param.device), param))
+        hook = FreezeHold(mask, frozen, admit_at=admit_at, freeze_rest=self.rest == "freeze")
+        run.fit(model, run.dir(self.label, level), config, hook=hook,
                 desc=f"{self.label} level {level:g}", method=self.level_meta(index))
         return hook.mask
+
+    def _regrow_steps(self, run: Run, config: TrainConfig) -> int:
+        """The step at which ``regrow`` chooses the level's weights: ``regrow`` of its steps,
+        at least one, and before the last (step 0 when the level has one step)."""
+        steps = config.epochs * math.ceil(len(run.splits.train) / config.batch_size)
+        return min(steps - 1, max(1, round(self.regrow * steps)))
 
     def level_meta(self, index: int) -> dict[str, Any]:
         """The ``method`` metadata of level ``index``'s checkpoint: the audit groups it by
