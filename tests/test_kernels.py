@@ -373,6 +373,29 @@ def test_swap_rule_follows_the_measurement(monkeypatch):
     assert "sparse (faster)" in lines[0] and "dense (not 1.1x faster)" in lines[0]
 
 
+def test_timing_takes_the_more_cautious_of_fastest_runs_and_paired_ratios(monkeypatch):
+    """One lucky sparse run cannot win the swap: the per-round ratios' median counts too, and
+    the order within a round alternates."""
+    clock = [0.0]
+    order = []
+    durations = {"dense": iter([1, 1] + [10] * 5), "sparse": iter([1, 1, 1] + [20] * 4)}
+
+    def run(name):
+        def call():
+            order.append(name)
+            clock[0] += next(durations[name])
+        return call
+
+    monkeypatch.setattr(swap.time, "perf_counter", lambda: clock[0] / 1e3)
+    times = swap._interleaved({"dense": run("dense"), "sparse": run("sparse")}, 5)
+    # fastest runs: 10 vs 1 (10x); rounds: 10/1, 10/20, 10/20, 10/20, 10/20 (median 0.5x)
+    assert times == pytest.approx({"dense": 10.0, "sparse": 20.0})
+    assert order[4:8] == ["dense", "sparse", "sparse", "dense"]
+    durations = {"dense": iter([1, 1] + [10] * 5), "sparse": iter([1, 1] + [4, 6, 5, 5, 5])}
+    assert swap._interleaved({"dense": run("dense"), "sparse": run("sparse")}, 5) == \
+        pytest.approx({"dense": 10.0, "sparse": 5.0})  # fastest 2.5x, paired median 2x: 2x
+
+
 def test_swap_rule_never_makes_a_synthetic_model_slower(request):
     """Measured for real: a 99%-sparse layer is swapped, an unpruned one (where the dense
     product wins by a wide margin) is not."""

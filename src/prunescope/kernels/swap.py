@@ -3,7 +3,8 @@
 :func:`to_sparse` times, on this machine and for the shapes the model really sees, each masked
 ``nn.Linear``/``nn.Conv2d`` dense and sparse (forward alone for inference; for training forward +
 backward, and for the dense layer also the mask hold it then needs every step: masking its
-gradient and re-zeroing its weight; the fastest of interleaved repeats), and replaces a layer by its
+gradient and re-zeroing its weight; interleaved rounds, the speedup the smaller of the fastest
+runs' ratio and the median of the per-round ratios), and replaces a layer by its
 :class:`~prunescope.kernels.SparseLinear`/:class:`~prunescope.kernels.SparseConv2d` only when the
 sparse one is at least ``min_speedup`` times faster, so a model is never made slower by it. The
 choice is printed as a table and returned as a :class:`SwapPlan`, whose ``residual`` mask covers the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
@@ -315,15 +317,23 @@ def _runner(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, training: boo
 
 
 def _interleaved(runs: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
-    """The fastest of ``repeats`` round-robin runs of each, in ms, after two warm-up runs: the
-    minimum estimates a layer's own cost even while other processes compete for the cores."""
+    """Ms of ``dense`` and ``sparse`` from ``repeats`` interleaved rounds after two warm-up runs,
+    which one goes first alternating from round to round. The sparse time returned is the more
+    cautious of two estimates: the fastest run of each (the minimum estimates a layer's own cost
+    even while other processes compete for the cores) and the median of the per-round ratios
+    dense / sparse (a burst of other work slows both runs of a round alike), so a layer is
+    swapped only when both say it is faster."""
     for run in runs.values():
         run()
         run()
     times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
+    names = list(runs)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
             start = time.perf_counter()
-            run()
+            runs[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: min(values) for name, values in times.items()}
+    dense, sparse = min(times["dense"]), min(times["sparse"])
+    paired = statistics.median(d / max(s, 1e-9)
+                               for d, s in zip(times["dense"], times["sparse"], strict=True))
+    return {"dense": dense, "sparse": max(sparse, dense / max(paired, 1e-9))}
