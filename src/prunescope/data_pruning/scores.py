@@ -13,7 +13,10 @@
 
 Scoring models are written under ``run.out / "data-pruning"`` and reused by later calls
 (:func:`prunescope.train.fit` does not train a finished run again); the directory's
-``config.json`` holds the run's key, and another run in the same directory is refused.
+``config.json`` holds the run's key, and another run in the same directory is refused. EL2N's
+scoring models, the forgetting model and DRoP's query models are the same training (a fresh
+model of seed ``run.seed + index`` for ``epochs`` epochs on the full training set, its
+correctness history recorded), so one model of each ``(epochs, index)`` serves all three.
 """
 
 from __future__ import annotations
@@ -95,11 +98,12 @@ def forgetting_scores(run: Run, epochs: int = 2) -> torch.Tensor:
 
 def train_scorer(run: Run, kind: str, epochs: int, index: int
                  ) -> tuple[nn.Module, CorrectnessHistory]:
-    """Scoring (or query) model ``index`` of ``kind``: a fresh model of seed ``run.seed +
-    index`` trained ``epochs`` epochs on the full training set, in
-    ``OUT/data-pruning/<kind>-e<epochs>-m<index>``, with its correctness history."""
+    """Scoring (or query) model ``index`` (``kind`` names it in the log): a fresh model of seed
+    ``run.seed + index`` trained ``epochs`` epochs on the full training set, in
+    ``OUT/data-pruning/full-e<epochs>-m<index>`` (shared by every kind), with its correctness
+    history."""
     seeded = dataclasses.replace(run, seed=run.seed + index)
-    directory = shared_dir(run) / f"{kind}-e{epochs}-m{index}"
+    directory = shared_dir(run) / f"full-e{epochs}-m{index}"
     model = seeded.fresh_model()
     hook = CorrectnessHistory(run.splits.train, run.steps_per_epoch, run.train.eval_batch_size)
     config = dataclasses.replace(run.train, epochs=epochs)
