@@ -154,7 +154,9 @@ def _build_parser() -> argparse.ArgumentParser:
     transfer.set_defaults(handler=_transfer)
 
     evaluate = commands.add_parser("evaluate", help="accuracy and sparsity of a checkpoint")
-    evaluate.add_argument("--checkpoint", required=True, help="a model.safetensors from a run")
+    evaluate.add_argument("--checkpoint", required=True, help="a model.safetensors from a run, "
+                          "or a file of 'prunescope export --format sparse' (run from the file "
+                          "on the sparse kernels, on the CPU)")
     evaluate.add_argument("--split", choices=("train", "val", "test"), default="test",
                           help="the split of the checkpoint's dataset to evaluate on")
     evaluate.add_argument("--data-root", help="dataset directory, if the dataset needs one "
@@ -179,13 +181,16 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_inspect)
 
     export = commands.add_parser("export", help="write a checkpoint for deployment: compact "
-                                 "(nonzero values + indices), ONNX (dense with zeros) or a "
-                                 "Hugging Face folder")
+                                 "(nonzero values + indices), sparse (runs on prunescope's "
+                                 "kernels), ONNX (dense with zeros) or a Hugging Face folder")
     export.add_argument("file", metavar="CHECKPOINT", help="a model.safetensors from a run")
-    export.add_argument("--format", choices=("compact", "onnx", "huggingface"),
+    export.add_argument("--format", choices=("compact", "sparse", "onnx", "huggingface"),
                         default="compact",
                         help="compact: safetensors of the kept values and their indices "
-                        "(prunescope.export.load_compact reads it back); onnx: the model with "
+                        "(prunescope.export.load_compact reads it back); sparse: the model for "
+                        "sparse inference on prunescope's kernels, architecture and fingerprint "
+                        "included (prunescope evaluate --checkpoint FILE runs it; "
+                        "prunescope.kernels.runtime.load in Python); onnx: the model with "
                         "its zeros, needs pip install 'prunescope[onnx]'; huggingface: a "
                         "folder transformers' from_pretrained loads (config, safetensors, "
                         "tokenizer), with the mask beside it")
@@ -447,12 +452,30 @@ def _transfer(args) -> int:
 
 def _evaluate(args) -> int:
     from prunescope import commands
+    from prunescope.kernels import sparse_file
 
+    if sparse_file.is_sparse_file(args.checkpoint):
+        return _evaluate_sparse(args)
     print(json.dumps(commands.evaluate_checkpoint(Path(args.checkpoint), args.split,
                                                   args.data_root,
                                                   sparse_kernels=args.sparse_kernels,
                                                   device=args.device, level=args.level),
                      indent=2))
+    return 0
+
+
+def _evaluate_sparse(args) -> int:
+    """``evaluate`` of a sparse inference file: runs from the file on the kernels (CPU only)."""
+    from prunescope.errors import ConfigError
+    from prunescope.kernels import runtime
+
+    if args.level is not None:
+        raise ConfigError(f"{args.checkpoint} is a sparse inference file, which has no levels; "
+                          "drop --level")
+    if args.device not in (None, "cpu"):
+        raise ConfigError(f"{args.checkpoint} is a sparse inference file, which runs on the "
+                          f"CPU kernels; drop --device {args.device}")
+    print(json.dumps(runtime.evaluate(args.checkpoint, args.split, args.data_root), indent=2))
     return 0
 
 

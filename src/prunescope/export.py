@@ -13,7 +13,13 @@ dense state dict exactly (a pruned ``-0.0`` comes back as ``0.0``).
 :func:`export_onnx` writes the dense-with-zeros model as ONNX through ``torch.onnx.export``
 (its exporter needs the ``onnx`` and ``onnxscript`` packages: ``pip install 'prunescope[onnx]'``).
 
-Both exports take the weights with the checkpoint's mask applied.
+:func:`export_sparse` writes the model for sparse inference on prunescope's kernels
+(format ``prunescope.sparse/1``, :mod:`prunescope.kernels.sparse_file`): kept values and indices of
+its masked Linear/Conv2d layers, every other tensor dense, the architecture and a fingerprint in
+the header; :func:`prunescope.kernels.runtime.load` runs it, ``prunescope evaluate --checkpoint
+FILE`` evaluates it (docs/inference.md).
+
+The exports take the weights with the checkpoint's mask applied.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import torch
 
 from prunescope import checkpoint, files
 from prunescope.errors import CheckpointError, ConfigError
+from prunescope.kernels.sparse_file import SPARSE_FORMAT
 from prunescope.mask import MASK_FORMAT, Mask
 
 COMPACT_FORMAT = "prunescope.compact/1"
 ONNX_PACKAGES = ("onnx", "onnxscript")
-FORMATS = ("compact", "onnx", "huggingface")
+FORMATS = ("compact", "sparse", "onnx", "huggingface")
 
 
 # -- inspect ---------------------------------------------------------------------------------
@@ -50,6 +57,8 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = Path(path)
     kind = files.read_meta(path).get("format")
+    if kind == SPARSE_FORMAT:
+        return _inspect_sparse(path)
     if kind == MASK_FORMAT:
         mask, meta, state = Mask.load(path), {}, None
     elif kind == checkpoint.CHECKPOINT_FORMAT:
@@ -71,6 +80,22 @@ def inspect(path: str | os.PathLike) -> dict[str, Any]:
             "kept": kept, "total": total, "sparsity": _sparsity(kept, total)}
 
 
+def _inspect_sparse(path: Path) -> dict[str, Any]:
+    """:func:`inspect` of a sparse inference file (its header only: the file is not verified
+    here; loading it is)."""
+    meta = files.read_meta(path)
+    layers = [{"name": name, "shape": entry["shape"], "kept": entry["kept"],
+               "total": math.prod(entry["shape"])} for name, entry in meta["layers"].items()]
+    for layer in layers:
+        layer["sparsity"] = _sparsity(layer["kept"], layer["total"])
+    kept, total = sum(x["kept"] for x in layers), sum(x["total"] for x in layers)
+    spec = {k: v for k, v in (meta.get("model") or {}).items() if k not in ("config", "class")}
+    return {"path": str(path), "bytes": path.stat().st_size, "kind": "sparse",
+            "format": SPARSE_FORMAT, "model": spec, "data": meta.get("data"), "epoch": None,
+            "step": None, "has_mask": True, "layers": layers, "kept": kept, "total": total,
+            "sparsity": _sparsity(kept, total)}
+
+
 def format_inspection(info: dict[str, Any]) -> str:
     """:func:`inspect`'s result as a table for people."""
     model, source = info["model"], info["data"]
@@ -78,9 +103,12 @@ def format_inspection(info: dict[str, Any]) -> str:
     data_text = (", ".join(f"{k} {v}" for k, v in source.items() if k != "name" and v is not None)
                  if source else "")
     data_text = f"{source['name']} ({data_text})" if source else "-"
-    sparsity_from = "its mask" if info["has_mask"] else "the zeros of its weights"
+    sparsity_from = ("its sparse layers" if info["kind"] == "sparse" else
+                     "its mask" if info["has_mask"] else "the zeros of its weights")
     lines = [f"file        {info['path']} ({info['bytes']:,} bytes)",
              f"kind        {info['kind']} ({info['format']}); sparsity from {sparsity_from}"]
+    if info["kind"] == "sparse":
+        lines += [f"model       {model_text}", f"data        {data_text}"]
     if info["kind"] == "checkpoint":
         lines += [f"model       {model_text}", f"data        {data_text}",
                   f"epoch/step  {_or_dash(info['epoch'])} / {_or_dash(info['step'])}"]
@@ -215,6 +243,27 @@ def _index_dtype(limit: int) -> torch.dtype:
     return torch.int64
 
 
+# -- sparse inference ------------------------------------------------------------------------
+
+def export_sparse(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
+    """Write checkpoint ``path`` as a sparse inference file ``out``
+    (:func:`prunescope.kernels.runtime.export`: its masked Linear/Conv2d layers as kept values
+    and indices, the rest dense; a masked layer without a sparse kernel is stored dense with one
+    warning line); returns the sizes as :func:`export_compact` does, with ``sparse_layers`` and
+    ``dense_layers``. The mask is the checkpoint's, else the zeros of its weights."""
+    from prunescope.kernels import runtime
+
+    loaded = checkpoint.load(path)
+    model = checkpoint.build_model(loaded, path)
+    mask = loaded.mask if loaded.mask is not None else Mask.from_weights(model)
+    result = runtime.export(model, dict(mask.items()), out, spec=loaded.meta["model"],
+                            meta={"data": loaded.meta.get("data"), "source": str(path)})
+    dense = {n: t.masked_fill(~mask[n], 0) if n in mask else t
+             for n, t in model.state_dict().items()}
+    return {**_sizes("sparse", path, out, dense), "sparse_layers": result["sparse_layers"],
+            "dense_layers": result["dense_layers"]}
+
+
 # -- ONNX ------------------------------------------------------------------------------------
 
 def export_onnx(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, Any]:
@@ -298,7 +347,8 @@ def _classes(source: dict[str, Any]) -> tuple[str, ...] | None:
 
 # -- shared ----------------------------------------------------------------------------------
 
-EXPORTERS = {"compact": export_compact, "onnx": export_onnx, "huggingface": export_huggingface}
+EXPORTERS = {"compact": export_compact, "sparse": export_sparse, "onnx": export_onnx,
+             "huggingface": export_huggingface}
 
 
 def export(path: str | os.PathLike, out: str | os.PathLike, fmt: str) -> dict[str, Any]:

@@ -1,0 +1,458 @@
+"""Sparse inference from a file: export a pruned model compactly, load it onto the kernels, run it.
+
+:func:`export` writes a pruned model as a sparse inference file
+(:mod:`prunescope.kernels.sparse_file`): its masked Linear and Conv2d layers as kept values and
+indices, every other tensor dense. Masked layers the kernels do not run (other module types,
+padding modes other than zeros, dtypes other than float32/float64) are stored dense, zeros
+included, and one warning line names them.
+
+:func:`load` verifies the file (one :class:`~prunescope.errors.CheckpointError` line for a
+corrupt file, a file of another model, a layer kind the kernels do not run), builds the
+architecture from the spec in the file on the ``meta`` device (no weight is allocated), puts an
+inference layer holding only the compressed weight in place of each sparse layer (no dense
+weight is materialised for it) and fills every other tensor from the file. The result, a
+:class:`SparseModel`, runs under ``torch.inference_mode`` on the public kernel operators
+(``torch.ops.prunescope_kernels.sparse_linear`` / ``sparse_conv2d``, whose no-grad path keeps
+nothing for backward). Its outputs are those of the dense masked model (tested within 1e-5).
+
+Per-call overhead: where ``torch.fx`` can trace the model (the registry models), the forward is
+compiled into one straight-line Python function whose constants (the kernels' tensors, the
+pooling arguments) are globals: no ``nn.Module`` call, attribute lookup or container walk is
+left per layer, only the operator calls themselves. A model ``torch.fx`` cannot trace (a
+Hugging Face transformer) runs its own module tree with the inference layers in it.
+
+Where the fast kernels are not available (no compiler, ``PRUNESCOPE_KERNELS=reference``; the
+kernels print one warning line saying why) the sparse layers are densified at load and the model
+runs dense: correct, dense speed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunescope.errors import CheckpointError, ConfigError
+from prunescope.kernels import sparse_file
+from prunescope.kernels.build import backend
+from prunescope.kernels.sparse_file import SparseFile, SparseTensor
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def export(model: nn.Module, mask: Mapping[str, torch.Tensor], out: str | os.PathLike, *,
+           spec: dict[str, Any], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``model`` with ``mask`` (``{parameter name: bool tensor}``, True = keep) as a sparse
+    inference file ``out``; returns ``{"out", "bytes", "sparse_layers", "dense_layers"}``.
+
+    ``spec`` is how to rebuild the architecture: a registry spec (``{"name", "num_classes",
+    "in_channels", "image_size"}``) or a Hugging Face one (``{"source": "huggingface", ...}``;
+    the model's config is added so that loading needs no model folder). ``meta`` (JSON-able,
+    e.g. ``data``, ``source``) is stored beside it. Weights outside the mask are dropped.
+    """
+    modules = dict(model.named_modules())
+    keep, dense = {}, []
+    for name, tensor in mask.items():
+        module_name, _, leaf = name.rpartition(".")
+        module = modules.get(module_name)
+        if leaf == "weight" and module is not None and sparse_file.layer_entry(module):
+            keep[module_name] = tensor.to(torch.bool)
+        else:
+            dense.append(f"{name} ({_describe(module, leaf)})")
+    if dense:
+        warnings.warn(f"prunescope.kernels: no sparse kernel for {', '.join(dense)}; stored "
+                      "dense (zeros included) and run dense", RuntimeWarning, stacklevel=2)
+    with torch.no_grad():
+        masked = {n: t for n, t in model.named_parameters() if n in mask}
+        saved = {n: t.detach().clone() for n, t in masked.items()}
+        for name, tensor in masked.items():  # pruned weights become zeros in the dense tensors
+            tensor.masked_fill_(~mask[name].to(torch.bool), 0)
+        try:
+            sparse_file.write(out, model, keep, {**(meta or {}), "model": _full_spec(model, spec)})
+        finally:
+            for name, tensor in masked.items():
+                tensor.copy_(saved[name])
+    return {"out": str(out), "bytes": os.path.getsize(out), "sparse_layers": list(keep),
+            "dense_layers": dense}
+
+
+def _describe(module: nn.Module | None, leaf: str) -> str:
+    if module is None or leaf != "weight":
+        return "not a layer weight"
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f"Conv2d with padding_mode={module.padding_mode!r}"
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dtype not in sparse_file.FLOAT_DTYPES:
+        return f"{type(module).__name__} in {weight.dtype}"
+    return type(module).__name__
+
+
+def _full_spec(model: nn.Module, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec``, with the transformers config of a Hugging Face model added."""
+    if spec.get("source") != "huggingface":
+        return dict(spec)
+    net = getattr(model, "net", model)
+    return {**spec, "config": net.config.to_dict(), "class": type(net).__name__}
+
+
+# -- the inference layers ----------------------------------------------------------------------
+
+
+def transpose(sparse: SparseTensor, groups: int = 1) -> dict[str, torch.Tensor]:
+    """The kernels' index structure of ``sparse`` (:mod:`prunescope.kernels.formats`): ``ptr``
+    (int64), ``idx`` (int32), and the weights grouped by global input channel (``cptr``,
+    ``cperm``, ``crow``), computed from the CSR alone (no dense mask)."""
+    rows, columns = sparse.rows, sparse.columns
+    counts = (sparse.ptr[1:] - sparse.ptr[:-1]).long()
+    row = torch.repeat_interleave(torch.arange(rows), counts)
+    column = sparse.idx.long()
+    conv = len(sparse.shape) == 4
+    channels_per_group = sparse.shape[1] if conv else columns
+    taps = columns // channels_per_group
+    channel = (row // (rows // groups)) * channels_per_group + column // taps
+    order = torch.argsort(channel, stable=True)
+    cptr = torch.zeros(channels_per_group * groups + 1, dtype=torch.int64)
+    cptr[1:] = torch.bincount(channel, minlength=channels_per_group * groups).cumsum(0)
+    return {"ptr": sparse.ptr.to(torch.int64).contiguous(),
+            "idx": sparse.idx.to(torch.int32).contiguous(), "cptr": cptr,
+            "cperm": order.to(torch.int32).contiguous(),
+            "crow": row[order].to(torch.int32).contiguous()}
+
+
+class _InferenceLayer(nn.Module):
+    """A sparse layer for inference only: the kept values and the kernels' index structure as
+    buffers (nothing trains here), no mask, no dense weight."""
+
+    def __init__(self, sparse: SparseTensor, bias: torch.Tensor | None, groups: int = 1) -> None:
+        super().__init__()
+        self.shape = sparse.shape
+        self.register_buffer("values", sparse.values.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        for name, tensor in transpose(sparse, groups).items():
+            self.register_buffer(name, tensor)
+
+    def kernel_args(self) -> tuple:
+        """The operators' arguments after the input: values, bias, ptr, idx, cptr, cperm,
+        crow."""
+        b = self._buffers
+        return (b["values"], b["bias"], b["ptr"], b["idx"], b["cptr"], b["cperm"], b["crow"])
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self._buffers["values"].numel() / math.prod(self.shape)
+
+
+class InferenceLinear(_InferenceLayer):
+    """``nn.Linear`` on the sparse kernels, inference only (any leading dimensions)."""
+
+    def __init__(self, sparse: SparseTensor, bias: torch.Tensor | None) -> None:
+        super().__init__(sparse, bias)
+        self.out_features, self.in_features = sparse.shape
+        self.op = backend().ops.sparse_linear.default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self.op(x, *self.kernel_args())
+        y = self.op(x.reshape(-1, self.in_features), *self.kernel_args())
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"sparsity={self.sparsity:.4f}")
+
+
+class InferenceConv2d(_InferenceLayer):
+    """``nn.Conv2d`` (zero padding) on the sparse kernels, inference only."""
+
+    def __init__(self, sparse: SparseTensor, bias: torch.Tensor | None,
+                 entry: dict[str, Any]) -> None:
+        super().__init__(sparse, bias, entry["groups"])
+        out_channels, per_group, kh, kw = sparse.shape
+        self.geometry = [per_group * entry["groups"], out_channels, kh, kw, *entry["stride"],
+                         *entry["pads"], *entry["dilation"], entry["groups"]]
+        self.op = backend().ops.sparse_conv2d.default
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, *self.kernel_args(), self.geometry)
+
+    def extra_repr(self) -> str:
+        return f"geometry={self.geometry}, sparsity={self.sparsity:.4f}"
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+
+def load(path: str | os.PathLike, *, model: nn.Module | None = None,
+         trace: bool = True) -> SparseModel:
+    """The model of sparse inference file ``path``, ready to run (see the module docstring).
+
+    ``model``: build into this architecture instead of the one the file names (a user-defined
+    model; its tensors must have the names and shapes of the exported one, else one
+    CheckpointError line says the file is for another model). ``trace=False`` runs the module
+    tree instead of the compiled forward (for profiling; the outputs are the same).
+    """
+    content = sparse_file.read(path)
+    skeleton = model if model is not None else _skeleton(content.meta["model"], path)
+    if sparse_file.architecture(skeleton) != content.meta["architecture"]:
+        what = _spec_text(content.meta["model"])
+        if model is None:
+            raise CheckpointError(f"{path} is corrupt: the model its metadata names ({what}) is "
+                                  "not the one its tensors were exported from")
+        raise CheckpointError(f"{path} is a sparse export of {what}, not of this model (other "
+                              "tensor names, shapes or dtypes); load it without model=, or "
+                              "export this model")
+    fast = backend().fast
+    for name, sparse in content.sparse.items():
+        _place(skeleton, name, sparse, content, fast, path)
+    _fill(skeleton, content, path)
+    skeleton.eval()
+    return SparseModel(skeleton, content.meta, trace=trace)
+
+
+def _spec_text(spec: dict[str, Any]) -> str:
+    from prunescope.checkpoint import describe
+
+    return describe({k: v for k, v in spec.items() if k not in ("config", "class")})
+
+
+def _skeleton(spec: dict[str, Any], path) -> nn.Module:
+    """The architecture of ``spec`` on the meta device (no weights allocated)."""
+    try:
+        with torch.device("meta"):
+            if spec.get("source") == "huggingface":
+                return _huggingface(spec)
+            from prunescope import models
+
+            return models.build(spec["name"], num_classes=spec["num_classes"],
+                                in_channels=spec["in_channels"], image_size=spec["image_size"])
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"{path} describes a model prunescope cannot build: "
+                              f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+
+
+def _huggingface(spec: dict[str, Any]) -> nn.Module:
+    from prunescope.hub import require_transformers
+    from prunescope.hub.models import TextClassifier
+
+    transformers = require_transformers()
+    settings = dict(spec["config"])
+    config = transformers.AutoConfig.for_model(settings.pop("model_type"), **settings)
+    net = transformers.AutoModelForSequenceClassification.from_config(config)
+    if type(net).__name__ != spec["class"]:
+        raise ConfigError(f"its config builds a {type(net).__name__}, not a {spec['class']}")
+    net.eval()
+    return TextClassifier(net, {k: v for k, v in spec.items() if k not in ("config", "class")})
+
+
+def _place(model: nn.Module, name: str, sparse: SparseTensor, content: SparseFile, fast: bool,
+           path) -> None:
+    """Put the inference layer of ``name`` in place of the model's dense layer (or, without
+    the fast kernels, fill the dense layer with the densified weight)."""
+    entry = content.meta["layers"][name]
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise CheckpointError(f"{path} names a layer {name!r} the model does not have") from None
+    if sparse_file.layer_entry(layer) != {k: v for k, v in entry.items() if k != "kept"}:
+        raise CheckpointError(f"{path} describes layer {name!r} as {entry['kind']} "
+                              f"{entry['shape']}, which does not fit the model's "
+                              f"{type(layer).__name__}")
+    bias = content.dense.get(f"{name}.bias")
+    if not fast:
+        layer.weight = nn.Parameter(sparse.dense(), requires_grad=False)
+        return
+    replacement = (InferenceLinear(sparse, bias) if entry["kind"] == "linear"
+                   else InferenceConv2d(sparse, bias, entry))
+    parent_name, _, leaf = name.rpartition(".")
+    model.get_submodule(parent_name).register_module(leaf, replacement)
+
+
+def _fill(model: nn.Module, content: SparseFile, path) -> None:
+    """Put every dense tensor of the file into the model (parameters frozen); the model then
+    holds no tensor on the meta device."""
+    sparse_biases = {f"{name}.bias" for name in content.sparse}
+    slots = sparse_file._tensors(model)
+    for name, tensor in content.dense.items():
+        if name in sparse_biases and name not in slots:
+            continue  # now a buffer of the inference layer
+        if name not in slots or slots[name].shape != tensor.shape:
+            raise CheckpointError(f"{path} holds a tensor {name!r} of shape "
+                                  f"{list(tensor.shape)} that does not fit the model")
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
+        else:
+            owner._buffers[leaf] = tensor
+    left = [n for n, t in sparse_file._tensors(model).items() if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path} does not hold the model's tensor {left[0]!r}; export the "
+                              "model again")
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+class SparseModel(nn.Module):
+    """A model loaded from a sparse inference file: ``model(x)`` returns its outputs (no
+    gradient), ``run(x)`` the same without the ``nn.Module`` call (the caller provides
+    ``torch.inference_mode``). ``net`` is the module tree, ``meta`` the file's metadata."""
+
+    def __init__(self, net: nn.Module, meta: dict[str, Any], *, trace: bool = True) -> None:
+        super().__init__()
+        self.net = net
+        self.meta = meta
+        self.compiled = compile_forward(net) if trace else None
+        self.run: Callable[[torch.Tensor], torch.Tensor] = self.compiled or net.forward
+
+    @property
+    def sparse_layers(self) -> list[str]:
+        return [n for n, m in self.net.named_modules() if isinstance(m, _InferenceLayer)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return self.run(x)
+
+
+def compile_forward(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """``net``'s forward as one straight-line function (see the module docstring), or None when
+    ``torch.fx`` cannot trace it."""
+    try:
+        graph = _Tracer().trace(net)
+    except Exception:  # noqa: BLE001 - any tracing failure: run the module tree instead
+        return None
+    return _Codegen(net).build(graph)
+
+
+class _Tracer(torch.fx.Tracer):
+    """Keeps torch.nn layers and the inference layers as single calls."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, _InferenceLayer) or super().is_leaf_module(m, qualname)
+
+
+class _Codegen:
+    """Python source for an FX graph, every constant bound as a global of the function."""
+
+    def __init__(self, net: nn.Module) -> None:
+        self.net = net
+        self.globals: dict[str, Any] = {"torch": torch, "F": F}
+        self.names: dict[torch.fx.Node, str] = {}
+
+    def constant(self, value: Any) -> str:
+        name = f"_k{len(self.globals)}"
+        self.globals[name] = value
+        return name
+
+    def arg(self, value: Any) -> str:
+        if isinstance(value, torch.fx.Node):
+            return self.names[value]
+        if isinstance(value, tuple):
+            return "(" + "".join(self.arg(v) + ", " for v in value) + ")"
+        if isinstance(value, list):
+            return "[" + ", ".join(self.arg(v) for v in value) + "]"
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k!r}: {self.arg(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, bool | int | str) or value is None or (
+                isinstance(value, float) and math.isfinite(value)):
+            return repr(value)
+        return self.constant(value)
+
+    def call(self, callee: str, args: tuple, kwargs: dict) -> str:
+        parts = [self.arg(a) for a in args] + [f"{k}={self.arg(v)}" for k, v in kwargs.items()]
+        return f"{callee}({', '.join(parts)})"
+
+    def module_call(self, node: torch.fx.Node) -> str:
+        module = self.net.get_submodule(node.target)
+        x = self.arg(node.args[0]) if node.args else None
+        if isinstance(module, InferenceLinear) and len(node.args) == 1 and not node.kwargs:
+            args = ", ".join(self.constant(t) for t in module.kernel_args())
+            op, layer = self.constant(module.op), self.constant(module)
+            return f"{op}({x}, {args}) if {x}.dim() == 2 else {layer}({x})"
+        if isinstance(module, InferenceConv2d) and len(node.args) == 1 and not node.kwargs:
+            args = ", ".join(self.constant(t) for t in module.kernel_args())
+            return f"{self.constant(module.op)}({x}, {args}, {self.constant(module.geometry)})"
+        if type(module) is nn.ReLU and len(node.args) == 1 and not node.kwargs:
+            return f"torch.relu({x})"
+        if type(module) is nn.Flatten and len(node.args) == 1 and not node.kwargs:
+            return f"torch.flatten({x}, {module.start_dim}, {module.end_dim})"
+        if type(module) is nn.MaxPool2d and len(node.args) == 1 and not node.kwargs:
+            pool = (module.kernel_size, module.stride, module.padding, module.dilation,
+                    module.ceil_mode)
+            return "F.max_pool2d(" + x + ", " + ", ".join(self.arg(v) for v in pool) + ")"
+        return self.call(self.constant(module), node.args, node.kwargs)
+
+    def build(self, graph: torch.fx.Graph) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        lines, inputs = [], []
+        for i, node in enumerate(graph.nodes):
+            name = self.names[node] = f"v{i}"
+            if node.op == "placeholder":
+                if node.args:  # a default value: not the single-input forward this handles
+                    return None
+                inputs.append(name)
+            elif node.op == "get_attr":
+                lines.append(f"{name} = {self.constant(_attribute(self.net, node.target))}")
+            elif node.op == "call_function":
+                callee = self.constant(node.target)
+                lines.append(f"{name} = {self.call(callee, node.args, node.kwargs)}")
+            elif node.op == "call_method":
+                receiver, *rest = node.args
+                lines.append(f"{name} = {self.arg(receiver)}."
+                             f"{self.call(node.target, tuple(rest), node.kwargs)}")
+            elif node.op == "call_module":
+                lines.append(f"{name} = {self.module_call(node)}")
+            elif node.op == "output":
+                lines.append(f"return {self.arg(node.args[0])}")
+        if len(inputs) != 1:
+            return None
+        source = f"def forward({inputs[0]}):\n" + "".join(f"    {line}\n" for line in lines)
+        scope: dict[str, Any] = {}
+        exec(compile(source, "<prunescope sparse forward>", "exec"), self.globals, scope)  # noqa: S102
+        function = scope["forward"]
+        function.source = source
+        return function
+
+
+def _attribute(net: nn.Module, target: str) -> Any:
+    owner, _, leaf = target.rpartition(".")
+    return getattr(net.get_submodule(owner), leaf)
+
+
+# -- evaluation ------------------------------------------------------------------------------
+
+
+def evaluate(path: str | os.PathLike, split: str = "test", data_root: str | None = None, *,
+             batch_size: int = 1000) -> dict[str, Any]:
+    """Accuracy and loss of the model in sparse inference file ``path`` on one split of the
+    dataset its metadata names, run from the file on the kernels; adds ``seconds`` (the pass
+    over the split) and ``sparse_layers``."""
+    from prunescope import data
+
+    model = load(path)
+    source = model.meta.get("data")
+    if not source:
+        raise CheckpointError(f"{path} does not say which dataset its model was trained on")
+    subset = getattr(data.from_spec(source, data_root), split)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = [model.run(subset.x[i:i + batch_size]).float()
+                  for i in range(0, len(subset), batch_size)]
+    seconds = time.perf_counter() - start
+    logits = torch.cat(logits) if logits else torch.zeros(0)
+    scores = ({"loss": math.nan, "accuracy": math.nan} if len(subset) == 0 else
+              {"loss": F.cross_entropy(logits, subset.y).item(),
+               "accuracy": (logits.argmax(1) == subset.y).double().mean().item()})
+    return {"file": str(path), "split": split, **scores, "seconds": seconds,
+            "sparse_layers": model.sparse_layers, "engine": f"prunescope.kernels "
+            f"({backend().name})"}
+
+
+__all__ = ["InferenceConv2d", "InferenceLinear", "SparseModel", "compile_forward", "evaluate",
+           "export", "load", "transpose"]
