@@ -15,7 +15,8 @@ chosen on the *validation* gaps (``--val-size`` examples held out of the trainin
 test gaps are reported, not used to choose.
 
     .venv/bin/python benchmarks/elsa.py [--dataset digits] [--model lenet300] [--epochs 24]
-        [--seeds 0 1 2] [--variants default] [--batch-size 64] [--val-size N] [--name elsa]
+        [--seeds 0 1 2] [--variants default] [--batch-size 64] [--train-size N] [--val-size N]
+        [--name elsa]
         [--out runs/bench-elsa]
 """
 
@@ -64,13 +65,15 @@ def elsa_method(name: str, variant: dict, epochs: int) -> dict:
 
 
 def bench_recipe(dataset: str, model: str, epochs: int, seed: int, variants: list[str],
-                 val_size: int, batch_size: int = 64) -> recipe.Recipe:
+                 val_size: int, batch_size: int = 64,
+                 train_size: int | None = None) -> recipe.Recipe:
     """The comparison as a recipe: each ELSA variant next to GMP at each sparse level."""
     share = epochs // 2 // (len(LEVELS) - 1)
     methods = [elsa_method(f"elsa-{v}", VARIANTS[v], epochs) for v in variants]
     return recipe.from_dict({
         "name": "bench-elsa", "seed": seed,
-        "data": {"name": dataset, "val_size": val_size},
+        "data": {"name": dataset, "val_size": val_size,
+                 **({"train_size": train_size} if train_size else {})},
         "model": {"name": model},
         "train": {"epochs": epochs, "batch_size": batch_size, "lr": 0.1,
                   "weight_decay": 0.0001},
@@ -134,6 +137,8 @@ def main() -> None:
     parser.add_argument("--variants", default="default",
                         help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="a fixed stratified subset of the training examples (default all)")
     parser.add_argument("--val-size", type=int, default=None,
                         help="validation examples (default: 300 digits, 5000 otherwise)")
     parser.add_argument("--name", default="elsa", help="bench/results/<name>.json")
@@ -148,7 +153,8 @@ def main() -> None:
     for seed in args.seeds:
         out = args.out / f"seed{seed}"
         results = experiment.run(bench_recipe(args.dataset, args.model, args.epochs, seed,
-                                              variants, val_size, args.batch_size), out,
+                                              variants, val_size, args.batch_size,
+                                              args.train_size), out,
                                      progress=False)
         for variant in variants:
             rows += [{**row, "seed": seed} for row in compare(results, variant)]
@@ -164,7 +170,7 @@ def main() -> None:
     seconds = time.perf_counter() - start
     print(f"{seconds:.0f} s")
     setting = {"dataset": args.dataset, "model": args.model, "epochs": args.epochs,
-               "batch_size": args.batch_size,
+               "batch_size": args.batch_size, "train_size": args.train_size,
                "seeds": args.seeds, "val_size": val_size, "seconds": round(seconds),
                "variants": {v: elsa_method(f"elsa-{v}", VARIANTS[v], args.epochs)
                             for v in variants}}
