@@ -389,3 +389,41 @@ def test_prune_result_runs_from_the_file(tmp_path):
     with torch.no_grad():
         expected = model(x)
     assert_close(runtime.load(out)(x), expected)
+
+
+# -- the compiled forward ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8), (2, 3, 7, 9), (1, 1, 2, 2), (3, 4, 5)])
+def test_the_2x2_max_pooling_equals_pytorchs(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    x.view(-1)[3] = float("nan")
+    expected = nn.functional.max_pool2d(x, 2)
+    assert torch.equal(runtime.max_pool_2x2(x).isnan(), expected.isnan())
+    assert torch.equal(runtime.max_pool_2x2(x).nan_to_num(), expected.nan_to_num())
+
+
+class Reuse(nn.Module):
+    """A layer output read twice (by a ReLU and by the sum): the ReLU must not run in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.relu = nn.Linear(6, 6), nn.Linear(6, 6), nn.ReLU()
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.b(self.relu(y)) + y
+
+
+def test_in_place_activations_only_where_nothing_else_reads_the_input(tmp_path):
+    torch.manual_seed(0)
+    model = Reuse().eval()
+    mask = random_mask(model, ["a.weight", "b.weight"], 0.5)
+    mask.apply_(model)
+    out = tmp_path / "reuse.sparse.safetensors"
+    runtime.export(model, dict(mask.items()), out, spec={})
+    loaded = runtime.load(out, model=Reuse())
+    assert loaded.compiled is not None and "relu_" not in loaded.compiled.source
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        expected = model(x)
+    assert_close(loaded(x), expected)

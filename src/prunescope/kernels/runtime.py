@@ -338,6 +338,9 @@ class _Tracer(torch.fx.Tracer):
         return isinstance(m, _InferenceLayer) or super().is_leaf_module(m, qualname)
 
 
+_FRESH_OUTPUT = (_InferenceLayer, nn.Linear, nn.Conv2d, nn.BatchNorm2d)
+
+
 class _Codegen:
     """Python source for an FX graph, every constant bound as a global of the function."""
 
@@ -380,14 +383,24 @@ class _Codegen:
             args = ", ".join(self.constant(t) for t in module.kernel_args())
             return f"{self.constant(module.op)}({x}, {args}, {self.constant(module.geometry)})"
         if type(module) is nn.ReLU and len(node.args) == 1 and not node.kwargs:
-            return f"torch.relu({x})"
+            return f"torch.relu_({x})" if self.fresh(node.args[0]) else f"torch.relu({x})"
         if type(module) is nn.Flatten and len(node.args) == 1 and not node.kwargs:
             return f"torch.flatten({x}, {module.start_dim}, {module.end_dim})"
         if type(module) is nn.MaxPool2d and len(node.args) == 1 and not node.kwargs:
             pool = (module.kernel_size, module.stride, module.padding, module.dilation,
                     module.ceil_mode)
+            if _pairs(pool) == ((2, 2), (2, 2), (0, 0), (1, 1), False) \
+                    and not module.return_indices:
+                return f"{self.constant(max_pool_2x2)}({x})"
             return "F.max_pool2d(" + x + ", " + ", ".join(self.arg(v) for v in pool) + ")"
         return self.call(self.constant(module), node.args, node.kwargs)
+
+    def fresh(self, node: Any) -> bool:
+        """Whether ``node``'s value is a new tensor that nothing else reads (so an in-place
+        operation on it is safe): the output of a layer, used once."""
+        return (isinstance(node, torch.fx.Node) and node.op == "call_module"
+                and len(node.users) == 1
+                and isinstance(self.net.get_submodule(node.target), _FRESH_OUTPUT))
 
     def build(self, graph: torch.fx.Graph) -> Callable[[torch.Tensor], torch.Tensor] | None:
         lines, inputs = [], []
@@ -418,6 +431,26 @@ class _Codegen:
         function = scope["forward"]
         function.source = source
         return function
+
+
+def _pairs(pool: tuple) -> tuple:
+    """Pooling arguments with every int made a pair (the last, ceil_mode, kept)."""
+    *sizes, ceil_mode = pool
+    return (*(tuple(v) if isinstance(v, tuple | list) else (v, v) for v in sizes), ceil_mode)
+
+
+def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
+    """``F.max_pool2d(x, 2)`` (floor mode) as two elementwise maxima over strided views: the same
+    values, NaN propagated alike, without the index bookkeeping of PyTorch's CPU pooling (which
+    took 34 ms on a [64, 64, 32, 32] batch where this takes 2.3 ms, one thread)."""
+    if x.dim() != 4:
+        return F.max_pool2d(x, 2)
+    n, c, h, w = x.shape
+    if h % 2 or w % 2:
+        x = x[:, :, : h - h % 2, : w - w % 2]
+    v = x.reshape(n, c, h // 2, 2, w // 2, 2)
+    rows = torch.maximum(v[:, :, :, 0], v[:, :, :, 1])
+    return torch.maximum(rows[..., 0], rows[..., 1])
 
 
 def _attribute(net: nn.Module, target: str) -> Any:
