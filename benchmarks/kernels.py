@@ -157,8 +157,8 @@ def float64_reference(dense: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
 
 
 def repeats_for(seconds: float) -> int:
-    """Rounds for ~1 s per implementation and case, between 7 and 41 (odd: a true median)."""
-    return int(min(41, max(7, 1.0 / max(seconds, 1e-6)))) | 1
+    """Rounds for ~0.5 s per implementation and case, between 7 and 41 (odd: a true median)."""
+    return int(min(41, max(7, 0.5 / max(seconds, 1e-6)))) | 1
 
 
 def interleaved_rounds(runs: dict[str, Callable], rounds: int, warmup: int = 2
