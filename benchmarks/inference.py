@@ -21,7 +21,10 @@ Engines, all on the same dense masked model and 2 threads:
   f32 inference precision (the CPU plugin's default on this AVX-512-BF16 machine is bf16, which
   changes the outputs at 1e-4; f32 keeps every engine to the same arithmetic), latency hint;
 * ``prunescope``: ``prunescope.kernels.runtime.load`` of the model's sparse inference file,
-  ``model.run(x)`` under ``torch.inference_mode``.
+  ``model.run(x)`` under ``torch.inference_mode``;
+* ``prunescope-tree`` (where the forward compiles, i.e. not MiniLM): the same file loaded with
+  ``trace=False``, the model's own module tree around the same inference layers (what the
+  compiled forward saves in per-call overhead).
 
 Timing: rounds of one block per engine, the engines' order rotating from round to round; a block
 is a few warm-up calls then ``inner`` timed calls (enough for about 20 ms), separated by a short
@@ -159,6 +162,8 @@ def engines(dense: nn.Module, sparse_path: Path, onnx_path: Path
 
     found = {"pytorch": torch_engine(dense), "onnxruntime": session_engine(session),
              "prunescope": torch_engine(sparse.run)}
+    if sparse.compiled is not None:  # the same layers without the compiled forward
+        found["prunescope-tree"] = torch_engine(runtime.load(sparse_path, trace=False).run)
     if importlib.util.find_spec("openvino") is not None:
         import openvino
 
@@ -247,17 +252,18 @@ def line(p: dict) -> str:
 
 
 def table(points: list[dict]) -> str:
-    engines_seen = [e for e in ("pytorch", "onnxruntime", "openvino", "prunescope")
-                    if e in points[0]["ms"]]
+    order = ("pytorch", "onnxruntime", "openvino", "prunescope-tree", "prunescope")
+    engines_seen = [e for e in order if any(e in p["ms"] for p in points)]
     head = (["model", "sparsity", "batch"] + [f"{e} ms" for e in engines_seen]
             + [f"vs {e}" for e in engines_seen if e != "prunescope"] + ["vs best [min, max]"])
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in points:
         best = p["speedup"]["best of pytorch, onnxruntime"]
         cells = ([p["model"], f"{p['sparsity']:.0%}", str(p["batch"])]
-                 + [f"{p['ms'][e]['median']:.3f}" for e in engines_seen]
-                 + [f"{p['speedup'][e]['median']:.2f}" for e in engines_seen
-                    if e != "prunescope"]
+                 + [f"{p['ms'][e]['median']:.3f}" if e in p["ms"] else "-"
+                    for e in engines_seen]
+                 + [f"{p['speedup'][e]['median']:.2f}" if e in p["speedup"] else "-"
+                    for e in engines_seen if e != "prunescope"]
                  + [f"{best['median']:.2f} [{best['min']:.2f}, {best['max']:.2f}]"])
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
