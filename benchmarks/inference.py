@@ -198,6 +198,23 @@ def rounds(runs: dict[str, Callable[[], object]], count: int) -> dict[str, list[
     return times
 
 
+def profile(run: Callable[[], object], repeats: int = 5, top: int = 6) -> dict[str, float]:
+    """Self CPU ms per call of the ``top`` most expensive operators of ``run`` (PyTorch
+    profiler; one warm-up call), the rest summed as ``other``."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    run()
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            run()
+    costs = sorted(((e.key, e.self_cpu_time_total / 1e3 / repeats) for e in prof.key_averages()),
+                   key=lambda item: -item[1])
+    found = dict(costs[:top])
+    found["other"] = sum(ms for _, ms in costs[top:])
+    return found
+
+
 def spread(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
     q1, _, q3 = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else (ordered * 3)
@@ -238,6 +255,11 @@ def measure(name: str, sparsity: float, count: int, folder: Path) -> list[dict]:
             "speedup": {engine: spread(rs) for engine, rs in ratios.items()},
             "max_relative_error_vs_pytorch": errors, "sizes": sizes, "load_ms": load_ms,
             "onnx_exporter": exporter, "sparse_layers": len(mask)})
+        if batch == max(BATCHES) and name != "minilm":
+            points[-1]["profile"] = {e: profile(runs[e]) for e in ("pytorch", "prunescope")}
+            for engine, ops in points[-1]["profile"].items():
+                print(f"  profile {engine} (self CPU ms per call): "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in ops.items()))
         print(line(points[-1]), flush=True)
     return points
 
