@@ -13,8 +13,14 @@ initialisation without those images. Reported per erasure set and step size ``ep
   erased classes);
 - seconds: the Fisher (once per model), the erasure step, the retraining, and the speed-up.
 
-Usage: ``python benchmarks/erasure.py [--epochs 2] [--eps 0.001 0.01 1]``. Prints a markdown
-table and writes bench/results/erasure.json.
+With ``--sparsity S`` every model is sparse: trained dense, pruned by global magnitude to ``S``
+and fine-tuned for ``--finetune-epochs`` with the mask held; the erasure holds that mask (pruned
+weights stay exactly zero, checked), and the retrained reference reruns the whole pipeline
+(dense training, pruning, fine-tuning) without the erased images, so its mask may differ.
+
+Usage: ``python benchmarks/erasure.py [--epochs 2] [--eps 0.001 0.01 1] [--sparsity 0.9]``.
+Prints a markdown table and writes bench/results/erasure.json (``erasure_sparse<S>.json`` with
+``--sparsity``).
 """
 
 from __future__ import annotations
@@ -31,18 +37,45 @@ from common import markdown_table, write_results
 
 from prunescope import data, models
 from prunescope.erasure import InverseFisher, class_positions, erase, measure
+from prunescope.mask import Mask
+from prunescope.sparsifier import MaskHold, prune
 from prunescope.train import TrainConfig, fit
 
 
-def train(splits: data.Splits, train_set: data.Subset, epochs: int, directory: Path
-          ) -> tuple[torch.nn.Module, float]:
-    """LeNet-300-100 from the seed-0 initialisation on ``train_set``; model and seconds."""
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """How the original and every retrained model are made."""
+
+    epochs: int
+    sparsity: float = 0.0
+    finetune_epochs: int = 1
+
+
+def train(splits: data.Splits, train_set: data.Subset, budget: Budget, directory: Path
+          ) -> tuple[torch.nn.Module, Mask | None, float]:
+    """LeNet-300-100 from the seed-0 initialisation on ``train_set``, then (``budget.sparsity``
+    > 0) pruned by global magnitude and fine-tuned with the mask held; model, mask, seconds."""
     torch.manual_seed(0)
     model = models.build("lenet300", num_classes=10, in_channels=1, image_size=28)
-    config = TrainConfig(epochs=epochs, batch_size=256, lr=0.1, weight_decay=1e-4)
+    subset = dataclasses.replace(splits, train=train_set)
     start = time.perf_counter()
-    fit(model, dataclasses.replace(splits, train=train_set), config, directory, progress=False)
-    return model, time.perf_counter() - start
+    fit(model, subset, TrainConfig(epochs=budget.epochs, batch_size=256, lr=0.1,
+                                   weight_decay=1e-4), directory / "dense", progress=False)
+    mask = None
+    if budget.sparsity > 0:
+        mask = prune(model, "magnitude", "global", budget.sparsity)
+        fit(model, subset, TrainConfig(epochs=budget.finetune_epochs, batch_size=256, lr=0.01,
+                                       weight_decay=1e-4),
+            directory / "finetune", hook=MaskHold(mask), progress=False)
+    return model, mask, time.perf_counter() - start
+
+
+def pruned_nonzero(model: torch.nn.Module, mask: Mask | None) -> int:
+    """Weights the mask prunes that are not exactly zero (0 when the mask is held)."""
+    if mask is None:
+        return 0
+    params = dict(model.named_parameters())
+    return sum(int(params[name][~keep].count_nonzero()) for name, keep in mask.items())
 
 
 def parts(splits: data.Splits, chosen: torch.Tensor):
@@ -66,7 +99,14 @@ def main() -> None:
     parser.add_argument("--eps", type=float, nargs="+",
                         default=[1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 1.0])
     parser.add_argument("--fisher-samples", type=int, default=1024)
+    parser.add_argument("--sparsity", type=float, default=0.0,
+                        help="prune every model to this sparsity (global magnitude) and "
+                             "fine-tune it with the mask held; the erasure holds the mask")
+    parser.add_argument("--finetune-epochs", type=int, default=1)
     args = parser.parse_args()
+    if not 0.0 <= args.sparsity < 1.0:
+        parser.error(f"--sparsity must be in [0, 1), got {args.sparsity}")
+    budget = Budget(args.epochs, args.sparsity, args.finetune_epochs)
     splits = data.load("mnist")
     random_set = torch.randperm(len(splits.train),
                                 generator=torch.Generator().manual_seed(1))[:1000].sort().values
@@ -74,14 +114,15 @@ def main() -> None:
             "1000 random": random_set}
     records, rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        original, train_seconds = train(splits, splits.train, args.epochs, Path(tmp) / "o")
+        original, mask, train_seconds = train(splits, splits.train, budget, Path(tmp) / "o")
         start = time.perf_counter()
-        inverse = InverseFisher.build(original, splits.train, samples=args.fisher_samples)
+        inverse = InverseFisher.build(original, splits.train, mask=mask,
+                                      samples=args.fisher_samples)
         fisher_seconds = time.perf_counter() - start
         for label, chosen in sets.items():
             erased, retained, unseen = parts(splits, chosen)
-            retrained, retrain_seconds = train(splits, retained, args.epochs,
-                                               Path(tmp) / label.replace(" ", "_"))
+            retrained, _, retrain_seconds = train(splits, retained, budget,
+                                                  Path(tmp) / label.replace(" ", "_"))
             base = measure(original, erased, retained, unseen, splits.test)
             gold = measure(retrained, erased, retained, unseen, splits.test)
             for eps in args.eps:
@@ -89,6 +130,9 @@ def main() -> None:
                 start = time.perf_counter()
                 erase(model, erased, inverse, epsilon=eps)
                 seconds = time.perf_counter() - start
+                if pruned_nonzero(model, mask):
+                    raise SystemExit(f"error: the erasure revived {pruned_nonzero(model, mask)} "
+                                     "pruned weights; the mask was not held")
                 ssse = measure(model, erased, retained, unseen, splits.test)
                 record = {
                     "set": label, "erased": len(chosen), "epsilon": eps,
@@ -105,8 +149,12 @@ def main() -> None:
                 }
                 records.append(record)
                 rows.append(dict(zip(HEADERS, _row(record), strict=True)))
-    path = write_results("erasure", [{"epochs": args.epochs,
-                                      "fisher_samples": args.fisher_samples}, *records])
+    name = f"erasure_sparse{args.sparsity:g}" if args.sparsity else "erasure"
+    path = write_results(name, [{"epochs": args.epochs, "fisher_samples": args.fisher_samples,
+                                 "sparsity": args.sparsity,
+                                 "finetune_epochs": args.finetune_epochs if args.sparsity else 0,
+                                 "actual_sparsity": mask.sparsity if mask else 0.0},
+                                *records])
     print(markdown_table(rows, HEADERS))
     print(f"\nresults: {path}")
 
