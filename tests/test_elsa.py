@@ -177,6 +177,15 @@ def test_regrow_admission_and_frozen_rest(tmp_path):
     assert not any(rests)  # nothing differs: no per-level copies
 
 
+def test_regrow_from_init_never_reads_the_dense_model(tmp_path):
+    run, method = elsa_run(tmp_path, admission="regrow", start="init", levels=[0.8, 0.0],
+                           level_epochs=[1])
+    dense = run.dense_path()
+    dense.rename(dense.with_suffix(".moved"))  # reading it would fail
+    results = method.run_one(run, 0.8)
+    assert_nested_and_frozen(tmp_path, results, [0.8, 0.0], tmp_path / "elsa" / "top" / "s0.8")
+
+
 def test_regrow_chooses_the_free_weights_by_their_own_magnitude_at_its_step():
     model = nn.Sequential(nn.Linear(3, 2, bias=False))
     with torch.no_grad():
@@ -224,6 +233,8 @@ def test_one_shot_fine_tuning_as_the_top_sparsifier(tmp_path):
     ({"rest": "drop"}, "rest must be one of train, freeze"),
     ({"level_config": "dense"}, "level_config must be one of finetune, train"),
     ({"regrow": 1.0}, r"regrow .* must be in \(0, 1\)"),
+    ({"start": "init"}, "start: init needs admission: regrow"),
+    ({"start": "zero", "admission": "regrow"}, "start must be one of dense, init"),
 ])
 def test_bad_elsa_configs_are_one_line(options, message):
     method = {"method": "elsa", "levels": [0.9, 0.5, 0.0], "level_epochs": [1, 1], **options}

@@ -52,6 +52,7 @@ from prunescope.train import FINAL, TrainConfig
 NESTED = "nested.safetensors"
 TOP_METHODS = ("gmp", "acdc", "one_shot", "rigl", "set")  # each ends in directories()[0]/FINAL
 ADMISSIONS = ("dense", "regrow")
+STARTS = ("dense", "init")
 LEVEL_CONFIGS = ("finetune", "train")
 RESTS = ("train", "freeze")
 
@@ -158,8 +159,11 @@ class ELSA(Method):
     ``level_config`` (``finetune``, the default, or ``train``: its optimizer, rate and
     schedule), at ``level_lr`` (one rate per level after the first; default: the config's).
     ``admission``: ``dense`` (default: the free weights of largest magnitude in the run's
-    trained dense model) or ``regrow`` (every free weight trains, from its dense value, for the
-    first ``regrow`` fraction of the level's steps; then those of largest magnitude are kept).
+    trained dense model) or ``regrow`` (every free weight trains for the first ``regrow``
+    fraction of the level's steps; then those of largest magnitude are kept). ``start``: the
+    values the admitted (``regrow``: the free) weights start from, the trained dense model's
+    (``dense``, default) or the run's initialisation (``init``, with ``regrow`` only: ELSA
+    then never reads the trained dense model).
     ``rest``: ``train`` (default: biases and norms train at every level) or ``freeze`` (they
     keep the top level's values). The recipe's ``sparsities`` do not apply: the method runs
     once, at its top level."""
@@ -172,6 +176,7 @@ class ELSA(Method):
     level_lr: tuple[float, ...] = ()
     admission: str = "dense"
     regrow: float = 0.25
+    start: str = "dense"
     rest: str = "train"
 
     def __post_init__(self) -> None:
@@ -196,10 +201,14 @@ class ELSA(Method):
             raise ConfigError(f"elsa: level_lr must be > 0, got {list(self.level_lr)}")
         for key, value, allowed in (("level_config", self.level_config, LEVEL_CONFIGS),
                                     ("admission", self.admission, ADMISSIONS),
+                                    ("start", self.start, STARTS),
                                     ("rest", self.rest, RESTS)):
             if value not in allowed:
                 raise ConfigError(f"elsa: {key} must be one of {', '.join(allowed)}, "
                                   f"got {value!r}")
+        if self.start == "init" and self.admission != "regrow":
+            raise ConfigError("elsa: start: init needs admission: regrow (admission: dense "
+                              "chooses by the trained dense model's magnitudes)")
         if not 0.0 < self.regrow < 1.0:
             raise ConfigError(f"elsa: regrow (the fraction of a level's steps before its "
                               f"weights are chosen) must be in (0, 1), got {self.regrow}")
@@ -265,7 +274,7 @@ class ELSA(Method):
                         meta=run.meta(model, method=self.level_meta(0)))
         masks, rests = [mask], [_rest(model, mask)]
         results = [self._result(run, model, mask, 0, top=top.label)]
-        dense = run.load(run.dense_path()) if len(self.levels) > 1 else None
+        dense = self._reference(run) if len(self.levels) > 1 else None
         for index in range(1, len(self.levels)):
             mask = self._train_level(run, model, dense, masks[-1], index)
             masks.append(mask)
@@ -276,10 +285,18 @@ class ELSA(Method):
                                                              "levels": list(self.levels)}))
         return results
 
+    def _reference(self, run: Run) -> nn.Module:
+        """The model whose values the admitted weights start from (``start``) and, for
+        ``admission: dense``, whose magnitudes admit them: the run's trained dense model, or
+        its initialisation (``start: init`` with ``regrow``: the dense model is never read)."""
+        if self.start == "init" and self.admission == "regrow":
+            return run.fresh_model()  # the initialisation the run's models start from
+        return run.load(run.dense_path())
+
     def _train_level(self, run: Run, model: nn.Module, dense: nn.Module, frozen: Mask,
                      index: int) -> Mask:
-        """Admit level ``index``'s weights (by ``admission``) at their dense values and train
-        them with the previous level's weights frozen; returns the level's mask."""
+        """Admit level ``index``'s weights (by ``admission``) at their ``start`` values and
+        train them with the previous level's weights frozen; returns the level's mask."""
         level, config = self.levels[index], self.train_config(run, index)
         reference = dict(dense.named_parameters())
         if self.admission == "regrow" and level > 0:
