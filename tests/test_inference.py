@@ -15,7 +15,7 @@ from torch import nn
 
 import prunescope
 from prunescope import checkpoint, files, models
-from prunescope.errors import CheckpointError
+from prunescope.errors import CheckpointError, ConfigError
 from prunescope.kernels import build, runtime, sparse_file
 from prunescope.kernels.formats import compress
 from prunescope.mask import Mask
@@ -265,6 +265,20 @@ def test_a_file_of_another_model_is_refused(tmp_path):
     with pytest.raises(CheckpointError) as exc:
         runtime.load(out, model=models.build("lenet300", num_classes=5))
     one_line(exc, "lenet300", "not of this model")
+
+
+def test_a_user_defined_model_needs_its_architecture_and_inputs_need_its_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = Reuse().eval()
+    out = tmp_path / "reuse.sparse.safetensors"
+    runtime.export(model, {"a.weight": torch.rand(6, 6) < 0.5}, out, spec={})
+    with pytest.raises(CheckpointError) as exc:
+        runtime.load(out)
+    one_line(exc, "user-defined", "model=")
+    loaded = runtime.load(out, model=Reuse())
+    with pytest.raises(ConfigError) as exc:
+        loaded(torch.randn(2, 6, dtype=torch.float64))
+    one_line(exc, "float32", "float64")
 
 
 def test_other_files_are_refused(tmp_path):

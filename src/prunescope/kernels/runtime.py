@@ -195,8 +195,9 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None,
 
     ``model``: build into this architecture instead of the one the file names (a user-defined
     model; its tensors must have the names and shapes of the exported one, else one
-    CheckpointError line says the file is for another model). ``trace=False`` runs the module
-    tree instead of the compiled forward (for profiling; the outputs are the same).
+    CheckpointError line says the file is for another model); it is filled in place.
+    ``trace=False`` runs the module tree instead of the compiled forward (for profiling; the
+    outputs are the same).
     """
     content = sparse_file.read(path)
     skeleton = model if model is not None else _skeleton(content.meta["model"], path)
@@ -224,6 +225,9 @@ def _spec_text(spec: dict[str, Any]) -> str:
 
 def _skeleton(spec: dict[str, Any], path) -> nn.Module:
     """The architecture of ``spec`` on the meta device (no weights allocated)."""
+    if not spec:
+        raise CheckpointError(f"{path} holds a user-defined model; load it with "
+                              "prunescope.kernels.runtime.load(path, model=<an instance of it>)")
     try:
         with torch.device("meta"):
             if spec.get("source") == "huggingface":
@@ -311,12 +315,20 @@ class SparseModel(nn.Module):
         self.meta = meta
         self.compiled = compile_forward(net) if trace else None
         self.run: Callable[[torch.Tensor], torch.Tensor] = self.compiled or net.forward
+        floats = [t.dtype for t in sparse_file._tensors(net).values() if t.is_floating_point()]
+        text = (meta.get("model") or {}).get("source") == "huggingface"
+        self.input_dtype = torch.int64 if text else (floats[0] if floats else torch.float32)
 
     @property
     def sparse_layers(self) -> list[str]:
         return [n for n, m in self.net.named_modules() if isinstance(m, _InferenceLayer)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The outputs for ``x`` (no gradient); a tensor of another dtype than the model takes
+        is a ConfigError."""
+        if x.dtype != self.input_dtype:
+            raise ConfigError(f"the model takes {self.input_dtype} input, got {x.dtype}; "
+                              f"convert it with x.to({self.input_dtype})")
         with torch.inference_mode():
             return self.run(x)
 
