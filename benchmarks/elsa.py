@@ -49,6 +49,18 @@ VARIANTS: dict[str, dict] = {
                                 "top_share": 0.25},
     "regrow-train-top-quarter": {"admission": "regrow", "level_config": "train",
                                  "top_share": 0.25},
+    "dense-train-top-5of8": {"admission": "dense", "level_config": "train",
+                            "top_share": 0.625},
+    "dense-train-top-3of4": {"admission": "dense", "level_config": "train",
+                            "top_share": 0.75},
+    "regrow-train-top-5of8": {"admission": "regrow", "level_config": "train",
+                              "top_share": 0.625},
+    "regrow-init-train-top-5of8": {"admission": "regrow", "start": "init",
+                                   "level_config": "train", "top_share": 0.625},
+    "regrow-init-train-top-3of4": {"admission": "regrow", "start": "init",
+                                   "level_config": "train", "top_share": 0.75},
+    "dense-train-top-5of8-rest-frozen": {"admission": "dense", "level_config": "train",
+                                         "top_share": 0.625, "rest": "freeze"},
     "default": {},
 }
 

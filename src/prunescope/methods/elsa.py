@@ -216,6 +216,8 @@ class ELSA(Method):
     def key(self) -> dict[str, Any]:
         fields = super().key()
         fields["top"] = self.top.key()
+        if self.start == "dense":  # what every run made before the key existed did: their
+            del fields["start"]    # results stay reusable
         return fields
 
     # -- outputs ------------------------------------------------------------------------------
