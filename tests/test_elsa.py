@@ -205,7 +205,9 @@ def test_regrow_chooses_the_free_weights_by_their_own_magnitude_at_its_step():
 def test_level_training_configs(tmp_path):
     run, method = elsa_run(tmp_path)
     config = method.train_config(run, 1)
-    assert (config.epochs, config.lr) == (1, 0.01)  # the fine-tuning config, level_epochs
+    assert (config.epochs, config.lr) == (1, 0.05)  # the training config, level_epochs
+    _, tuned = elsa_run(tmp_path, level_config="finetune")
+    assert (tuned.train_config(run, 2).epochs, tuned.train_config(run, 2).lr) == (1, 0.01)
     _, other = elsa_run(tmp_path, level_config="train", level_lr=[0.2, 0.3],
                         level_epochs=[3, 2], budget=0.5)
     first, second = other.train_config(run, 1), other.train_config(run, 2)

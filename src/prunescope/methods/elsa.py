@@ -156,8 +156,9 @@ class ELSA(Method):
     ``one_shot`` (e.g. ``criterion: woodfisher``, global OBS), ``rigl``, ``set`` with its own
     keys) to the densest (0 for the dense model). Each level after the first trains for its
     ``level_epochs`` (default: the config's epochs), scaled by ``budget``, with the run's
-    ``level_config`` (``finetune``, the default, or ``train``: its optimizer, rate and
-    schedule), at ``level_lr`` (one rate per level after the first; default: the config's).
+    ``level_config`` (``train``, the default chosen on validation data, docs/elsa.md, or
+    ``finetune``: its optimizer, rate and schedule), at ``level_lr`` (one rate per level after
+    the first; default: the config's).
     ``admission``: ``dense`` (default: the free weights of largest magnitude in the run's
     trained dense model) or ``regrow`` (every free weight trains for the first ``regrow``
     fraction of the level's steps; then those of largest magnitude are kept). ``start``: the
@@ -172,7 +173,7 @@ class ELSA(Method):
     levels: tuple[float, ...] = (0.98, 0.95, 0.9, 0.0)
     top: Method = field(default_factory=GMP)
     level_epochs: tuple[int, ...] = ()
-    level_config: str = "finetune"
+    level_config: str = "train"
     level_lr: tuple[float, ...] = ()
     admission: str = "dense"
     regrow: float = 0.25
@@ -252,9 +253,9 @@ class ELSA(Method):
         return self.directories(run, sparsity)
 
     def train_config(self, run: Run, index: int) -> TrainConfig:
-        """The training of level ``index`` (>= 1): the run's fine-tuning config (the pipeline's
-        default when it has none) or its training config (``level_config``), with the level's
-        epochs and rate, the epochs scaled by ``budget``."""
+        """The training of level ``index`` (>= 1): the run's training config or its fine-tuning
+        config (``level_config``; the pipeline's default when the run has none), with the
+        level's epochs and rate, the epochs scaled by ``budget``."""
         base = run.train if self.level_config == "train" else run.finetune or FINETUNE
         if self.level_epochs:
             base = dataclasses.replace(base, epochs=self.level_epochs[index - 1])
