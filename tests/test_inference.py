@@ -441,3 +441,12 @@ def test_in_place_activations_only_where_nothing_else_reads_the_input(tmp_path):
     with torch.no_grad():
         expected = model(x)
     assert_close(loaded(x), expected)
+
+
+def test_a_mask_of_another_model_is_refused_at_export(tmp_path):
+    model, _ = pruned("lenet300", 28)
+    with pytest.raises(ConfigError) as exc:
+        runtime.export(model, {"classifier.0.weight": torch.ones(3, 3, dtype=torch.bool)},
+                       tmp_path / "x.sparse.safetensors", spec={})
+    one_line(exc, "classifier.0.weight", "not a parameter")
+    assert not (tmp_path / "x.sparse.safetensors").exists()

@@ -55,11 +55,15 @@ def export(model: nn.Module, mask: Mapping[str, torch.Tensor], out: str | os.Pat
     ``spec`` is how to rebuild the architecture: a registry spec (``{"name", "num_classes",
     "in_channels", "image_size"}``) or a Hugging Face one (``{"source": "huggingface", ...}``;
     the model's config is added so that loading needs no model folder). ``meta`` (JSON-able,
-    e.g. ``data``, ``source``) is stored beside it. Weights outside the mask are dropped.
+    e.g. ``data``, ``source``) is stored beside it. Weights outside the mask are dropped; the
+    model is not changed. A mask entry that is not a parameter of the model is a ConfigError.
     """
-    modules = dict(model.named_modules())
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
     keep, dense = {}, []
     for name, tensor in mask.items():
+        if name not in params or params[name].shape != tensor.shape:
+            raise ConfigError(f"the mask holds {name!r} of shape {list(tensor.shape)}, which "
+                              "is not a parameter of the model; pass the model's own mask")
         module_name, _, leaf = name.rpartition(".")
         module = modules.get(module_name)
         if leaf == "weight" and module is not None and sparse_file.layer_entry(module):
@@ -69,16 +73,9 @@ def export(model: nn.Module, mask: Mapping[str, torch.Tensor], out: str | os.Pat
     if dense:
         warnings.warn(f"prunescope.kernels: no sparse kernel for {', '.join(dense)}; stored "
                       "dense (zeros included) and run dense", RuntimeWarning, stacklevel=2)
-    with torch.no_grad():
-        masked = {n: t for n, t in model.named_parameters() if n in mask}
-        saved = {n: t.detach().clone() for n, t in masked.items()}
-        for name, tensor in masked.items():  # pruned weights become zeros in the dense tensors
-            tensor.masked_fill_(~mask[name].to(torch.bool), 0)
-        try:
-            sparse_file.write(out, model, keep, {**(meta or {}), "model": _full_spec(model, spec)})
-        finally:
-            for name, tensor in masked.items():
-                tensor.copy_(saved[name])
+    zeroed = {n: params[n].detach().masked_fill(~k.to(torch.bool), 0) for n, k in mask.items()}
+    sparse_file.write(out, model, keep, {**(meta or {}), "model": _full_spec(model, spec)},
+                      replace=zeroed)
     return {"out": str(out), "bytes": os.path.getsize(out), "sparse_layers": list(keep),
             "dense_layers": dense}
 

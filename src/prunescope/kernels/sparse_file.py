@@ -124,11 +124,12 @@ def layer_entry(module: nn.Module) -> dict[str, Any] | None:
 
 
 def write(out: str | os.PathLike, model: nn.Module, keep: dict[str, torch.Tensor],
-          meta: dict[str, Any]) -> None:
+          meta: dict[str, Any], *, replace: dict[str, torch.Tensor] | None = None) -> None:
     """Write ``model`` to ``out``: the modules named in ``keep`` (``{module name: bool mask of
     its weight}``, each one :func:`layer_entry` accepts) as sparse layers, every other tensor
-    dense. ``meta`` (JSON-able: ``model``, ``data``, ``source``, ...) is stored beside the
-    format's own keys. Written atomically."""
+    dense, ``replace`` (``{tensor name: tensor}``, e.g. weights with their pruned entries
+    zeroed) taking the place of the model's own. ``meta`` (JSON-able: ``model``, ``data``,
+    ``source``, ...) is stored beside the format's own keys. Written atomically."""
     tensors: dict[str, torch.Tensor] = {}
     layers: dict[str, dict[str, Any]] = {}
     modules = dict(model.named_modules())
@@ -141,7 +142,8 @@ def write(out: str | os.PathLike, model: nn.Module, keep: dict[str, torch.Tensor
         tensors.update({f"sparse/{name}/values": sparse.values, f"sparse/{name}/ptr": sparse.ptr,
                         f"sparse/{name}/idx": sparse.idx})
     sparse_weights = {f"{name}.weight" for name in layers}
-    dense = {n: t.detach() for n, t in _tensors(model).items() if n not in sparse_weights}
+    own = {**_tensors(model), **(replace or {})}
+    dense = {n: t.detach() for n, t in own.items() if n not in sparse_weights}
     tensors.update({f"dense/{n}": t for n, t in dense.items()})
     full = {**meta, "format": SPARSE_FORMAT, "layers": layers, "dense": list(dense),
             "architecture": architecture(model)}
