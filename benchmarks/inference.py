@@ -59,7 +59,7 @@ from torch import nn  # noqa: E402
 
 import prunescope  # noqa: E402
 from prunescope import checkpoint, models  # noqa: E402
-from prunescope.kernels import backend, runtime  # noqa: E402
+from prunescope.kernels import backend, build, runtime  # noqa: E402
 from prunescope.targets import default_targets  # noqa: E402
 
 THREADS = 2
@@ -327,7 +327,7 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     load_start, start = os.getloadavg(), time.perf_counter()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
-          f"kernels: {backend().name}, {THREADS} threads")
+          f"kernels: {backend().name} ({build.library_path().parent.name}), {THREADS} threads")
     points = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models:
@@ -345,7 +345,8 @@ def main() -> None:
     versions = {name: _version(name) for name in ("onnxruntime", "openvino", "onnx",
                                                   "onnxscript")}
     path = write_json_file(args.out, {
-        "machine": {**machine(), "kernels": backend().name, "cpus": os.cpu_count()},
+        "machine": {**machine(), "kernels": backend().name, "cpus": os.cpu_count(),
+                    "kernel_build": build.library_path().parent.name},
         "versions": versions, "threads": THREADS, "tokens": TOKENS, "seconds": seconds,
         "load_average": {"start": list(load_start), "end": list(load_end)},
         "points": points, "checks": results})
