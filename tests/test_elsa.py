@@ -112,7 +112,7 @@ def test_evaluate_and_inspect_take_a_level(finished, capsys):
     assert report["sparsity"] == pytest.approx(0.5, abs=1e-3)
     code, stdout, err = cli(capsys, "inspect", path, "--level", "0.9")
     assert code == 0, err
-    assert "level 0.9" in stdout and "prunescope.nested/1" in stdout
+    assert "level 0.9" in stdout and "prunescope.nested/2" in stdout
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -109,14 +109,67 @@ def test_the_nested_checkpoint_round_trips_every_level(tmp_path):
             assert torch.equal(value, expected), (level, name)
 
 
-def test_the_nested_checkpoint_stores_one_byte_per_weight_besides_the_weights(tmp_path):
-    model, nest, _ = nested_lenet()
+def test_the_nested_checkpoint_stores_two_bits_per_weight_besides_the_weights(tmp_path):
+    model, nest, _ = nested_lenet()  # three levels ending at dense: codes 0..2 fit 2 bits
     path = tmp_path / "nested.safetensors"
     nested.save(path, model, nest, meta={"model": checkpoint.model_spec(model, 10)})
     dense = tmp_path / "dense.safetensors"
     checkpoint.save(dense, model, meta={"model": checkpoint.model_spec(model, 10)})
-    assert path.stat().st_size - dense.stat().st_size == pytest.approx(nest.masks[0].num_total,
-                                                                      rel=0.01)
+    assert nested.read(path)[3]["code_bits"] == 2
+    extra = path.stat().st_size - dense.stat().st_size - nest.masks[0].num_total / 4
+    assert 0 <= extra < 512  # the packed codes plus their header entries and the levels
+
+
+def test_codes_pack_lowest_bits_first_by_hand():
+    code = torch.tensor([[1, 2, 0], [3, 1, 2]], dtype=torch.uint8)
+    packed = nested.pack_codes(code, 2)  # 1 + 2*4 + 0*16 + 3*64 = 201; 1 + 2*4 = 9 (padded)
+    assert packed.tolist() == [201, 9]
+    assert torch.equal(nested.unpack_codes(packed, 2, code.shape), code)
+    assert nested.pack_codes(torch.tensor([1, 0, 1], dtype=torch.uint8), 1).tolist() == [5]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_packed_codes_round_trip(bits):
+    generator = torch.Generator().manual_seed(bits)
+    code = torch.randint(0, 2 ** bits, (7, 13), generator=generator).to(torch.uint8)
+    packed = nested.pack_codes(code, bits)
+    assert packed.numel() == -(-code.numel() // (8 // bits))
+    assert torch.equal(nested.unpack_codes(packed, bits, code.shape), code)
+
+
+@pytest.mark.parametrize(("levels", "bits"), [
+    ((0.5, 0.0), 1), ((0.9, 0.5), 2), ((0.98, 0.95, 0.9, 0.0), 2), ((0.9, 0.8, 0.7, 0.6), 4)])
+def test_code_bits_hold_the_largest_code(levels, bits):
+    count = 10
+    rows = [[i < round((1 - level) * count) for i in range(count)] for level in levels]
+    assert nested.code_bits(NestedMask(levels, masks(*rows))) == bits
+
+
+def test_a_format_1_file_with_unpacked_codes_still_reads(tmp_path):
+    from prunescope.files import save_tensors
+
+    model, nest, _ = nested_lenet()
+    path = tmp_path / "v1.safetensors"
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    tensors.update({f"level/{k}": v for k, v in nest.codes().items()})
+    save_tensors(path, tensors, {"model": checkpoint.model_spec(model, 10), "data": None,
+                                 "format": "prunescope.nested/1", "levels": list(nest.levels)})
+    assert nested.read(path)[1].equal(nest) and nested.is_nested(path)
+
+
+def test_packed_codes_of_the_wrong_size_are_one_line(tmp_path):
+    from prunescope.files import load_tensors, save_tensors
+
+    model, nest, _ = nested_lenet()
+    path = tmp_path / "nested.safetensors"
+    nested.save(path, model, nest, meta={"model": checkpoint.model_spec(model, 10)})
+    tensors, meta = load_tensors(path)
+    name = next(k for k in tensors if k.startswith("level/"))
+    tensors[name] = tensors[name][:-1]
+    save_tensors(path, tensors, meta)
+    with pytest.raises(CheckpointError, match="uint8 bytes") as info:
+        nested.read(path)
+    assert "\n" not in str(info.value)
 
 
 def test_loading_a_level_not_held_or_another_file_is_one_line(tmp_path):

@@ -6,10 +6,14 @@ of the next denser level's. It is stored as one *level code* per weight (a uint8
 parameter): the index of the sparsest level that keeps the weight, or ``len(levels)`` for a
 weight no level keeps. Level ``i`` keeps exactly the weights whose code is ``<= i``.
 
-A *nested checkpoint* is one safetensors file (:func:`save`, format ``prunescope.nested/1``):
+A *nested checkpoint* is one safetensors file (:func:`save`, format ``prunescope.nested/2``):
 
 - ``model/<key>``: the state dict of the densest level (the dense weights);
-- ``level/<parameter>``: the level codes;
+- ``level/<parameter>``: the level codes, packed ``8 // code_bits`` to a byte (the metadata's
+  ``code_bits``: the fewest of 1, 2, 4, 8 bits that hold the largest code; 2 bits for four
+  levels ending at dense), lowest bits first, flat in row-major order, the last byte padded
+  with zeros. Format ``prunescope.nested/1`` (one uint8 code per weight, unpacked) still
+  reads;
 - ``rest/<i>/<key>``: level ``i``'s tensors outside the mask (biases, batch-norm parameters and
   statistics) where they differ from the densest level's: each level's network is then exactly
   the one that was trained and evaluated at that level;
@@ -34,7 +38,9 @@ from prunescope.errors import CheckpointError, ConfigError, PrunescopeError
 from prunescope.files import load_tensors, read_meta, save_tensors
 from prunescope.mask import Mask
 
-NESTED_FORMAT = "prunescope.nested/1"
+NESTED_FORMAT = "prunescope.nested/2"
+NESTED_FORMATS = ("prunescope.nested/1", NESTED_FORMAT)  # /1: unpacked uint8 codes
+CODE_BITS = (1, 2, 4, 8)
 MAX_LEVELS = 255  # codes are uint8 and code len(levels) means "kept by no level"
 TOLERANCE = 1e-9  # how close a requested sparsity must be to a level
 
@@ -170,7 +176,8 @@ def save(path: str | os.PathLike, model: nn.Module, nested: NestedMask, *,
             raise NestedMaskError(f"{name!r} has nonzero weights the densest level "
                                   f"{nested.levels[-1]:g} prunes; apply its mask first")
     tensors = {f"model/{k}": v for k, v in state.items()}
-    tensors.update({f"level/{k}": v for k, v in nested.codes().items()})
+    bits = code_bits(nested)
+    tensors.update({f"level/{k}": pack_codes(v, bits) for k, v in nested.codes().items()})
     for i, level_rest in enumerate(rest or ()):
         for key, value in (level_rest or {}).items():
             if key in densest or key not in state:
@@ -178,14 +185,45 @@ def save(path: str | os.PathLike, model: nn.Module, nested: NestedMask, *,
                                       "which is a masked weight or not in the model")
             if not torch.equal(value.detach().cpu(), state[key]):
                 tensors[f"rest/{i}/{key}"] = value.detach().cpu()
-    full = {**meta, "format": NESTED_FORMAT, "levels": list(nested.levels),
+    full = {**meta, "format": NESTED_FORMAT, "levels": list(nested.levels), "code_bits": bits,
             "actual_sparsities": [m.sparsity for m in nested.masks]}
     save_tensors(path, tensors, full)
 
 
+def code_bits(nested: NestedMask) -> int:
+    """The fewest of 1, 2, 4, 8 bits that hold every level code of ``nested`` (its largest
+    code is ``len(levels) - 1`` when the densest level keeps every weight, else
+    ``len(levels)``)."""
+    largest = len(nested.levels) - (1 if nested.levels[-1] == 0.0 else 0)
+    return next(bits for bits in CODE_BITS if largest < 2 ** bits)
+
+
+def pack_codes(code: torch.Tensor, bits: int) -> torch.Tensor:
+    """Level codes (uint8, any shape) packed ``8 // bits`` to a byte, lowest bits first, flat;
+    the last byte padded with zeros. Inverse: :func:`unpack_codes`."""
+    per = 8 // bits
+    flat = code.reshape(-1).to(torch.int32)
+    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % per)]).reshape(-1, per)
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (flat << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: torch.Size) -> torch.Tensor:
+    """The uint8 level codes of ``shape`` that :func:`pack_codes` packed with ``bits``;
+    NestedMaskError when ``packed`` has the wrong size or type."""
+    per, numel = 8 // bits, shape.numel()
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != -(-numel // per):
+        raise NestedMaskError(f"packed level codes of {numel} weights at {bits} bits need "
+                              f"{-(-numel // per)} uint8 bytes, got {packed.numel()} "
+                              f"{packed.dtype}")
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (2 ** bits - 1)
+    return codes.reshape(-1)[:numel].to(torch.uint8).reshape(shape)
+
+
 def is_nested(path: str | os.PathLike) -> bool:
     """True when ``path`` is a nested checkpoint (reads only its header)."""
-    return read_meta(path).get("format") == NESTED_FORMAT
+    return read_meta(path).get("format") in NESTED_FORMATS
 
 
 def read(path: str | os.PathLike
@@ -193,7 +231,7 @@ def read(path: str | os.PathLike
     """``(dense state dict, nested mask, rest per level, metadata)`` of a nested checkpoint;
     CheckpointError for any other or a corrupt file."""
     tensors, meta = load_tensors(path)
-    if meta.get("format") != NESTED_FORMAT:
+    if meta.get("format") not in NESTED_FORMATS:
         raise CheckpointError(
             f"{path} is not a nested checkpoint (format {meta.get('format')!r}); levels are "
             "held only by the nested.safetensors an elsa run writes")
@@ -204,7 +242,14 @@ def read(path: str | os.PathLike
             raise CheckpointError(f"{path} has an unexpected tensor {key!r}")
         groups[group][name] = tensor
     try:
-        nested = NestedMask.from_codes(meta["levels"], groups["level"])
+        codes = groups["level"]
+        if meta["format"] != NESTED_FORMATS[0]:
+            bits = int(meta["code_bits"])
+            if bits not in CODE_BITS:
+                raise NestedMaskError(f"code_bits must be one of {CODE_BITS}, got {bits}")
+            codes = {name: unpack_codes(packed, bits, groups["model"][name].shape)
+                     for name, packed in codes.items()}
+        nested = NestedMask.from_codes(meta["levels"], codes)
         rest: list[dict[str, torch.Tensor]] = [{} for _ in nested.levels]
         for key, tensor in groups["rest"].items():
             index, _, name = key.partition("/")
