@@ -356,7 +356,9 @@ def digits_checkpoint(tmp_path):
     return path
 
 
-def test_export_and_evaluate_from_the_sparse_file(digits_checkpoint, tmp_path, capsys):
+def test_export_and_evaluate_from_the_sparse_file(digits_checkpoint, tmp_path, capsys,
+                                                  monkeypatch):
+    monkeypatch.setattr(runtime, "_fastest", lambda *args: (5.0, 1.0))  # all faster sparse
     out = tmp_path / "lenet.sparse.safetensors"
     code, stdout, err = cli(capsys, "export", digits_checkpoint, "--format", "sparse", "--out",
                             out)
@@ -450,3 +452,31 @@ def test_a_mask_of_another_model_is_refused_at_export(tmp_path):
                        tmp_path / "x.sparse.safetensors", spec={})
     one_line(exc, "classifier.0.weight", "not a parameter")
     assert not (tmp_path / "x.sparse.safetensors").exists()
+
+
+def test_with_an_example_each_layer_runs_sparse_only_where_measured_faster(tmp_path,
+                                                                          monkeypatch):
+    model, mask = pruned("conv2", 8)
+    out = export_registry(tmp_path, model, mask)
+    x = torch.randn(5, 3, 8, 8)
+    seen = {}
+
+    def fake(layers, example, repeats):  # the first conv "measures" faster dense
+        name = "dense" if not seen else "sparse"
+        seen.setdefault("shape", list(example.shape))
+        return (1.0, 5.0) if name == "dense" else (5.0, 1.0)
+
+    monkeypatch.setattr(runtime, "_fastest", fake)
+    logged = []
+    loaded = runtime.load(out, example=x, log=logged.append)
+    if not build.backend().fast:
+        assert loaded.choices == [] and loaded.sparse_layers == []
+        return
+    assert seen["shape"] == [5, 3, 8, 8]  # timed at the shape the layer receives
+    assert loaded.sparse_layers == [n.rpartition(".")[0] for n in mask][1:]
+    assert type(loaded.net.features[0]) is nn.Conv2d and not loaded.net.features[0].weight.is_meta
+    assert [c["sparse"] for c in loaded.choices] == [False, True, True, True, True]
+    assert "dense (not faster)" in logged[0] and "features.0" in logged[0]
+    with torch.no_grad():
+        expected = model(x)
+    assert_close(loaded(x), expected)

@@ -28,6 +28,8 @@ runs dense: correct, dense speed.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import os
 import time
@@ -39,10 +41,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunescope import files
 from prunescope.errors import CheckpointError, ConfigError
 from prunescope.kernels import sparse_file
 from prunescope.kernels.build import backend
 from prunescope.kernels.sparse_file import SparseFile, SparseTensor
+
+logger = logging.getLogger(__name__)
 
 # -- export ----------------------------------------------------------------------------------
 
@@ -186,8 +191,9 @@ class InferenceConv2d(_InferenceLayer):
 # -- loading ---------------------------------------------------------------------------------
 
 
-def load(path: str | os.PathLike, *, model: nn.Module | None = None,
-         trace: bool = True) -> SparseModel:
+def load(path: str | os.PathLike, *, model: nn.Module | None = None, trace: bool = True,
+         example: torch.Tensor | None = None, min_speedup: float = 1.1, repeats: int = 7,
+         log: Callable[[str], None] | None = print) -> SparseModel:
     """The model of sparse inference file ``path``, ready to run (see the module docstring).
 
     ``model``: build into this architecture instead of the one the file names (a user-defined
@@ -195,6 +201,13 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None,
     CheckpointError line says the file is for another model); it is filled in place.
     ``trace=False`` runs the module tree instead of the compiled forward (for profiling; the
     outputs are the same).
+
+    ``example`` (a batch of inputs as the model will see them): each sparse layer is timed,
+    dense and sparse, at the input shape it receives (the fastest of ``repeats`` interleaved
+    runs, forward only, at the current thread count) and runs sparse only where
+    ``sparse_ms * min_speedup <= dense_ms``, as :func:`prunescope.kernels.to_sparse` decides;
+    the others get their dense weight back. The table is passed to ``log`` (None: silent) and
+    kept as ``model.choices``. Without ``example`` every sparse layer runs sparse.
     """
     content = sparse_file.read(path)
     skeleton = model if model is not None else _skeleton(content.meta["model"], path)
@@ -211,7 +224,13 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None,
         _place(skeleton, name, sparse, content, fast, path)
     _fill(skeleton, content, path)
     skeleton.eval()
-    return SparseModel(skeleton, content.meta, trace=trace)
+    choices = (_choose(skeleton, content, example, min_speedup, repeats)
+               if example is not None and fast else [])
+    if choices and log is not None:
+        log(format_choices(choices))
+    loaded = SparseModel(skeleton, content.meta, trace=trace)
+    loaded.choices = choices
+    return loaded
 
 
 def _spec_text(spec: dict[str, Any]) -> str:
@@ -271,8 +290,13 @@ def _place(model: nn.Module, name: str, sparse: SparseTensor, content: SparseFil
         return
     replacement = (InferenceLinear(sparse, bias) if entry["kind"] == "linear"
                    else InferenceConv2d(sparse, bias, entry))
+    object.__setattr__(replacement, "dense_layer", layer)  # its meta-device dense form
+    _swap(model, name, replacement)
+
+
+def _swap(model: nn.Module, name: str, layer: nn.Module) -> None:
     parent_name, _, leaf = name.rpartition(".")
-    model.get_submodule(parent_name).register_module(leaf, replacement)
+    model.get_submodule(parent_name).register_module(leaf, layer)
 
 
 def _fill(model: nn.Module, content: SparseFile, path) -> None:
@@ -298,6 +322,85 @@ def _fill(model: nn.Module, content: SparseFile, path) -> None:
                               "model again")
 
 
+# -- the per-layer choice --------------------------------------------------------------------
+
+
+def _choose(model: nn.Module, content: SparseFile, example: torch.Tensor, min_speedup: float,
+            repeats: int) -> list[dict[str, Any]]:
+    """Time every inference layer dense and sparse at the shape it receives on ``example``;
+    put the dense layer back where the sparse one is not ``min_speedup`` times faster."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, _InferenceLayer)}
+    shapes: dict[str, torch.Size] = {}
+
+    def record(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            shapes.setdefault(name, args[0].shape)
+        return hook
+
+    hooks = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    choices = []
+    for name, layer in layers.items():
+        if name not in shapes:
+            continue  # not reached by this input: stays sparse
+        dense = _dense_layer(layer, content.sparse[name], content.dense.get(f"{name}.bias"))
+        x = torch.randn(shapes[name], generator=torch.Generator().manual_seed(0),
+                        dtype=layer.values.dtype)
+        dense_ms, sparse_ms = _fastest({"dense": dense, "sparse": layer}, x, repeats)
+        sparse = sparse_ms * min_speedup <= dense_ms
+        if not sparse:
+            _swap(model, name, dense)
+        choices.append({"layer": name, "input": list(shapes[name]), "sparsity": layer.sparsity,
+                        "dense_ms": dense_ms, "sparse_ms": sparse_ms, "sparse": sparse})
+    return choices
+
+
+def _dense_layer(layer: _InferenceLayer, sparse: SparseTensor,
+                 bias: torch.Tensor | None) -> nn.Module:
+    """The layer's dense form (its weight with zeros at pruned places), frozen."""
+    dense = copy.deepcopy(layer.dense_layer)  # on the meta device: no memory until filled
+    dense._parameters["weight"] = nn.Parameter(sparse.dense(), requires_grad=False)
+    if bias is not None:
+        dense._parameters["bias"] = nn.Parameter(bias, requires_grad=False)
+    return dense
+
+
+def _fastest(layers: dict[str, nn.Module], x: torch.Tensor, repeats: int
+             ) -> tuple[float, float]:
+    """The fastest of ``repeats`` round-robin forward passes of each layer on ``x``, in ms
+    (the minimum estimates a layer's own cost while other processes compete for the cores)."""
+    times: dict[str, list[float]] = {name: [] for name in layers}
+    with torch.inference_mode():
+        for layer in layers.values():
+            layer(x)  # warm-up
+        for _ in range(repeats):
+            for name, layer in layers.items():
+                start = time.perf_counter()
+                layer(x)
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return min(times["dense"]), min(times["sparse"])
+
+
+def format_choices(choices: list[dict[str, Any]]) -> str:
+    """The per-layer choice of :func:`load` as a table."""
+    width = max(len("layer"), *(len(c["layer"]) for c in choices))
+    lines = [f"prunescope.kernels: sparse inference layers ({backend().name} kernels, "
+             f"{torch.get_num_threads()} threads, forward at the example's shapes)",
+             f"{'layer':<{width}}  {'input':<18} sparsity  dense ms  sparse ms  speedup  choice"]
+    for c in choices:
+        shape = "x".join(map(str, c["input"]))
+        speedup = c["dense_ms"] / max(c["sparse_ms"], 1e-9)
+        lines.append(f"{c['layer']:<{width}}  {shape:<18} {c['sparsity']:>8.4f}  "
+                     f"{c['dense_ms']:>8.3f}  {c['sparse_ms']:>9.3f}  {speedup:>6.1f}x  "
+                     f"{'sparse' if c['sparse'] else 'dense (not faster)'}")
+    return "\n".join(lines)
+
+
 # -- running ---------------------------------------------------------------------------------
 
 
@@ -311,6 +414,7 @@ class SparseModel(nn.Module):
         self.net = net
         self.meta = meta
         self.compiled = compile_forward(net) if trace else None
+        self.choices: list[dict[str, Any]] = []
         self.run: Callable[[torch.Tensor], torch.Tensor] = self.compiled or net.forward
         floats = [t.dtype for t in sparse_file._tensors(net).values() if t.is_floating_point()]
         text = (meta.get("model") or {}).get("source") == "huggingface"
@@ -471,17 +575,19 @@ def _attribute(net: nn.Module, target: str) -> Any:
 
 
 def evaluate(path: str | os.PathLike, split: str = "test", data_root: str | None = None, *,
-             batch_size: int = 1000) -> dict[str, Any]:
+             batch_size: int = 1000, log: Callable[[str], None] | None = logger.info
+             ) -> dict[str, Any]:
     """Accuracy and loss of the model in sparse inference file ``path`` on one split of the
-    dataset its metadata names, run from the file on the kernels; adds ``seconds`` (the pass
-    over the split) and ``sparse_layers``."""
+    dataset its metadata names, run from the file on the kernels, each layer sparse where
+    measured faster on the first batch (:func:`load` with ``example``; the table goes to
+    ``log``); adds ``seconds`` (the pass over the split) and ``sparse_layers``."""
     from prunescope import data
 
-    model = load(path)
-    source = model.meta.get("data")
+    source = files.read_meta(path).get("data")  # load verifies the whole file
     if not source:
         raise CheckpointError(f"{path} does not say which dataset its model was trained on")
     subset = getattr(data.from_spec(source, data_root), split)
+    model = load(path, example=subset.x[:batch_size] if len(subset) else None, log=log)
     start = time.perf_counter()
     with torch.inference_mode():
         logits = [model.run(subset.x[i:i + batch_size]).float()
@@ -497,4 +603,4 @@ def evaluate(path: str | os.PathLike, split: str = "test", data_root: str | None
 
 
 __all__ = ["InferenceConv2d", "InferenceLinear", "SparseModel", "compile_forward", "evaluate",
-           "export", "load", "transpose"]
+           "export", "format_choices", "load", "max_pool_2x2", "transpose"]
