@@ -324,6 +324,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--out", type=Path, default=RESULTS / "inference.json")
     args = parser.parse_args()
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise SystemExit("benchmarks/inference.py needs onnxruntime: pip install "
+                         "'prunescope[bench]'")
+    if importlib.util.find_spec("openvino") is None:
+        print("openvino is not installed: its column is left out (pip install 'prunescope[bench]')")
     torch.set_num_threads(THREADS)
     load_start, start = os.getloadavg(), time.perf_counter()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}; "
