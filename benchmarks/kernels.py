@@ -12,8 +12,9 @@ reports the median ratio and its spread (min, quartiles, max over the rounds). T
 fraction of a case is its speedup over dense divided by 1/(1 - sparsity). Each case also runs
 the swap rule itself (``to_sparse`` on the layer, at the case's shape, for inference or
 training): "after swap" is the speedup a user gets, 1.0 where the rule keeps the layer dense.
-With ``--beside-load`` the lowest-margin cases (80%) run again while another process keeps one
-core busy with dense matrix products, and report the same ratios and swap decisions.
+Then the lowest-margin cases (80%) run again while another process keeps one core busy with
+dense matrix products (unless ``--no-beside-load``), and report the same ratios and swap
+decisions.
 
 Each implementation's outputs and gradients are compared with the reference computed in float64
 (largest error relative to the largest reference entry). SparseProp runs if ``--sparseprop VENV``
@@ -461,8 +462,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="one case per layer kind (smoke; writes no results)")
     parser.add_argument("--skip-lenet", action="store_true")
-    parser.add_argument("--beside-load", action="store_true",
-                        help="also run the 80%% cases beside a process that keeps a core busy")
+    parser.add_argument("--no-beside-load", dest="beside_load", action="store_false",
+                        help="skip the 80%% cases beside a process that keeps a core busy")
     args = parser.parse_args()
     started = time.perf_counter()
     load_start = os.getloadavg()
