@@ -159,6 +159,27 @@ def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, th
     check_against_reference(layer, sparse, mask, x, rtol=RTOL if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_column_blocks_when_the_weights_fit_in_cache(variant, dtype, threads, request):
+    """1536 inputs, 128 outputs, 20% dense (about 39k taps): the slab of 1536 rows x 32 lanes is
+    read in 4 (float32) or 8 (float64) column blocks, since the weights (at most 0.5 MB) fit in
+    cache and each row keeps at least 16 taps per block (ops.cpp, column_blocks), with whole
+    blocks empty in some rows; forward, gradients and the inference path against the reference."""
+    _use_threads(threads, request)
+    generator = torch.Generator().manual_seed(1536)
+    layer = nn.Linear(1536, 128).to(dtype)
+    mask = random_mask(layer.weight.shape, 0.2, generator)
+    mask[:8, 200:900] = False
+    sparse = SparseLinear.from_dense(layer, mask)
+    x = torch.randn(70, 1536, generator=generator, dtype=dtype)
+    rtol = RTOL if dtype == torch.float32 else 1e-12
+    check_against_reference(layer, sparse, mask, x, rtol=rtol)
+    with torch.no_grad():
+        assert_close(sparse(x), reference.linear(x, sparse.values, sparse.mask, sparse.bias),
+                     rtol)
+
+
 @pytest.mark.parametrize("rows,n_in,n_out,dtype", [(2048, 384, 1536, torch.float32),
                                                    (1000, 1536, 384, torch.float32),
                                                    (70, 33, 130, torch.float32),

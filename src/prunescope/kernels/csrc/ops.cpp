@@ -197,14 +197,21 @@ at::Tensor pack_tiles(const T* src, int64_t srs, int64_t C, const Tiles& t,
 
 // Column blocks of a slab of `columns` rows of T lanes: each block's share of the slab (at most
 // kBlockBytes) stays in the fastest caches while every output row reads it. Measured on MiniLM's
-// widths (2048 rows, 80-90% sparse): 3-13% faster for 1536 input rows (4 blocks), never slower;
-// the kernels read slabs of 384 rows x 32 lanes (48 KiB) as fast as slabs of 96 rows.
+// widths (2048 rows, 80-90% sparse): 3-13% faster for 1536 input rows (4 blocks); the kernels
+// read slabs of 384 rows x 32 lanes (48 KiB) as fast as slabs of 96 rows. But every block is
+// one more pass over the rows' taps in short pieces, which the prefetchers cannot follow: with
+// weights (values and indices) larger than an L2 cache, or fewer than kMinBlockTaps taps per row
+// and block, blocks cost more than they save (4096x4096 at 95%, batch 256, one thread: forward
+// 2.4x and forward + backward 3.1x slower with 6 blocks than without; 1024x1024 at 95%, batch
+// 64, 8.5 taps per row and block: 1.4-1.5x slower), and the slab is read whole.
 struct Blocks {
   std::vector<int64_t> bptr;  // [rows][nb + 1]; empty for one block
   int64_t nb = 1;
 };
 
 constexpr int64_t kBlockBytes = 48 << 10;
+constexpr int64_t kBlockWeightBytes = 1 << 20;
+constexpr int64_t kMinBlockTaps = 16;
 
 // Row k's taps split into runs by blocks of `width` columns: bptr[k * (nb + 1) + b] is its first
 // tap in block b. Any split of a row's taps into consecutive runs gives the same sums (formats
@@ -213,10 +220,13 @@ template <class T>
 Blocks column_blocks(const at::Tensor& ptr, const at::Tensor& idx, int64_t columns,
                      const Tiles& t) {
   Blocks out;
+  const int64_t rows = ptr.numel() - 1, taps = idx.numel();
   out.nb = std::max<int64_t>(1, (columns * t.T * static_cast<int64_t>(sizeof(T)) +
                                  kBlockBytes - 1) / kBlockBytes);
+  const int64_t weight_bytes = taps * static_cast<int64_t>(sizeof(T) + sizeof(int32_t));
+  if (weight_bytes > kBlockWeightBytes || taps < kMinBlockTaps * rows * out.nb) out.nb = 1;
   if (out.nb == 1) return out;
-  const int64_t rows = ptr.numel() - 1, width = (columns + out.nb - 1) / out.nb, nb = out.nb;
+  const int64_t width = (columns + out.nb - 1) / out.nb, nb = out.nb;
   const int64_t* p = ptr.const_data_ptr<int64_t>();
   const int32_t* c = idx.const_data_ptr<int32_t>();
   out.bptr.resize(rows * (nb + 1));
