@@ -145,9 +145,10 @@ def _use_threads(threads: int, request) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, threads, request):
     """MiniLM's encoder widths, [batch, tokens, features] input with batch x tokens (69 rows)
-    not a multiple of the lane tile, 90% sparse: 1536 input features are read in column blocks
-    (partial sums between them; in float64 over two lane chunks per tile), and on 2 threads the
-    output rows are split (at 16-row boundaries) between threads writing the same rows."""
+    not a multiple of the lane tile, 90% sparse: in float32, 1536 input features are read in
+    column blocks (partial sums between them; float64's 8 blocks would keep too few taps per row,
+    so it reads the slab whole: see the column-blocks test), and on 2 threads the output rows are
+    split (at 16-row boundaries) between threads writing the same rows."""
     _use_threads(threads, request)
     generator = torch.Generator().manual_seed(n_in + n_out)
     layer = nn.Linear(n_in, n_out).to(dtype)
