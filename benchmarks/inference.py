@@ -318,6 +318,7 @@ def checks(points: list[dict]) -> list[dict]:
 
 
 def main() -> None:
+    global THREADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["lenet300", "conv2", "minilm"],
                         choices=["lenet300", "conv2", "minilm"])
@@ -332,7 +333,6 @@ def main() -> None:
                          "'prunescope[bench]'")
     if importlib.util.find_spec("openvino") is None:
         print("openvino is not installed: its column is left out (pip install 'prunescope[bench]')")
-    global THREADS
     THREADS = args.threads
     torch.set_num_threads(THREADS)
     load_start, start = os.getloadavg(), time.perf_counter()
