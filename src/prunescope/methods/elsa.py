@@ -13,9 +13,10 @@ procedure (the paper's outline; the details PackNet-style, see ``docs/elsa.md``)
    zeroed, values written back after every step, so they stay bit-identical), admit the
    weights of the next level (``admission``: ``dense``, by the magnitude of the run's trained
    dense model; ``regrow``, by their own magnitude after a short training of every free weight)
-   starting from their dense values, and train them with every other weight pruned, for that
-   level's epochs, with the run's fine-tuning or training config (``level_config``,
-   ``level_lr``); biases and norms keep training or stay as the top level left them (``rest``);
+   starting from their dense values (``start: init``: the run's initialisation), and train them
+   with every other weight pruned, for that level's epochs, with the run's training or
+   fine-tuning config (``level_config``, ``level_lr``); biases and norms keep training or stay
+   as the top level left them (``rest``);
 3. write one nested checkpoint (:mod:`prunescope.nested`) holding every level.
 
 The method runs once, at its top level: its ``levels`` replace the recipe's ``sparsities``, and
