@@ -14,12 +14,16 @@ weight is materialised for it) and fills every other tensor from the file. The r
 :class:`SparseModel`, runs under ``torch.inference_mode`` on the public kernel operators
 (``torch.ops.prunescope_kernels.sparse_linear`` / ``sparse_conv2d``, whose no-grad path keeps
 nothing for backward). Its outputs are those of the dense masked model (tested within 1e-5).
+With an ``example`` batch, ``load`` applies the swap rule of :func:`prunescope.kernels.to_sparse`
+to inference: a layer stays sparse only where it is measured faster than its dense form.
 
 Per-call overhead: where ``torch.fx`` can trace the model (the registry models), the forward is
 compiled into one straight-line Python function whose constants (the kernels' tensors, the
 pooling arguments) are globals: no ``nn.Module`` call, attribute lookup or container walk is
-left per layer, only the operator calls themselves. A model ``torch.fx`` cannot trace (a
-Hugging Face transformer) runs its own module tree with the inference layers in it.
+left per layer, only the operator calls themselves; ReLU runs in place where nothing else reads
+its input, and 2 x 2 max pooling as two elementwise maxima (:func:`max_pool_2x2`). A model
+``torch.fx`` cannot trace (a Hugging Face transformer) runs its own module tree with the
+inference layers in it. Measured figures: docs/inference.md.
 
 Where the fast kernels are not available (no compiler, ``PRUNESCOPE_KERNELS=reference``; the
 kernels print one warning line saying why) the sparse layers are densified at load and the model
