@@ -35,7 +35,8 @@ LEVELS = (0.98, 0.95, 0.9, 0.0)
 GMP = {"method": "gmp", "start": 0.05, "end": 0.6, "every": 10, "unit": "fraction"}
 # ELSA's level keys of each variant (methods/elsa.py); "top_share": the top level's part of
 # the epochs (default 1/2). "default" is ELSA's defaults (admission dense, level_config train,
-# rest train) with the split of the recipes (5/8), both chosen on validation data (docs/elsa.md).
+# rest train) with the recipes' split (5/8) and the dense level at the fine-tuning rate, all
+# chosen on validation data (docs/elsa.md).
 VARIANTS: dict[str, dict] = {
     "dense-ft": {"admission": "dense", "level_config": "finetune"},
     "dense-train": {"admission": "dense", "level_config": "train"},
@@ -59,9 +60,12 @@ VARIANTS: dict[str, dict] = {
                                    "level_config": "train", "top_share": 0.625},
     "regrow-init-train-top-3of4": {"admission": "regrow", "start": "init",
                                    "level_config": "train", "top_share": 0.75},
+    "dense-train-top-5of8-dense-level-ft-rate": {"admission": "dense", "level_config": "train",
+                                                 "top_share": 0.625,
+                                                 "level_lr": [0.1, 0.1, 0.01]},
     "dense-train-top-5of8-rest-frozen": {"admission": "dense", "level_config": "train",
                                          "top_share": 0.625, "rest": "freeze"},
-    "default": {"top_share": 0.625},  # ELSA's defaults, the recipes' split (docs/elsa.md)
+    "default": {"top_share": 0.625, "level_lr": [0.1, 0.1, 0.01]},  # as the recipes
 }
 
 
