@@ -68,7 +68,8 @@ class FreezeHold(MaskHold):
     weight trains until ``step``, where the mask becomes :func:`admit` of ``frozen`` by the
     free weights' own magnitudes at ``sparsity`` (held from then on). ``freeze_rest`` drops
     the gradient of every parameter outside ``frozen``'s tensors (biases, norms) before each
-    step, so the optimizer skips them: they keep their values.
+    step, so the optimizer skips them: they keep their values (buffers such as batch-norm
+    running statistics are not parameters and still update in training mode).
 
     The frozen values are those the model holds when training starts (:meth:`hold_` before
     the first step; after a resume, the restored ones, which are the same).
