@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
 .PHONY: demo test minilm bench bench-pruning bench-kernels bench-spade bench-sparse-training \
-	bench-transformer lint clean
+	bench-transformer bench-inference bench-elsa lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -37,12 +37,15 @@ test: $(STAMP)
 minilm: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/prunescope run recipes/minilm-tweets.yaml --out runs/minilm-tweets
 
-bench: bench-pruning bench-kernels bench-spade bench-sparse-training bench-transformer
+bench: bench-pruning bench-kernels bench-inference bench-spade bench-sparse-training \
+	bench-transformer bench-elsa
 
 bench-pruning: $(STAMP)
 	$(BIN)/python benchmarks/pruning.py
 
-# SparseProp, the comparison, builds into its own venv; if it fails the table says unavailable
+# SparseProp, the comparison, builds into its own venv; if it fails the table says unavailable.
+# Interleaved rounds, then the 80% cases again beside a process keeping a core busy (~35 min;
+# add --no-beside-load to the second line to skip that phase)
 bench-kernels: $(STAMP)
 	-PYTHON=$(PYTHON) benchmarks/sparseprop_env.sh $(VENV)/bench-sparseprop
 	$(BIN)/python benchmarks/kernels.py --sparseprop $(VENV)/bench-sparseprop
@@ -50,6 +53,18 @@ bench-kernels: $(STAMP)
 # LeNet-300-100 on MNIST: GMP, AC/DC, RigL, SET, lottery tickets, CrAM at 90/95/98% (~30 min)
 bench-sparse-training: $(STAMP)
 	$(BIN)/prunescope run recipes/mnist-sparse-training.yaml --no-progress
+
+# sparse inference from a prunescope.sparse file against PyTorch dense, ONNX Runtime and OpenVINO
+# on the dense-with-zeros model (the engines are benchmark-only: the 'bench' extra)
+bench-inference: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/python benchmarks/inference.py
+
+# ELSA on LeNet-300-100 / MNIST: each level against GMP trained for it alone, 3 seeds (~75 min)
+bench-elsa: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/elsa.py --dataset mnist --epochs 24 \
+		--batch-size 128 --seeds 0 1 2 --variants dense-train-top-5of8-dense-level-ft-rate \
+		--name elsa_mnist_lenet300
 
 # SPADE: backdoor-trigger localisation AUC of saliency maps with and without SPADE
 bench-spade: $(STAMP)
