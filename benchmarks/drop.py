@@ -144,18 +144,20 @@ def main() -> None:
     out = args.out or Path("runs") / ("bench-drop" if args.track == "mnist_lt"
                                       else "bench-drop-minilm")
     seeds = range(args.seeds)  # finished trainings are read back: more seeds add to them
-    if args.track == "minilm":
-        records = [r for seed in seeds for r in minilm_seed(seed, out, args.overrides)]
-    else:
-        quotas = ("drop_code", "drop_paper") if args.paper else ("drop_code",)
-        records = [r for seed in seeds for r in mnist_seed(seed, args.epochs, out, quotas)]
-    print(markdown_table(summary(records), ["density", "method", "seeds", "accuracy",
-                                            "worst-class recall"]))
-    print()
-    print(markdown_table(paired(records), ["density", "method", "vs", "metric",
-                                           "difference (points)"]))
-    print(f"\n{time.perf_counter() - start:.0f} s in all")
-    print(write_results("drop" if args.track == "mnist_lt" else "drop_minilm", records))
+    quotas = ("drop_code", "drop_paper") if args.paper else ("drop_code",)
+    name = "drop" if args.track == "mnist_lt" else "drop_minilm"
+    records: list[dict] = []
+    for seed in seeds:  # the tables and the file after every seed: a stopped run keeps them
+        records += (minilm_seed(seed, out, args.overrides) if args.track == "minilm"
+                    else mnist_seed(seed, args.epochs, out, quotas))
+        print(f"\nafter seed {seed}:")
+        print(markdown_table(summary(records), ["density", "method", "seeds", "accuracy",
+                                                "worst-class recall"]))
+        print()
+        print(markdown_table(paired(records), ["density", "method", "vs", "metric",
+                                               "difference (points)"]))
+        print(f"\n{time.perf_counter() - start:.0f} s in all")
+        print(write_results(name, records), flush=True)
 
 
 if __name__ == "__main__":
