@@ -345,3 +345,22 @@ def test_a_sweep_of_single_seed_populations_warns_once(caplog):
     seed_noise = [w for w in audit["warnings"] if "seed noise" in w]
     assert len(seed_noise) == 1 and seed_noise[0].startswith("4 populations (")
     assert caplog.text.count("seed noise") == 1
+
+
+def test_the_summary_says_n_a_where_every_example_is_a_cie():
+    """Every test example a CIE (a tiny split): the dense accuracy on "the rest" is over no
+    example; the summary line says so instead of failing on the missing value."""
+    import dataclasses
+
+    from test_audit_fixtures import synthetic_audit
+
+    from prunescope.audit.audit import summary_lines
+
+    result = synthetic_audit(n_boot=0)
+    block = next(b for b in result.populations if b.label in result.focus and b.cie.count)
+    everything = dataclasses.replace(block, cie=dataclasses.replace(
+        block.cie, dense_accuracy_rest=None))
+    result = dataclasses.replace(result, populations=[
+        everything if b is block else b for b in result.populations])
+    line = next(x for x in summary_lines(result) if x.startswith(f"audit {block.label} "))
+    assert line.endswith("vs n/a (no examples) on the rest")

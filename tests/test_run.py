@@ -243,3 +243,14 @@ def test_tensorboard_without_the_package_is_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr(builtins, "__import__", no_tensorboard)
     with pytest.raises(ConfigError, match=r"prunescope\[tensorboard\]"):
         TensorBoardLogger(tmp_path)
+
+
+def test_training_fields_added_later_stay_out_of_the_key_at_their_default():
+    """Runs finished before train.loss existed keep their key; choosing SupCon changes it."""
+    splits = digits()
+    plain = Run(splits, lambda: torch.nn.Linear(64, 10), "unused", train=TrainConfig(epochs=1))
+    assert not {"loss", "temperature", "supcon_weight"} & set(plain.key()["train"])
+    supcon = Run(splits, lambda: torch.nn.Linear(64, 10), "unused",
+                 train=TrainConfig(epochs=1, loss="supcon"))
+    assert supcon.key()["train"]["loss"] == "supcon"
+    assert stages.difference(plain.key(), supcon.key())[0] == "train.loss"

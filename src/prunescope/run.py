@@ -119,7 +119,7 @@ class Run:
         """What determines every result of this run (the stages compare it on resume)."""
         return {"data": self.data_spec or {"name": self.splits.name},
                 "model": self._model_key(), "seed": self.seed,
-                "train": _plain(self.train), "finetune": _plain(self.finetune),
+                "train": _training_key(self.train), "finetune": _training_key(self.finetune),
                 "scoring": _plain(self.scoring), "targets": _plain(self.targets),
                 "distill": self.distill.key() if self.distill is not None else None}
 
@@ -283,6 +283,22 @@ class Stopwatch:
 
     def seconds(self) -> float:
         return time.perf_counter() - self.started + self.run.carried_seconds
+
+
+# TrainConfig fields added after runs were first keyed: left out of a key while at their
+# default, so a run directory finished before they existed still reads back.
+_LATER_TRAIN_FIELDS = ("loss", "temperature", "supcon_weight")
+
+
+def _training_key(config: Any) -> Any:
+    """A training config as key data, without the later fields that are at their default."""
+    key = _plain(config)
+    if isinstance(key, dict) and dataclasses.is_dataclass(config):
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for name in _LATER_TRAIN_FIELDS:
+            if name in key and key[name] == defaults.get(name):
+                del key[name]
+    return key
 
 
 def _plain(value: Any) -> Any:

@@ -99,9 +99,15 @@ def summary_lines(result: AuditResult) -> list[str]:
             continue
         lines.append(f"{head}: {cie.count} CIEs ({100 * cie.fraction:.2f}%), "
                      f"{block.flip_count:.1f} flips; dense accuracy on CIEs "
-                     f"{100 * cie.dense_accuracy_cie:.1f}% vs "
-                     f"{100 * cie.dense_accuracy_rest:.1f}% on the rest")
+                     f"{_percent(cie.dense_accuracy_cie)} vs "
+                     f"{_percent(cie.dense_accuracy_rest)} on the rest")
     return lines + noise_lines(result)
+
+
+def _percent(value: float | None) -> str:
+    """A fraction as a percentage; ``n/a`` where the set it is taken over is empty (every
+    example a CIE, or none)."""
+    return "n/a (no examples)" if value is None else f"{100 * value:.1f}%"
 
 
 def noise_lines(result: AuditResult) -> list[str]:
