@@ -56,6 +56,7 @@ import torch  # noqa: E402
 from common import RESULTS, machine, write_json_file  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
+from transformer_speed import TOKENS, token_batch  # noqa: E402
 
 import prunescope  # noqa: E402
 from prunescope import checkpoint, models  # noqa: E402
@@ -64,8 +65,6 @@ from prunescope.targets import default_targets  # noqa: E402
 
 THREADS = 2  # the target's; --threads changes it
 BATCHES = (1, 64)
-TOKENS = 32
-CLS, SEP, PAD = 101, 102, 0
 TARGET = 2.0  # issue 14: at 90%, batch 64, over the faster of PyTorch and ONNX Runtime
 TARGET_MODELS = ("lenet300", "conv2")
 BLOCK_SECONDS = 0.02
@@ -98,14 +97,8 @@ def inputs(name: str, batch: int, model: nn.Module) -> torch.Tensor:
     generator = torch.Generator().manual_seed(batch)
     if name != "minilm":
         return torch.randn(batch, *model.input_shape, generator=generator)
-    vocab = model.net.config.vocab_size
-    lengths = torch.randint(8, TOKENS + 1, (batch,), generator=generator)
-    positions = torch.arange(TOKENS)[None]
-    ids = torch.randint(1000, vocab, (batch, TOKENS), generator=generator)
-    ids[:, 0] = CLS
-    ids[positions == (lengths[:, None] - 1)] = SEP
-    attention = (positions < lengths[:, None]).long()
-    return torch.stack([ids * attention + PAD * (1 - attention), attention], dim=1)
+    tokens = token_batch(batch, generator, model.net.config.vocab_size)
+    return torch.stack([tokens["input_ids"], tokens["attention_mask"]], dim=1)
 
 
 # -- engines --------------------------------------------------------------------------------------

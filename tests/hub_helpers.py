@@ -12,6 +12,9 @@ WORDS = {"positive": ["good", "great", "love", "happy", "nice"],
          "negative": ["bad", "awful", "hate", "sad", "worse"],
          "neutral": ["car", "road", "today", "drive", "city", "news", "sign", "time"]}
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# how the tests fine-tune the tiny BERT (the track's optimizer at a rate a tiny model learns at)
+ADAMW = {"optimizer": "adamw", "lr": 0.005, "weight_decay": 0.01, "lr_schedule": "linear",
+         "warmup": 0.1, "max_grad_norm": 1.0, "batch_size": 16}
 
 
 def tiny_model(folder: Path, *, layers: int = 2, hidden: int = 32) -> Path:

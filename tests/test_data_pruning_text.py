@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hub_helpers import tiny_model, tiny_tweets  # noqa: E402
+from hub_helpers import ADAMW, tiny_model, tiny_tweets  # noqa: E402
 
 from prunescope import experiment  # noqa: E402
 from prunescope import recipe as recipes  # noqa: E402
@@ -23,9 +23,6 @@ from prunescope.data_pruning import (  # noqa: E402
     train_on,
 )
 from prunescope.data_pruning.select import protocol_run  # noqa: E402
-
-ADAMW = {"optimizer": "adamw", "lr": 0.005, "weight_decay": 0.01, "lr_schedule": "linear",
-         "warmup": 0.1, "max_grad_norm": 1.0, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")

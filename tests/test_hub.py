@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("transformers")
 
-from hub_helpers import tiny_model, tiny_tweets  # noqa: E402
+from hub_helpers import ADAMW, tiny_model, tiny_tweets  # noqa: E402
 
 from prunescope import checkpoint, data, experiment  # noqa: E402
 from prunescope import recipe as recipes  # noqa: E402
@@ -20,9 +20,6 @@ from prunescope.errors import ConfigError, DataError, PrunescopeError  # noqa: E
 from prunescope.hub import models as hub_models  # noqa: E402
 from prunescope.sparsifier import MaskHold, prune  # noqa: E402
 from prunescope.train import TrainConfig, fit  # noqa: E402
-
-ADAMW = {"optimizer": "adamw", "lr": 0.005, "weight_decay": 0.01, "lr_schedule": "linear",
-         "warmup": 0.1, "max_grad_norm": 1.0, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
