@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -56,6 +57,20 @@ def write_results(name: str, records: list[dict]) -> Path:
     path = RESULTS / f"{name}.json"
     write_json(path, {"machine": machine(), "records": records})
     return path
+
+
+def print_checks(results: list[dict]) -> None:
+    """One ``[x]`` / ``[ ]`` line per target: ``what``, ``met``, ``measured``."""
+    for check in results:
+        print(f"[{'x' if check['met'] else ' '}] {check['what']}: {check['measured']:.2f}")
+
+
+def finish(start: float) -> tuple[tuple[float, float, float], float]:
+    """Print the load average and the seconds since ``start`` (``time.perf_counter()``);
+    return both."""
+    load, seconds = os.getloadavg(), time.perf_counter() - start
+    print(f"load average at end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; {seconds:.0f} s")
+    return load, seconds
 
 
 def write_json_file(path: Path, obj: object) -> Path:

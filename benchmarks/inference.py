@@ -53,7 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import RESULTS, machine, write_json_file  # noqa: E402
+from common import RESULTS, finish, machine, print_checks, write_json_file  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformer_speed import TOKENS, token_batch  # noqa: E402
@@ -339,12 +339,8 @@ def main() -> None:
     print(table(points))
     print(size_table(points))
     results = checks(points)
-    for check in results:
-        print(f"[{'x' if check['met'] else ' '}] {check['what']}: {check['measured']:.2f}")
-    load_end = os.getloadavg()
-    seconds = time.perf_counter() - start
-    print(f"load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; "
-          f"{seconds:.0f} s")
+    print_checks(results)
+    load_end, seconds = finish(start)
     versions = {name: _version(name) for name in ("onnxruntime", "openvino", "onnx",
                                                   "onnxscript")}
     path = write_json_file(args.out, {

@@ -36,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from common import RESULTS, machine, markdown_table, write_json_file  # noqa: E402
+from common import RESULTS, finish, machine, markdown_table, print_checks, write_json_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import prunescope  # noqa: E402
@@ -309,12 +309,8 @@ def main() -> None:
             print(f"  {side:<6} " + ", ".join(f"{g} {ms:.1f}" for g, ms in groups.items()))
     print(table(points, step))
     results = checks(points, step)
-    for check in results:
-        print(f"[{'x' if check['met'] else ' '}] {check['what']}: {check['measured']:.2f}")
-    load_end = os.getloadavg()
-    seconds = time.perf_counter() - start
-    print(f"load average at end: {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f}; "
-          f"{seconds:.0f} s")
+    print_checks(results)
+    load_end, seconds = finish(start)
     for record in (*points, step):
         record.pop("_models")
     path = write_json_file(args.out, {
