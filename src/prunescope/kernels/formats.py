@@ -10,6 +10,7 @@ in ``values`` and ``crow`` its output row. Indices are int32, pointers int64.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,24 +40,27 @@ def compress(weight: torch.Tensor, mask: torch.Tensor, groups: int = 1) -> Compr
     """
     rows = weight.shape[0]
     keep = mask.reshape(rows, -1)
-    columns = keep.shape[1]
     kept = keep.nonzero()
-    row, column = kept[:, 0], kept[:, 1]
-    ptr = _pointers(row, rows)
-    taps_per_channel = columns // (weight.shape[1] if weight.dim() == 4 else columns)
+    return Compressed(values=weight.detach().reshape(rows, -1)[keep].contiguous(),
+                      **index_structure(kept[:, 0], kept[:, 1], tuple(weight.shape), groups))
+
+
+def index_structure(row: torch.Tensor, column: torch.Tensor, shape: tuple[int, ...],
+                    groups: int = 1) -> dict[str, torch.Tensor]:
+    """The index tensors (``ptr``, ``idx``, ``cptr``, ``cperm``, ``crow``) of the kept weights at
+    ``row``, ``column`` (row-major order; ``column`` indexes a row's flattened
+    ``[in / groups, kh, kw]``) of a weight of ``shape`` (2-d Linear or 4-d Conv2d)."""
+    rows = shape[0]
+    columns = math.prod(shape[1:])
     # global input channel (Conv2d) or feature (Linear) of each kept weight
-    channels_per_group = weight.shape[1] if weight.dim() == 4 else columns
-    group = row // (rows // groups)
-    channel = group * channels_per_group + column // taps_per_channel
-    in_total = channels_per_group * groups
-    order = torch.argsort(channel, stable=True)
-    return Compressed(
-        values=weight.detach().reshape(rows, -1)[keep].contiguous(),
-        ptr=ptr, idx=column.to(torch.int32).contiguous(),
-        cptr=_pointers(channel[order], in_total),
-        cperm=order.to(torch.int32).contiguous(),
-        crow=row[order].to(torch.int32).contiguous(),
-    )
+    channels_per_group = shape[1] if len(shape) == 4 else columns
+    channel = (row // (rows // groups)) * channels_per_group + column // (columns //
+                                                                        channels_per_group)
+    order = torch.argsort(channel.to(torch.int32), stable=True)  # int32 keys sort faster
+    return {"ptr": _pointers(row, rows), "idx": column.to(torch.int32).contiguous(),
+            "cptr": _pointers(channel[order], channels_per_group * groups),
+            "cperm": order.to(torch.int32).contiguous(),
+            "crow": row[order].to(torch.int32).contiguous()}
 
 
 def _pointers(sorted_rows: torch.Tensor, rows: int) -> torch.Tensor:

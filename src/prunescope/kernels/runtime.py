@@ -47,7 +47,7 @@ from torch import nn
 
 from prunescope import files
 from prunescope.errors import CheckpointError, ConfigError
-from prunescope.kernels import sparse_file
+from prunescope.kernels import formats, sparse_file
 from prunescope.kernels.build import backend
 from prunescope.kernels.sparse_file import SparseFile, SparseTensor
 
@@ -115,21 +115,9 @@ def transpose(sparse: SparseTensor, groups: int = 1) -> dict[str, torch.Tensor]:
     """The kernels' index structure of ``sparse`` (:mod:`prunescope.kernels.formats`): ``ptr``
     (int64), ``idx`` (int32), and the weights grouped by global input channel (``cptr``,
     ``cperm``, ``crow``), computed from the CSR alone (no dense mask)."""
-    rows, columns = sparse.rows, sparse.columns
     counts = (sparse.ptr[1:] - sparse.ptr[:-1]).long()
-    row = torch.repeat_interleave(torch.arange(rows), counts)
-    column = sparse.idx.long()
-    conv = len(sparse.shape) == 4
-    channels_per_group = sparse.shape[1] if conv else columns
-    taps = columns // channels_per_group
-    channel = (row // (rows // groups)) * channels_per_group + column // taps
-    order = torch.argsort(channel.to(torch.int32), stable=True)  # int32 keys sort faster
-    cptr = torch.zeros(channels_per_group * groups + 1, dtype=torch.int64)
-    cptr[1:] = torch.bincount(channel, minlength=channels_per_group * groups).cumsum(0)
-    return {"ptr": sparse.ptr.to(torch.int64).contiguous(),
-            "idx": sparse.idx.to(torch.int32).contiguous(), "cptr": cptr,
-            "cperm": order.to(torch.int32).contiguous(),
-            "crow": row[order].to(torch.int32).contiguous()}
+    row = torch.repeat_interleave(torch.arange(sparse.rows), counts)
+    return formats.index_structure(row, sparse.idx.long(), tuple(sparse.shape), groups)
 
 
 class _InferenceLayer(nn.Module):
