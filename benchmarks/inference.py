@@ -27,8 +27,11 @@ Engines, all on the same dense masked model and 2 threads:
   compiled forward saves in per-call overhead).
 
 Timing: rounds of one block per engine, the engines' order rotating from round to round; a block
-is a few warm-up calls then ``inner`` timed calls (enough for about 20 ms), separated by a short
-pause so that one engine's spinning threads do not run into the next one's block. Each round
+is a few warm-up calls then ``inner`` timed calls (enough for about 20 ms). Before each block the
+process sleeps until no thread of it is spinning any more (:func:`quiesce`): thread pools keep
+spinning after their work, ONNX Runtime's for about 40 ms (measured on this machine: 40 ms of CPU
+time during the first 40 ms of sleep after a LeNet block), OpenMP's for about 8 ms, and a
+spinning thread takes a core from the engine timed next. Each round
 gives every engine a time per call and prunescope a speedup over each (their ratio within the
 round); reported are the medians of the times and of the per-round ratios, with the ratios'
 spread (min, quartiles, max). ``vs best`` is the speedup over the faster of PyTorch and ONNX
@@ -68,7 +71,7 @@ BATCHES = (1, 64)
 TARGET = 2.0  # issue 14: at 90%, batch 64, over the faster of PyTorch and ONNX Runtime
 TARGET_MODELS = ("lenet300", "conv2")
 BLOCK_SECONDS = 0.02
-PAUSE_SECONDS = 0.01
+QUIET_STEP, QUIET_LIMIT = 0.005, 0.5  # seconds
 
 
 # -- models ---------------------------------------------------------------------------------------
@@ -178,6 +181,18 @@ def block(run: Callable[[], object], inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
+def quiesce() -> float:
+    """Sleep in steps of QUIET_STEP until this process used under a tenth of a step's CPU time
+    during one (no thread pool spinning), at most QUIET_LIMIT; returns the seconds slept."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < QUIET_LIMIT:
+        cpu = time.process_time()
+        time.sleep(QUIET_STEP)
+        if time.process_time() - cpu < QUIET_STEP / 10:
+            break
+    return time.perf_counter() - start
+
+
 def rounds(runs: dict[str, Callable[[], object]], count: int) -> dict[str, list[float]]:
     """Per-call seconds of every engine in each of ``count`` rounds, order rotating."""
     inner = {name: max(1, round(BLOCK_SECONDS / max(block(run, 3), 1e-7)))
@@ -186,7 +201,7 @@ def rounds(runs: dict[str, Callable[[], object]], count: int) -> dict[str, list[
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(count):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            time.sleep(PAUSE_SECONDS)
+            quiesce()
             times[name].append(block(runs[name], inner[name]))
     return times
 

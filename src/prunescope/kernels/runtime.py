@@ -220,7 +220,7 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trace: bool
                if example is not None and fast else [])
     if choices and log is not None:
         log(format_choices(choices))
-    loaded = SparseModel(skeleton, content.meta, trace=trace)
+    loaded = SparseModel(skeleton, content.meta, trace=trace, example=example)
     loaded.choices = choices
     return loaded
 
@@ -401,11 +401,14 @@ class SparseModel(nn.Module):
     gradient), ``run(x)`` the same without the ``nn.Module`` call (the caller provides
     ``torch.inference_mode``). ``net`` is the module tree, ``meta`` the file's metadata."""
 
-    def __init__(self, net: nn.Module, meta: dict[str, Any], *, trace: bool = True) -> None:
+    def __init__(self, net: nn.Module, meta: dict[str, Any], *, trace: bool = True,
+                 example: torch.Tensor | None = None) -> None:
         super().__init__()
         self.net = net
         self.meta = meta
-        self.compiled = compile_forward(net) if trace else None
+        if example is None:
+            example = _registry_example(meta.get("model") or {}, net)
+        self.compiled = compile_forward(net, example) if trace else None
         self.choices: list[dict[str, Any]] = []
         self.run: Callable[[torch.Tensor], torch.Tensor] = self.compiled or net.forward
         floats = [t.dtype for t in sparse_file._tensors(net).values() if t.is_floating_point()]
@@ -426,14 +429,23 @@ class SparseModel(nn.Module):
             return self.run(x)
 
 
-def compile_forward(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def compile_forward(net: nn.Module, example: torch.Tensor | None = None
+                    ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """``net``'s forward as one straight-line function (see the module docstring), or None when
-    ``torch.fx`` cannot trace it."""
+    ``torch.fx`` cannot trace it. With ``example`` (inputs of the shape the model takes; the
+    batch size may differ), chains of sparse layers keep their activations in the lanes layout
+    (:class:`_LanesCodegen`) for inputs of the example's rank."""
     try:
         graph = _Tracer().trace(net)
     except Exception:  # noqa: BLE001 - any tracing failure: run the module tree instead
         return None
-    return _Codegen(net).build(graph)
+    plain = _Codegen(net).build(graph)
+    if plain is None or example is None or not backend().fast:
+        return plain
+    shapes = _shapes(net, graph, example)
+    if shapes is None:
+        return plain
+    return _LanesCodegen(net, shapes, plain, example.dim()).build(graph) or plain
 
 
 class _Tracer(torch.fx.Tracer):
@@ -507,6 +519,19 @@ class _Codegen:
                 and len(node.users) == 1
                 and isinstance(self.net.get_submodule(node.target), _FRESH_OUTPUT))
 
+    def line(self, node: torch.fx.Node) -> str:
+        """The assignment computing ``node`` (not a placeholder or the output)."""
+        name = self.names[node]
+        if node.op == "get_attr":
+            return f"{name} = {self.constant(_attribute(self.net, node.target))}"
+        if node.op == "call_function":
+            return f"{name} = {self.call(self.constant(node.target), node.args, node.kwargs)}"
+        if node.op == "call_method":
+            receiver, *rest = node.args
+            return (f"{name} = {self.arg(receiver)}."
+                    f"{self.call(node.target, tuple(rest), node.kwargs)}")
+        return f"{name} = {self.module_call(node)}"
+
     def build(self, graph: torch.fx.Graph) -> Callable[[torch.Tensor], torch.Tensor] | None:
         lines, inputs = [], []
         for i, node in enumerate(graph.nodes):
@@ -515,19 +540,10 @@ class _Codegen:
                 if node.args:  # a default value: not the single-input forward this handles
                     return None
                 inputs.append(name)
-            elif node.op == "get_attr":
-                lines.append(f"{name} = {self.constant(_attribute(self.net, node.target))}")
-            elif node.op == "call_function":
-                callee = self.constant(node.target)
-                lines.append(f"{name} = {self.call(callee, node.args, node.kwargs)}")
-            elif node.op == "call_method":
-                receiver, *rest = node.args
-                lines.append(f"{name} = {self.arg(receiver)}."
-                             f"{self.call(node.target, tuple(rest), node.kwargs)}")
-            elif node.op == "call_module":
-                lines.append(f"{name} = {self.module_call(node)}")
             elif node.op == "output":
                 lines.append(f"return {self.arg(node.args[0])}")
+            else:
+                lines.append(self.line(node))
         if len(inputs) != 1:
             return None
         source = f"def forward({inputs[0]}):\n" + "".join(f"    {line}\n" for line in lines)
@@ -556,6 +572,257 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
     v = x.reshape(n, c, h // 2, 2, w // 2, 2)
     rows = torch.maximum(v[:, :, :, 0], v[:, :, :, 1])
     return torch.maximum(rows[..., 0], rows[..., 1])
+
+
+# -- the lanes layout --------------------------------------------------------------------------
+# A chain of sparse layers keeps its activations batch-innermost ("lanes": [features, N] after a
+# Linear, [C, H, W, N] after a Conv2d), the layout the kernels compute in, so that a chain changes
+# layout once on the way in and once on the way out instead of packing and unpacking at every
+# layer (the operators ``to_lanes``, ``from_lanes``, ``linear_lanes``, ``conv_lanes``). ReLU is
+# fused into the layer before it; flatten is a view ([C, H, W, N] -> [C * H * W, N] is PyTorch's
+# flatten order); 2 x 2 max pooling, dropout (eval) and dense Linear layers the swap rule kept run
+# on lanes tensors as they are. Anything else reads the activation converted back.
+
+_PASS_THROUGH = ("relu", "identity", "flatten", "pool", "linear")
+
+
+def _registry_example(spec: dict[str, Any], net: nn.Module) -> torch.Tensor | None:
+    """Two zero images of the shape a registry model takes (None for other models)."""
+    if spec.get("source") == "huggingface" or not {"in_channels", "image_size"} <= spec.keys():
+        return None
+    floats = [t.dtype for t in sparse_file._tensors(net).values() if t.is_floating_point()]
+    size = spec["image_size"]
+    return torch.zeros(2, spec["in_channels"], size, size,
+                       dtype=floats[0] if floats else torch.float32)
+
+
+def _shapes(net: nn.Module, graph: torch.fx.Graph, example: torch.Tensor
+            ) -> dict[torch.fx.Node, tuple[int, ...]] | None:
+    """The shape of every tensor-valued node on (two rows of) ``example``, or None when the
+    model does not run on it."""
+    from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+
+    module = torch.fx.GraphModule(net, copy.deepcopy(graph))
+    try:
+        with torch.inference_mode():
+            ShapeProp(module).propagate(example[:2])
+    except Exception:  # noqa: BLE001 - a model that cannot run on the example: no lanes layout
+        return None
+    shapes = {}
+    for mine, theirs in zip(graph.nodes, module.graph.nodes, strict=True):
+        meta = theirs.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata):
+            shapes[mine] = tuple(meta.shape)
+    return shapes
+
+
+class _LanesCodegen(_Codegen):
+    """The forward with chains of sparse layers in the lanes layout, for inputs of rank
+    ``rank`` (others run ``plain``, the forward without it)."""
+
+    def __init__(self, net: nn.Module, shapes: dict[torch.fx.Node, tuple[int, ...]],
+                 plain: Callable, rank: int) -> None:
+        super().__init__(net)
+        self.shapes, self.plain, self.rank = shapes, plain, rank
+        self.kinds: dict[torch.fx.Node, str] = {}
+        self.lanes: set[torch.fx.Node] = set()
+        self.fused: set[torch.fx.Node] = set()  # sparse layers that apply the next ReLU
+        self.out_pad: dict[torch.fx.Node, list[int]] = {}  # convs writing the next one's margins
+        self.prepadded: set[torch.fx.Node] = set()  # convs whose input comes with its margins
+        self.std_out: set[torch.fx.Node] = set()  # Linear layers (and fused ReLUs) ending a chain
+        self.converted: dict[torch.fx.Node, str] = {}  # node -> variable in the other layout
+        self.lines: list[str] = []
+        ops = backend().ops
+        self.ops = {name: self.constant(getattr(ops, name).default)
+                    for name in ("to_lanes", "from_lanes", "linear_lanes", "conv_lanes",
+                                 "max_pool_lanes")}
+
+    def kind(self, node: torch.fx.Node) -> str | None:
+        """What ``node`` is, for the lanes layout: ``sparse`` (a layer the lanes operators
+        run), a pass-through kind, or None (runs in the standard layout)."""
+        if not node.args or not isinstance(node.args[0], torch.fx.Node):
+            return None
+        shape = self.shapes.get(node.args[0])
+        if shape is None:
+            return None
+        rest, kwargs = node.args[1:], node.kwargs
+        if node.op == "call_module":
+            module = self.net.get_submodule(node.target)
+            if rest or kwargs:
+                return None
+            if isinstance(module, InferenceLinear) and len(shape) == 2:
+                return "sparse"
+            if isinstance(module, InferenceConv2d) and len(shape) == 4:
+                return "sparse"
+            if type(module) is nn.Linear and len(shape) == 2:
+                return "linear"
+            if type(module) is nn.ReLU:
+                return "relu"
+            if type(module) in (nn.Dropout, nn.Identity) and not module.training:
+                return "identity"
+            if type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1):
+                return "flatten"
+            if type(module) is nn.MaxPool2d and len(shape) == 4 and not module.return_indices \
+                    and _pairs((module.kernel_size, module.stride, module.padding,
+                                module.dilation, module.ceil_mode)) == \
+                    ((2, 2), (2, 2), (0, 0), (1, 1), False):
+                return "pool"
+            return None
+        if node.op == "call_function" and node.target in (torch.relu, F.relu) and not rest \
+                and set(kwargs) <= {"inplace"}:
+            return "relu"
+        if node.op == "call_function" and node.target is torch.flatten and not kwargs \
+                and rest in ((1,), (1, -1)):
+            return "flatten"
+        if node.op == "call_method" and node.target == "flatten" and not kwargs \
+                and rest in ((1,), (1, -1)):
+            return "flatten"
+        return None
+
+    def plan(self, nodes: list[torch.fx.Node]) -> None:
+        """Choose the lanes nodes: a sparse layer whose input is in lanes, or whose output
+        reaches another sparse layer through lanes nodes (a chain start), and the pass-through
+        nodes reading a lanes node. A lone sparse layer stays standard (its own operator packs
+        no more than the conversions would)."""
+        self.kinds = {n: k for n in nodes if (k := self.kind(n)) is not None}
+
+        def propagate(starts: set[torch.fx.Node]) -> set[torch.fx.Node]:
+            lanes: set[torch.fx.Node] = set()
+            for n in nodes:
+                kind, source = self.kinds.get(n), n.args[0] if n.args else None
+                if (kind == "sparse" and (n in starts or source in lanes)) or (
+                        kind in _PASS_THROUGH and source in lanes):
+                    lanes.add(n)
+            return lanes
+
+        candidates = propagate({n for n, k in self.kinds.items() if k == "sparse"})
+        reaches: dict[torch.fx.Node, bool] = {}
+        for n in reversed(nodes):
+            reaches[n] = any(u in candidates and (self.kinds[u] == "sparse" or reaches[u])
+                             for u in n.users)
+        self.lanes = propagate({n for n in candidates
+                                if self.kinds[n] == "sparse" and reaches[n]})
+        for n in self.lanes:
+            source = n.args[0]
+            if self.kinds[n] == "relu" and self.kinds.get(source) == "sparse" \
+                    and source in self.lanes and len(source.users) == 1:
+                self.fused.add(source)
+        for n in self.lanes:
+            if self.kinds[n] == "sparse" and isinstance(self.net.get_submodule(n.target),
+                                                        InferenceLinear):
+                value = next(iter(n.users)) if n in self.fused else n
+                if not any(u in self.lanes for u in value.users):
+                    self.std_out.update({n, value})  # writes the standard layout itself
+        for n in self.lanes:
+            producer = self.padding_producer(n)
+            if producer is not None:
+                self.out_pad[producer] = self.net.get_submodule(n.target).geometry[6:10]
+                self.prepadded.add(n)
+
+    def padding_producer(self, node: torch.fx.Node) -> torch.fx.Node | None:
+        """The sparse convolution that can write ``node``'s zero padding (``node`` a padded
+        stride-1 sparse convolution reading, through at most a fused ReLU, only its output),
+        or None."""
+        if not self.is_conv(node):
+            return None
+        geometry = self.net.get_submodule(node.target).geometry
+        if geometry[5] != 1 or not any(geometry[6:10]):
+            return None
+        source = node.args[0]
+        if self.kinds.get(source) == "relu" and source.args[0] in self.fused:
+            if len(source.users) != 1:
+                return None
+            source = source.args[0]
+        if source in self.lanes and self.is_conv(source) and len(source.users) == 1:
+            return source
+        return None
+
+    def is_conv(self, node: torch.fx.Node) -> bool:
+        return (node in self.lanes and self.kinds[node] == "sparse"
+                and isinstance(self.net.get_submodule(node.target), InferenceConv2d))
+
+    def arg(self, value: Any) -> str:
+        if isinstance(value, torch.fx.Node) and value in self.lanes - self.std_out:
+            return self.convert(value, self.ops["from_lanes"])
+        return super().arg(value)
+
+    def lanes_arg(self, node: torch.fx.Node) -> str:
+        """The variable holding ``node``'s value in the lanes layout."""
+        if node in self.lanes:
+            return self.names[node]
+        return self.convert(node, self.ops["to_lanes"])
+
+    def convert(self, node: torch.fx.Node, op: str) -> str:
+        if node not in self.converted:
+            name = self.converted[node] = f"{self.names[node]}_t"
+            self.lines.append(f"{name} = {op}({self.names[node]})")
+        return self.converted[node]
+
+    def lanes_call(self, node: torch.fx.Node) -> str:
+        kind, source = self.kinds[node], node.args[0]
+        if kind == "relu" and source in self.fused:
+            return self.names[source]
+        if kind == "sparse":
+            return self.sparse_call(node, source)
+        x = self.lanes_arg(source)
+        if kind == "relu":
+            return f"torch.relu({x})"
+        if kind == "identity":
+            return x
+        if kind == "flatten":
+            return f"{x}.flatten(0, -2)"
+        if kind == "pool":
+            return f"{self.ops['max_pool_lanes']}({x})"
+        module = self.net.get_submodule(node.target)  # a dense Linear: W x (+ b)
+        weight = self.constant(module.weight)
+        if module.bias is None:
+            return f"torch.mm({weight}, {x})"
+        return f"torch.addmm({self.constant(module.bias.unsqueeze(1))}, {weight}, {x})"
+
+    def sparse_call(self, node: torch.fx.Node, source: torch.fx.Node) -> str:
+        module = self.net.get_submodule(node.target)
+        args = ", ".join(self.constant(t) for t in module.kernel_args()[:4])
+        relu = node in self.fused
+        if isinstance(module, InferenceLinear):  # changes layout itself at a chain's ends
+            x = self.names[source] if source not in self.lanes else self.lanes_arg(source)
+            return (f"{self.ops['linear_lanes']}({x}, {args}, {relu}, "
+                    f"{source not in self.lanes}, {node in self.std_out})")
+        geometry = list(module.geometry)
+        if node in self.prepadded:
+            geometry[6:10] = [0, 0, 0, 0]
+        return (f"{self.ops['conv_lanes']}({self.lanes_arg(source)}, {args}, "
+                f"{self.constant(geometry)}, {relu}, {self.constant(self.out_pad.get(node, []))})")
+
+    def build(self, graph: torch.fx.Graph) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        nodes = list(graph.nodes)
+        self.plan(nodes)
+        if not any(self.kinds[n] == "sparse" and n.args[0] in self.lanes for n in self.lanes):
+            return None  # no chain: nothing to gain
+        inputs = [n for n in nodes if n.op == "placeholder"]
+        if len(inputs) != 1 or inputs[0].args:
+            return None
+        for i, node in enumerate(nodes):
+            self.names[node] = f"v{i}"
+        self.lines = [f"if {self.names[inputs[0]]}.dim() != {self.rank}:",
+                      f"    return {self.constant(self.plain)}({self.names[inputs[0]]})"]
+        for node in nodes:
+            name = self.names[node]
+            if node in self.lanes:
+                line = f"{name} = {self.lanes_call(node)}"
+            elif node.op in ("placeholder", "output"):
+                line = (f"return {self.arg(node.args[0])}" if node.op == "output" else None)
+            else:
+                line = self.line(node)
+            if line is not None:
+                self.lines.append(line)
+        source = (f"def forward({self.names[inputs[0]]}):\n"
+                  + "".join(f"    {line}\n" for line in self.lines))
+        scope: dict[str, Any] = {}
+        exec(compile(source, "<prunescope sparse forward, lanes>", "exec"), self.globals,  # noqa: S102
+             scope)
+        function = scope["forward"]
+        function.source = source
+        return function
 
 
 def _attribute(net: nn.Module, target: str) -> Any:

@@ -38,13 +38,15 @@ void store_transposed(const typename V::T* buf, int rows, int n, typename V::T* 
 // lanes contiguous, row k at y + k * y_k; otherwise lane t at y + t * y_t and y_k must be 1.
 // Row k's taps are [ptr[k * ps], ptr[k * ps + 1]) (ps > 1: one block of a row's columns, see
 // gather). With `part`, the row's NT vectors start from part (from_part) instead of the bias,
-// and end in part (to_part) instead of y: the partial sums between column blocks.
+// and end in part (to_part) instead of y: the partial sums between column blocks. `relu`: the
+// stored outputs are max(0, y) (a fused ReLU; partial sums are never clipped).
 template <class V, int NV, bool TAIL, int U>
 void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y, int64_t y_k,
                  int64_t y_t, const int64_t* __restrict ptr, int64_t ps,
                  const int32_t* __restrict idx, int64_t ld, const typename V::T* __restrict vals,
                  const typename V::T* __restrict bias, int64_t r0, int64_t r1, typename V::M m,
-                 int n, typename V::T* __restrict part, bool from_part, bool to_part) {
+                 int n, typename V::T* __restrict part, bool from_part, bool to_part,
+                 bool relu) {
   using R = typename V::R;
   using T = typename V::T;
   constexpr int W = V::W;
@@ -81,6 +83,8 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
       for (int v = 0; v < NT; ++v) V::store(pk + v * W, acc[0][v]);
       continue;
     }
+    if (relu)
+      for (int v = 0; v < NT; ++v) acc[0][v] = V::relu(acc[0][v]);
     T* yk = y_t == 1 ? y + k * y_k : buf + (k - group) * kBufLanes;
     for (int v = 0; v < NV; ++v) V::store(yk + v * W, acc[0][v]);
     if (TAIL) V::storem(yk + NV * W, acc[0][NT - 1], m);
@@ -95,7 +99,7 @@ template <class V>
 using GatherRows = void (*)(const typename V::T*, typename V::T*, int64_t, int64_t,
                             const int64_t*, int64_t, const int32_t*, int64_t,
                             const typename V::T*, const typename V::T*, int64_t, int64_t,
-                            typename V::M, int, typename V::T*, bool, bool);
+                            typename V::M, int, typename V::T*, bool, bool, bool);
 
 // Independent accumulator streams: enough that NT * U >= 8 chains hide the FMA latency.
 constexpr int streams(int nt) { return nt >= 6 ? 1 : nt >= 3 ? 2 : 4; }
@@ -138,12 +142,12 @@ void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
       T* y = a.y + p * a.y_p + t0 * a.y_t;
       if (!blocked) {
         fn(xp + t0, y, a.y_k, a.y_t, a.ptr, 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
-           V::mask(tail), static_cast<int>(n), nullptr, false, false);
+           V::mask(tail), static_cast<int>(n), nullptr, false, false, a.relu);
         continue;
       }
       for (int64_t b = 0; b < a.nb; ++b)
         fn(xp + t0, y, a.y_k, a.y_t, a.bptr + b, a.nb + 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
-           V::mask(tail), static_cast<int>(n), part.get(), b > 0, b + 1 < a.nb);
+           V::mask(tail), static_cast<int>(n), part.get(), b > 0, b + 1 < a.nb, a.relu);
     }
   }
 }

@@ -67,13 +67,15 @@ const ps::Kernels<double>& kernels<double>() { return active()->f64; }
 // Split rows [0, rows) into one contiguous range per thread with equal cost, cost(row) = its taps +
 // a fixed per-row share; each range runs on one thread with no synchronisation inside. Bounds are
 // rounded to multiples of `align` rows (threads writing one output row apart share no cache line).
+// below ~2^18 multiply-adds (~20 us on one core) a second thread costs more than it saves
+constexpr int64_t kSerialWork = 1 << 18;
+
 template <class F>
 void parallel_rows(const int64_t* ptr, int64_t rows, int64_t lanes, const F& fn,
                    int64_t align = 1) {
   const int64_t threads = at::get_num_threads();
   const int64_t taps = ptr[rows] - ptr[0];
-  // below ~2^18 multiply-adds (~20 us on one core) a second thread costs more than it saves
-  constexpr int64_t kRowCost = 2, kSerialWork = 1 << 18;
+  constexpr int64_t kRowCost = 2;
   if (threads <= 1 || rows < 2 || (taps + rows) * lanes < kSerialWork) {
     fn(0, rows);
     return;
@@ -605,6 +607,200 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
   return {dx, dw, db};
 }
 
+// ---- inference in the lanes layout ------------------------------------------------------------
+// A chain of sparse layers at inference keeps its activations in the layout the kernels compute
+// in, batch innermost ("lanes": [features, N] between Linear layers, [C, H, W, N] between Conv2d
+// layers), so only the chain's input and output change layout: no pack and unpack per layer. A
+// Conv2d's [K, P, Q, N] output is then its gather's own output, a Linear's [K, N] the same, and
+// flattening [C, H, W, N] to [C * H * W, N] is a view in PyTorch's flatten order.
+
+// [N, rest...] -> [rest..., N]
+at::Tensor to_lanes(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "to_lanes needs a batch dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  std::vector<int64_t> shape(x.sizes().begin() + 1, x.sizes().end());
+  const int64_t n = x.size(0), rest = c10::multiply_integers(shape);
+  shape.push_back(n);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kDouble)
+    transpose2d<double>(xc.const_data_ptr<double>(), rest, out.mutable_data_ptr<double>(), n, n,
+                        rest);
+  else
+    transpose2d<float>(xc.const_data_ptr<float>(), rest, out.mutable_data_ptr<float>(), n, n,
+                       rest);
+  return out;
+}
+
+// [rest..., N] -> [N, rest...]
+at::Tensor from_lanes(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1, "from_lanes needs a batch dimension");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  const int64_t n = x.size(-1), rest = c10::multiply_integers(shape);
+  shape.insert(shape.begin(), n);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor out = at::empty(shape, x.options());
+  if (x.scalar_type() == at::kDouble)
+    transpose2d<double>(xc.const_data_ptr<double>(), n, out.mutable_data_ptr<double>(), rest,
+                        rest, n);
+  else
+    transpose2d<float>(xc.const_data_ptr<float>(), n, out.mutable_data_ptr<float>(), rest, rest,
+                       n);
+  return out;
+}
+
+// y = W x (+ bias, ReLU) for x [I, N] (lanes) or, with from_std, [N, I]; y is [K, N] (lanes) or,
+// with to_std, [N, K]: the first and the last Linear of a chain change layout inside their call.
+// With at least two vectors of lanes per thread and weights that stay in a core's cache, each
+// thread owns one range of lanes (whole vectors) for every row: it transposes its own rows of a
+// standard input into a slab of its own (in cache, never written to memory as a whole), the lanes
+// it writes in one layer are the lanes it reads in the next, and no two threads write one cache
+// line. Otherwise (small batches, or weights every thread would stream from memory whole: Conv-2's
+// 16384 -> 256 layer at 90%) threads own ranges of output rows, each over all lanes.
+constexpr int64_t kLaneSplitWeightBytes = 512 << 10;
+
+template <class T>
+at::Tensor linear_lanes_impl(const at::Tensor& x, const at::Tensor& values,
+                             const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                             const at::Tensor& idx, bool relu, bool from_std, bool to_std) {
+  const int64_t N = x.size(from_std ? 0 : 1), I = x.size(from_std ? 1 : 0);
+  const int64_t K = ptr.numel() - 1;
+  at::Tensor y = to_std ? at::empty({N, K}, x.options()) : at::empty({K, N}, x.options());
+  if (N == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const Tiles t{N, std::min<int64_t>(N, 8 * active()->lanes), 0, 0};
+  const Blocks blocks = column_blocks<T>(ptr, idx, I, t);
+  ps::GatherArgs<T> a{xc.const_data_ptr<T>(), 0, y.mutable_data_ptr<T>(), to_std ? 1 : N, 0,
+                      ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), N,
+                      values.const_data_ptr<T>(), b.defined() ? b.const_data_ptr<T>() : nullptr,
+                      1, N, to_std ? K : 1, blocks.nb > 1 ? blocks.bptr.data() : nullptr,
+                      blocks.nb, relu};
+  const int64_t threads = at::get_num_threads(), W = active()->lanes;
+  const int64_t weight_bytes = idx.numel() * static_cast<int64_t>(sizeof(T) + sizeof(int32_t));
+  if (threads > 1 && N >= 2 * W * threads && weight_bytes <= kLaneSplitWeightBytes &&
+      (idx.numel() + K) * N >= kSerialWork) {
+    const int64_t vectors = (N + W - 1) / W;
+    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t th = t0; th < t1; ++th) {
+        const int64_t n0 = vectors * th / threads * W;
+        const int64_t n = std::min(N, vectors * (th + 1) / threads * W) - n0;
+        if (n <= 0) continue;
+        ps::GatherArgs<T> mine = a;
+        if (from_std) {
+          T* slab = scratch<T>(kOutSlot, I * n);
+          kernels<T>().transpose(a.x + n0 * I, I, slab, n, 0, n, I);
+          mine.x = slab, mine.ld = n;
+        } else {
+          mine.x += n0;
+        }
+        mine.y += to_std ? n0 * K : n0, mine.L = n;
+        kernels<T>().gather(mine, 0, K);
+      }
+    });
+    return y;
+  }
+  at::Tensor packed;
+  if (from_std) {
+    packed = at::empty({I, N}, x.options());
+    transpose2d<T>(a.x, I, packed.mutable_data_ptr<T>(), N, N, I);
+    a.x = packed.const_data_ptr<T>();
+  }
+  parallel_rows(a.ptr, K, N, [&](int64_t r0, int64_t r1) { kernels<T>().gather(a, r0, r1); },
+                to_std ? 16 : 1);
+  return y;
+}
+
+// Zero the margins of one plane [H + top + bottom, W + left + right, N] around its H x W interior.
+template <class T>
+void zero_margins(T* plane, int64_t H, int64_t W, int64_t N, int64_t top, int64_t bottom,
+                  int64_t left, int64_t right) {
+  const int64_t rowlen = (W + left + right) * N, planelen = (H + top + bottom) * rowlen;
+  std::fill(plane, plane + top * rowlen, T(0));
+  std::fill(plane + (top + H) * rowlen, plane + planelen, T(0));
+  if (left + right == 0) return;
+  for (int64_t h = top; h < top + H; ++h) {
+    T* row = plane + h * rowlen;
+    std::fill(row, row + left * N, T(0));
+    std::fill(row + (left + W) * N, row + rowlen, T(0));
+  }
+}
+
+// x [C, H, W, N] -> [C, Hp, sw, Wj, N], the conv kernels' packed input (zero margins, columns
+// split by stride phase): copies of contiguous runs, no transpose.
+template <class T>
+at::Tensor pack_lanes(const T* src, const Geom& g, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({g.C * g.plane()}, options);
+  T* dst = out.mutable_data_ptr<T>();
+  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      T* plane = dst + c * g.plane();
+      if (g.sw == 1) {
+        zero_margins(plane, g.H, g.W, g.N, g.pt, g.pb, g.pl, g.pr);
+      } else {
+        std::fill(plane, plane + g.plane(), T(0));
+      }
+      for (int64_t h = 0; h < g.H; ++h) {
+        const T* s = src + (c * g.H + h) * g.W * g.N;
+        T* row = plane + (h + g.pt) * g.row();
+        if (g.sw == 1) {
+          std::copy(s, s + g.W * g.N, row + g.pl * g.N);
+          continue;
+        }
+        for (int64_t w = 0; w < g.W; ++w) {
+          const int64_t col = w + g.pl;
+          std::copy(s + w * g.N, s + (w + 1) * g.N,
+                    row + (col % g.sw) * g.phase() + (col / g.sw) * g.N);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+// y [K, P, Q, N] = conv(x [C, H, W, N]) (+ bias, ReLU): the forward gather, whose output rows are
+// already this layout; an unpadded stride-1 input is read in place. out_pad (top, bottom, left,
+// right) writes y inside zero margins, [K, P + top + bottom, Q + left + right, N]: the padded input
+// of a next stride-1 convolution, which then runs with padding 0 and reads it in place.
+template <class T>
+at::Tensor conv_lanes_impl(const at::Tensor& x, const at::Tensor& values,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                           const at::Tensor& taps, at::IntArrayRef geom, bool relu,
+                           at::IntArrayRef out_pad) {
+  TORCH_CHECK(x.dim() == 4, "a Conv2d input in the lanes layout must be 4-d [C, H, W, N]");
+  TORCH_CHECK(out_pad.empty() || (out_pad.size() == 4 && *std::min_element(out_pad.begin(),
+                                                                          out_pad.end()) >= 0),
+              "out_pad must be empty or 4 non-negative margins");
+  const Geom g = make_geom({x.size(3), x.size(0), x.size(1), x.size(2)}, geom);
+  const int64_t mt = out_pad.empty() ? 0 : out_pad[0], mb = out_pad.empty() ? 0 : out_pad[1];
+  const int64_t ml = out_pad.empty() ? 0 : out_pad[2], mr = out_pad.empty() ? 0 : out_pad[3];
+  const int64_t Pp = g.P + mt + mb, Qp = g.Q + ml + mr;
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({g.K, Pp, Qp, g.N}, x.options());
+  T* out = y.mutable_data_ptr<T>();
+  if (mt + mb + ml + mr > 0)
+    at::parallel_for(0, g.K, 1, [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k)
+        zero_margins(out + k * Pp * Qp * g.N, g.P, g.Q, g.N, mt, mb, ml, mr);
+    });
+  if (g.L() == 0 || g.P == 0) return y;
+  const at::Tensor packed = g.plain() ? xc : pack_lanes<T>(xc.const_data_ptr<T>(), g, x.options());
+  const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  ps::GatherArgs<T> a{packed.const_data_ptr<T>(), g.sh * g.row(),
+                      out + (mt * Qp + ml) * g.N, Pp * Qp * g.N, Qp * g.N,
+                      ptr.const_data_ptr<int64_t>(), off.data(), 1, values.const_data_ptr<T>(),
+                      b.defined() ? b.const_data_ptr<T>() : nullptr, g.P, g.L()};
+  a.relu = relu;
+  parallel_rows(a.ptr, g.K, g.P * g.L(), [&](int64_t r0, int64_t r1) {
+    kernels<T>().gather(a, r0, r1);
+  });
+  return y;
+}
+
 // ---- operators ---------------------------------------------------------------------------------------
 void check_tensors(const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
                    const at::Tensor& taps, int64_t rows) {
@@ -686,6 +882,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
                                       geom, need_dx, need_dw, need_db);
   return conv_backward_impl<float>(dy, xt, x_shape, values, ptr, taps, cptr, cperm, crow, geom,
                                    need_dx, need_dw, need_db);
+}
+
+at::Tensor linear_lanes(const at::Tensor& x, const at::Tensor& values,
+                        const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                        const at::Tensor& idx, bool relu, bool from_std, bool to_std) {
+  TORCH_CHECK(x.dim() == 2, "a Linear input must be 2-d here ([features, N] in the lanes layout)");
+  check_tensors(x, values, ptr, idx, ptr.numel() - 1);
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
+              "the lanes-layout operators are for inference only (no autograd)");
+  if (x.scalar_type() == at::kDouble)
+    return linear_lanes_impl<double>(x, values, bias, ptr, idx, relu, from_std, to_std);
+  return linear_lanes_impl<float>(x, values, bias, ptr, idx, relu, from_std, to_std);
+}
+
+at::Tensor conv_lanes(const at::Tensor& x, const at::Tensor& values,
+                      const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                      const at::Tensor& taps, at::IntArrayRef geom, bool relu,
+                      at::IntArrayRef out_pad) {
+  check_tensors(x, values, ptr, taps, geom.size() > 1 ? geom[1] : -1);
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
+              "the lanes-layout operators are for inference only (no autograd)");
+  if (x.scalar_type() == at::kDouble)
+    return conv_lanes_impl<double>(x, values, bias, ptr, taps, geom, relu, out_pad);
+  return conv_lanes_impl<float>(x, values, bias, ptr, taps, geom, relu, out_pad);
+}
+
+// 2 x 2 max pooling (stride 2, floor mode) of x [C, H, W, N]: each output is the maximum of four
+// runs of N lanes; NaN propagates as in torch.maximum.
+template <class T>
+inline T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+template <class T>
+void max_pool_lanes_impl(const T* x, T* y, int64_t C, int64_t H, int64_t W, int64_t N) {
+  const int64_t Ho = H / 2, Wo = W / 2;
+  at::parallel_for(0, C * Ho, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t c = r / Ho, oh = r % Ho;
+      const T* top = x + ((c * H + 2 * oh) * W) * N;
+      const T* bottom = top + W * N;
+      T* out = y + r * Wo * N;
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        const T *a = top + 2 * ow * N, *b = bottom + 2 * ow * N;
+        T* o = out + ow * N;
+        for (int64_t n = 0; n < N; ++n)
+          o[n] = nan_max(nan_max(a[n], a[N + n]), nan_max(b[n], b[N + n]));
+      }
+    }
+  });
+}
+
+at::Tensor max_pool_lanes(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "max_pool_lanes takes a lanes tensor [C, H, W, N]");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  const int64_t C = x.size(0), H = x.size(1), W = x.size(2), N = x.size(3);
+  at::Tensor y = at::empty({C, H / 2, W / 2, N}, x.options());
+  if (x.scalar_type() == at::kDouble)
+    max_pool_lanes_impl<double>(xc.const_data_ptr<double>(), y.mutable_data_ptr<double>(), C, H,
+                                W, N);
+  else
+    max_pool_lanes_impl<float>(xc.const_data_ptr<float>(), y.mutable_data_ptr<float>(), C, H, W,
+                               N);
+  return y;
 }
 
 // ---- autograd: the layers' single entry points ---------------------------------------------------
@@ -807,6 +1069,15 @@ TORCH_LIBRARY(prunescope_kernels, m) {
   m.def("sparse_conv2d(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx,"
         " Tensor cptr, Tensor cperm, Tensor crow, int[] geom) -> Tensor",
         &sparse_conv2d);
+  m.def("to_lanes(Tensor x) -> Tensor", &to_lanes);
+  m.def("from_lanes(Tensor x) -> Tensor", &from_lanes);
+  m.def("linear_lanes(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx, bool relu,"
+        " bool from_std=False, bool to_std=False) -> Tensor",
+        &linear_lanes);
+  m.def("conv_lanes(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor taps, int[] geom,"
+        " bool relu, int[] out_pad) -> Tensor",
+        &conv_lanes);
+  m.def("max_pool_lanes(Tensor x) -> Tensor", &max_pool_lanes);
   m.def("variant() -> str", &variant);
   m.def("set_variant(str name) -> str", &set_variant);
   m.def("linear_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx)"

@@ -27,6 +27,7 @@ struct GatherArgs {
   // optional column blocks: row k's taps in block b are [bptr[k * (nb + 1) + b], ... + 1)
   const int64_t* bptr = nullptr;
   int64_t nb = 1;
+  bool relu = false;  // store max(0, y) (NaN stays NaN, as torch.relu)
 };
 
 // dw[j] = sum_{p, s, t} dy[k * dy_k + p * dy_p + s * dy_s + t] * x[idx[j] * ld + p * x_p + s * x_s

@@ -81,6 +81,8 @@ struct VecF {
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  // max(0, a); maxps returns its second operand when either is NaN, so NaN stays NaN
+  static R relu(R a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
   static T hsum(R v) { return hsum_m256(v); }
   static void reduce8_add(const R* a, T* out) { reduce8_add_m256(a, out); }
   static void transpose8(const T* src, int64_t srs, T* dst, int64_t drs) {
@@ -133,6 +135,10 @@ struct VecGeneric {
   }
   static R add(R a, R b) {
     for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
+    return a;
+  }
+  static R relu(R a) {
+    for (int i = 0; i < W; ++i) a.v[i] = a.v[i] < T(0) ? T(0) : a.v[i];  // NaN stays NaN
     return a;
   }
   static T hsum(R x) {
