@@ -134,6 +134,26 @@ def test_conv_lanes_writes_the_next_layers_zero_margins(variant, out_pad):  # no
     assert_close(y, lanes(expected))  # margins exactly zero: the padded tensor equals it
 
 
+@pytest.mark.parametrize("size", [(8, 8), (9, 7), (2, 3)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_conv_can_pool_its_own_output(variant, size, threads):  # noqa: F811
+    weight, mask = sparse_weight((64, 3, 3, 3), 0.5)
+    bias = torch.randn(64)
+    bias[5] = float("nan")  # (a NaN input would reach only the kept taps: dense differs)
+    c = formats.compress(weight, mask)
+    x = torch.randn(16, 3, *size)
+    geometry = [3, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops().conv_lanes(lanes(x), c.values, bias, c.ptr, c.idx, geometry, True, [], True)
+    finally:
+        torch.set_num_threads(previous)
+    expected = lanes(F.max_pool2d(F.conv2d(x, weight, bias, padding=1).relu(), 2))
+    assert torch.equal(y.isnan(), expected.isnan()) and y.isnan().any()
+    assert_close(y.nan_to_num(), expected.nan_to_num())
+
+
 @pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 9, 16), (1, 2, 2, 1), (4, 3, 2, 3)])
 def test_max_pool_lanes_equals_pytorchs(shape):
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
@@ -218,6 +238,7 @@ def test_the_fused_relu_and_the_written_margins_are_planned(tmp_path):
     assert codegen.out_pad[by_target["a"]] == [1, 1, 1, 1]
     assert {n.target for n in codegen.prepadded} == {"b"}
     assert {n.target for n in codegen.std_out} == {"e"}  # its output is read by the sum only
+    assert codegen.pooled == {}  # dropout between b's ReLU and the pooling
 
 
 def test_another_input_rank_runs_the_plain_forward(tmp_path):

@@ -630,6 +630,7 @@ class _LanesCodegen(_Codegen):
         self.out_pad: dict[torch.fx.Node, list[int]] = {}  # convs writing the next one's margins
         self.prepadded: set[torch.fx.Node] = set()  # convs whose input comes with its margins
         self.std_out: set[torch.fx.Node] = set()  # Linear layers (and fused ReLUs) ending a chain
+        self.pooled: dict[torch.fx.Node, torch.fx.Node] = {}  # pool -> the conv that does it
         self.converted: dict[torch.fx.Node, str] = {}  # node -> variable in the other layout
         self.lines: list[str] = []
         ops = backend().ops
@@ -718,6 +719,23 @@ class _LanesCodegen(_Codegen):
             if producer is not None:
                 self.out_pad[producer] = self.net.get_submodule(n.target).geometry[6:10]
                 self.prepadded.add(n)
+        for n in self.lanes:
+            conv = self.pooling_conv(n)
+            if conv is not None:
+                self.pooled[n] = conv
+
+    def pooling_conv(self, node: torch.fx.Node) -> torch.fx.Node | None:
+        """The sparse convolution that can pool its own output for ``node`` (a 2 x 2 max
+        pooling whose input, through at most a fused ReLU, is read by nothing else), or
+        None."""
+        if self.kinds[node] != "pool":
+            return None
+        value = conv = node.args[0]
+        if self.kinds.get(value) == "relu" and value.args[0] in self.fused:
+            conv = value.args[0]
+        if not self.is_conv(conv) or conv in self.out_pad or len(value.users) != 1:
+            return None
+        return conv
 
     def padding_producer(self, node: torch.fx.Node) -> torch.fx.Node | None:
         """The sparse convolution that can write ``node``'s zero padding (``node`` a padded
@@ -762,6 +780,8 @@ class _LanesCodegen(_Codegen):
         kind, source = self.kinds[node], node.args[0]
         if kind == "relu" and source in self.fused:
             return self.names[source]
+        if node in self.pooled:
+            return self.names[self.pooled[node]]
         if kind == "sparse":
             return self.sparse_call(node, source)
         x = self.lanes_arg(source)
@@ -791,7 +811,8 @@ class _LanesCodegen(_Codegen):
         if node in self.prepadded:
             geometry[6:10] = [0, 0, 0, 0]
         return (f"{self.ops['conv_lanes']}({self.lanes_arg(source)}, {args}, "
-                f"{self.constant(geometry)}, {relu}, {self.constant(self.out_pad.get(node, []))})")
+                f"{self.constant(geometry)}, {relu}, {self.constant(self.out_pad.get(node, []))}, "
+                f"{node in self.pooled.values()})")
 
     def build(self, graph: torch.fx.Graph) -> Callable[[torch.Tensor], torch.Tensor] | None:
         nodes = list(graph.nodes)

@@ -761,20 +761,86 @@ at::Tensor pack_lanes(const T* src, const Geom& g, const at::TensorOptions& opti
   return out;
 }
 
+// 2 x 2 max pooling (stride 2, floor mode) in the lanes layout: each output is the maximum of four
+// runs of N lanes; NaN propagates as in torch.maximum.
+template <class T>
+inline T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// out [Wo, N] = the pooled pair of rows top, bottom [W, N] (Wo = W / 2).
+template <class T>
+void pool_rows(const T* top, const T* bottom, T* out, int64_t Wo, int64_t N) {
+  for (int64_t ow = 0; ow < Wo; ++ow) {
+    const T *a = top + 2 * ow * N, *b = bottom + 2 * ow * N;
+    T* o = out + ow * N;
+    for (int64_t n = 0; n < N; ++n)
+      o[n] = nan_max(nan_max(a[n], a[N + n]), nan_max(b[n], b[N + n]));
+  }
+}
+
+template <class T>
+void max_pool_lanes_impl(const T* x, T* y, int64_t C, int64_t H, int64_t W, int64_t N) {
+  const int64_t Ho = H / 2, Wo = W / 2;
+  at::parallel_for(0, C * Ho, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* top = x + ((r / Ho) * H + 2 * (r % Ho)) * W * N;
+      pool_rows(top, top + W * N, y + r * Wo * N, Wo, N);
+    }
+  });
+}
+
+// conv_lanes with pool (see there).
+template <class T>
+at::Tensor conv_pool_lanes(const at::Tensor& x, const at::Tensor& values,
+                           const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                           const at::Tensor& taps, const Geom& g, bool relu) {
+  const int64_t Po = g.P / 2, Qo = g.Q / 2, L = g.L();
+  at::Tensor y = at::empty({g.K, Po, Qo, g.N}, x.options());
+  if (L == 0 || Po == 0 || Qo == 0) return y;
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor packed = g.plain() ? xc : pack_lanes<T>(xc.const_data_ptr<T>(), g, x.options());
+  const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  T* out = y.mutable_data_ptr<T>();
+  ps::GatherArgs<T> a{packed.const_data_ptr<T>(), g.sh * g.row(), nullptr, 2 * L, L,
+                      ptr.const_data_ptr<int64_t>(), off.data(), 1, values.const_data_ptr<T>(),
+                      b.defined() ? b.const_data_ptr<T>() : nullptr, 2, L};
+  a.relu = relu;
+  parallel_rows(a.ptr, g.K, g.P * L, [&](int64_t r0, int64_t r1) {
+    T* rows = scratch<T>(kOutSlot, r1 * 2 * L);  // channel k's two rows at rows + k * 2L
+    ps::GatherArgs<T> pair = a;
+    pair.y = rows;
+    for (int64_t op = 0; op < Po; ++op) {
+      pair.x = a.x + 2 * op * a.x_p;
+      kernels<T>().gather(pair, r0, r1);
+      for (int64_t k = r0; k < r1; ++k)
+        pool_rows(rows + k * 2 * L, rows + k * 2 * L + L, out + (k * Po + op) * Qo * g.N, Qo,
+                  g.N);
+    }
+  });
+  return y;
+}
+
 // y [K, P, Q, N] = conv(x [C, H, W, N]) (+ bias, ReLU): the forward gather, whose output rows are
 // already this layout; an unpadded stride-1 input is read in place. out_pad (top, bottom, left,
 // right) writes y inside zero margins, [K, P + top + bottom, Q + left + right, N]: the padded input
-// of a next stride-1 convolution, which then runs with padding 0 and reads it in place.
+// of a next stride-1 convolution, which then runs with padding 0 and reads it in place. pool: y is
+// the 2 x 2 max pooling of the output, [K, P / 2, Q / 2, N] (no margins): each thread computes two
+// output rows of its channels at a time into a buffer of its own and pools them from there, so the
+// unpooled output is never written to memory.
 template <class T>
 at::Tensor conv_lanes_impl(const at::Tensor& x, const at::Tensor& values,
                            const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
                            const at::Tensor& taps, at::IntArrayRef geom, bool relu,
-                           at::IntArrayRef out_pad) {
+                           at::IntArrayRef out_pad, bool pool) {
   TORCH_CHECK(x.dim() == 4, "a Conv2d input in the lanes layout must be 4-d [C, H, W, N]");
   TORCH_CHECK(out_pad.empty() || (out_pad.size() == 4 && *std::min_element(out_pad.begin(),
                                                                           out_pad.end()) >= 0),
               "out_pad must be empty or 4 non-negative margins");
+  TORCH_CHECK(!pool || out_pad.empty(), "a pooled convolution writes no margins");
   const Geom g = make_geom({x.size(3), x.size(0), x.size(1), x.size(2)}, geom);
+  if (pool) return conv_pool_lanes<T>(x, values, bias, ptr, taps, g, relu);
   const int64_t mt = out_pad.empty() ? 0 : out_pad[0], mb = out_pad.empty() ? 0 : out_pad[1];
   const int64_t ml = out_pad.empty() ? 0 : out_pad[2], mr = out_pad.empty() ? 0 : out_pad[3];
   const int64_t Pp = g.P + mt + mb, Qp = g.Q + ml + mr;
@@ -899,39 +965,13 @@ at::Tensor linear_lanes(const at::Tensor& x, const at::Tensor& values,
 at::Tensor conv_lanes(const at::Tensor& x, const at::Tensor& values,
                       const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
                       const at::Tensor& taps, at::IntArrayRef geom, bool relu,
-                      at::IntArrayRef out_pad) {
+                      at::IntArrayRef out_pad, bool pool) {
   check_tensors(x, values, ptr, taps, geom.size() > 1 ? geom[1] : -1);
   TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
               "the lanes-layout operators are for inference only (no autograd)");
   if (x.scalar_type() == at::kDouble)
-    return conv_lanes_impl<double>(x, values, bias, ptr, taps, geom, relu, out_pad);
-  return conv_lanes_impl<float>(x, values, bias, ptr, taps, geom, relu, out_pad);
-}
-
-// 2 x 2 max pooling (stride 2, floor mode) of x [C, H, W, N]: each output is the maximum of four
-// runs of N lanes; NaN propagates as in torch.maximum.
-template <class T>
-inline T nan_max(T a, T b) {
-  return (a > b || a != a) ? a : b;
-}
-
-template <class T>
-void max_pool_lanes_impl(const T* x, T* y, int64_t C, int64_t H, int64_t W, int64_t N) {
-  const int64_t Ho = H / 2, Wo = W / 2;
-  at::parallel_for(0, C * Ho, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r / Ho, oh = r % Ho;
-      const T* top = x + ((c * H + 2 * oh) * W) * N;
-      const T* bottom = top + W * N;
-      T* out = y + r * Wo * N;
-      for (int64_t ow = 0; ow < Wo; ++ow) {
-        const T *a = top + 2 * ow * N, *b = bottom + 2 * ow * N;
-        T* o = out + ow * N;
-        for (int64_t n = 0; n < N; ++n)
-          o[n] = nan_max(nan_max(a[n], a[N + n]), nan_max(b[n], b[N + n]));
-      }
-    }
-  });
+    return conv_lanes_impl<double>(x, values, bias, ptr, taps, geom, relu, out_pad, pool);
+  return conv_lanes_impl<float>(x, values, bias, ptr, taps, geom, relu, out_pad, pool);
 }
 
 at::Tensor max_pool_lanes(const at::Tensor& x) {
@@ -1075,7 +1115,7 @@ TORCH_LIBRARY(prunescope_kernels, m) {
         " bool from_std=False, bool to_std=False) -> Tensor",
         &linear_lanes);
   m.def("conv_lanes(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor taps, int[] geom,"
-        " bool relu, int[] out_pad) -> Tensor",
+        " bool relu, int[] out_pad=[], bool pool=False) -> Tensor",
         &conv_lanes);
   m.def("max_pool_lanes(Tensor x) -> Tensor", &max_pool_lanes);
   m.def("variant() -> str", &variant);
