@@ -40,6 +40,14 @@ void store_transposed(const typename V::T* buf, int rows, int n, typename V::T* 
 // gather). With `part`, the row's NT vectors start from part (from_part) instead of the bias,
 // and end in part (to_part) instead of y: the partial sums between column blocks. `relu`: the
 // stored outputs are max(0, y) (a fused ReLU; partial sums are never clipped).
+// Each tap's input run is requested kPrefetchTaps taps ahead (one prefetch per cache line): the
+// runs a row reads are scattered (its kept columns), beyond what the hardware prefetchers follow.
+// Measured in alternating processes on Conv-2 at 90%, batch 64: its 64 -> 64 convolution 19.7 /
+// 17.3 ms against 22.1 / 18.7 ms without (one thread), its 16384 -> 256 Linear 2.8-3.0 against
+// 2.9-3.7 ms; 16 taps ahead was no better than 8.
+constexpr int64_t kPrefetchTaps = 8;
+constexpr bool PREFETCH = true;
+
 template <class V, int NV, bool TAIL, int U>
 void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y, int64_t y_k,
                  int64_t y_t, const int64_t* __restrict ptr, int64_t ps,
@@ -64,6 +72,12 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
     int64_t j = ptr[k * ps];
     const int64_t j1 = ptr[k * ps + 1];
     for (; j + U <= j1; j += U) {
+      if (PREFETCH)
+        for (int u = 0; u < U; ++u)
+          if (j + u + kPrefetchTaps < j1) {
+            const T* next = x + static_cast<int64_t>(idx[j + u + kPrefetchTaps]) * ld;
+            for (int v = 0; v < NT * W; v += 64 / static_cast<int>(sizeof(T))) V::prefetch(next + v);
+          }
       for (int u = 0; u < U; ++u) {
         const T* xp = x + static_cast<int64_t>(idx[j + u]) * ld;
         const R w = V::set1(vals[j + u]);

@@ -81,6 +81,7 @@ struct VecF {
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   // max(0, a); maxps returns its second operand when either is NaN, so NaN stays NaN
   static R relu(R a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
   static T hsum(R v) { return hsum_m256(v); }
@@ -137,6 +138,7 @@ struct VecGeneric {
     for (int i = 0; i < W; ++i) a.v[i] += b.v[i];
     return a;
   }
+  static void prefetch(const T*) {}
   static R relu(R a) {
     for (int i = 0; i < W; ++i) a.v[i] = a.v[i] < T(0) ? T(0) : a.v[i];  // NaN stays NaN
     return a;
