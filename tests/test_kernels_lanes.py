@@ -61,10 +61,10 @@ def test_linear_lanes_equals_the_dense_layer(variant, batch, relu, threads):  # 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # 2 threads, 64+ lanes: each thread owns a range of lanes
     try:
-        y = ops().linear_lanes(lanes(x), c.values, bias, c.ptr, c.idx, relu)
-        y_from = ops().linear_lanes(x, c.values, bias, c.ptr, c.idx, relu, True, False)
-        y_to = ops().linear_lanes(lanes(x), c.values, bias, c.ptr, c.idx, relu, False, True)
-        y_both = ops().linear_lanes(x, c.values, bias, c.ptr, c.idx, relu, True, True)
+        y = ops().linear_lanes(lanes(x), c.values, bias, c.ptr, c.idx, 784, relu)
+        y_from = ops().linear_lanes(x, c.values, bias, c.ptr, c.idx, 784, relu, True, False)
+        y_to = ops().linear_lanes(lanes(x), c.values, bias, c.ptr, c.idx, 784, relu, False, True)
+        y_both = ops().linear_lanes(x, c.values, bias, c.ptr, c.idx, 784, relu, True, True)
     finally:
         torch.set_num_threads(previous)
     assert_close(y, lanes(expected))
@@ -77,7 +77,7 @@ def test_linear_lanes_without_bias_and_with_column_blocks(variant):  # noqa: F81
     weight, mask = sparse_weight((128, 1536), 0.2, seed=1)  # weights in cache: column blocks
     c = formats.compress(weight, mask)
     x = torch.randn(64, 1536)
-    y = ops().linear_lanes(lanes(x), c.values, None, c.ptr, c.idx, False)
+    y = ops().linear_lanes(lanes(x), c.values, None, c.ptr, c.idx, 1536, False)
     assert_close(y, lanes(F.linear(x, weight)))
 
 
@@ -87,7 +87,7 @@ def test_a_fused_relu_keeps_nan_as_torch_relu_does(variant):  # noqa: F811
     c = formats.compress(weight, mask)
     x = torch.randn(16, 16)
     x[3, 5] = float("nan")
-    y = ops().linear_lanes(lanes(x), c.values, None, c.ptr, c.idx, True)
+    y = ops().linear_lanes(lanes(x), c.values, None, c.ptr, c.idx, 16, True)
     expected = lanes(F.linear(x, weight).relu())
     assert torch.equal(y.isnan(), expected.isnan()) and y[:, 3].isnan().all()
     assert_close(y.nan_to_num(), expected.nan_to_num())
@@ -169,7 +169,17 @@ def test_the_lanes_operators_refuse_autograd():
     c = formats.compress(weight, mask)
     x = torch.randn(6, 3, requires_grad=True)
     with pytest.raises(RuntimeError, match="inference only"):
-        ops().linear_lanes(x, c.values, None, c.ptr, c.idx, False)
+        ops().linear_lanes(x, c.values, None, c.ptr, c.idx, 6, False)
+
+
+def test_an_input_of_the_wrong_width_is_refused_not_read_out_of_bounds():
+    weight, mask = sparse_weight((4, 6), 0.5)
+    c = formats.compress(weight, mask)
+    with pytest.raises(RuntimeError, match="the input has 5 features, the layer takes 6"):
+        ops().linear_lanes(torch.randn(3, 5), c.values, None, c.ptr, c.idx, 6, False, True)
+    with pytest.raises(RuntimeError, match=r"the layer takes \[N, 6\]"):
+        ops().sparse_linear(torch.randn(3, 5), c.values, None, c.ptr, c.idx, c.cptr, c.cperm,
+                            c.crow)
 
 
 # -- the compiled forward --------------------------------------------------------------------------
@@ -260,6 +270,10 @@ def test_another_input_rank_runs_the_plain_forward(tmp_path):
         expected = model(x)
     assert_close(loaded(x), expected)
     assert_close(loaded(x.flatten(1)), expected)  # [N, 784]: the plain forward
+    with pytest.raises(RuntimeError, match="the input has 729 features, the layer takes 784"):
+        loaded(torch.randn(2, 1, 27, 27))  # never read past the input
+    with pytest.raises(RuntimeError, match=r"the layer takes \[N, 784\]"):
+        loaded(torch.randn(2, 700))
 
 
 def test_a_lone_sparse_layer_stays_in_the_standard_layout(tmp_path):

@@ -21,9 +21,13 @@ Per-call overhead: where ``torch.fx`` can trace the model (the registry models),
 compiled into one straight-line Python function whose constants (the kernels' tensors, the
 pooling arguments) are globals: no ``nn.Module`` call, attribute lookup or container walk is
 left per layer, only the operator calls themselves; ReLU runs in place where nothing else reads
-its input, and 2 x 2 max pooling as two elementwise maxima (:func:`max_pool_2x2`). A model
-``torch.fx`` cannot trace (a Hugging Face transformer) runs its own module tree with the
-inference layers in it. Measured figures: docs/inference.md.
+its input, and 2 x 2 max pooling as two elementwise maxima (:func:`max_pool_2x2`). When the
+input shape is known (``example``, or a registry model's spec), chains of sparse layers keep
+their activations in the kernels' own batch-innermost layout from one layer to the next
+(:class:`_LanesCodegen`): ReLU fused into the layer before it, a convolution writing the next
+one's zero padding or pooling its own output, the layout changed once on the way in and once on
+the way out. A model ``torch.fx`` cannot trace (a Hugging Face transformer) runs its own module
+tree with the inference layers in it. Measured figures: docs/inference.md.
 
 Where the fast kernels are not available (no compiler, ``PRUNESCOPE_KERNELS=reference``; the
 kernels print one warning line saying why) the sparse layers are densified at load and the model
@@ -578,10 +582,13 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 # A chain of sparse layers keeps its activations batch-innermost ("lanes": [features, N] after a
 # Linear, [C, H, W, N] after a Conv2d), the layout the kernels compute in, so that a chain changes
 # layout once on the way in and once on the way out instead of packing and unpacking at every
-# layer (the operators ``to_lanes``, ``from_lanes``, ``linear_lanes``, ``conv_lanes``). ReLU is
-# fused into the layer before it; flatten is a view ([C, H, W, N] -> [C * H * W, N] is PyTorch's
-# flatten order); 2 x 2 max pooling, dropout (eval) and dense Linear layers the swap rule kept run
-# on lanes tensors as they are. Anything else reads the activation converted back.
+# layer (the operators ``to_lanes``, ``from_lanes``, ``linear_lanes``, ``conv_lanes``,
+# ``max_pool_lanes``). ReLU is fused into the layer before it; a padded stride-1 convolution reads
+# its input with the zero margins the convolution before it wrote; a convolution whose output only
+# a 2 x 2 max pooling reads pools it itself; the first and the last Linear of a chain take and
+# return the standard layout; flatten is a view ([C, H, W, N] -> [C * H * W, N] is PyTorch's
+# flatten order); dropout (eval) and dense Linear layers the swap rule kept run on lanes tensors as
+# they are. Anything else reads the activation converted back.
 
 _PASS_THROUGH = ("relu", "identity", "flatten", "pool", "linear")
 
@@ -805,7 +812,7 @@ class _LanesCodegen(_Codegen):
         relu = node in self.fused
         if isinstance(module, InferenceLinear):  # changes layout itself at a chain's ends
             x = self.names[source] if source not in self.lanes else self.lanes_arg(source)
-            return (f"{self.ops['linear_lanes']}({x}, {args}, {relu}, "
+            return (f"{self.ops['linear_lanes']}({x}, {args}, {module.in_features}, {relu}, "
                     f"{source not in self.lanes}, {node in self.std_out})")
         geometry = list(module.geometry)
         if node in self.prepadded:
