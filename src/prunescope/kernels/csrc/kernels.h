@@ -44,9 +44,12 @@ void store_transposed(const typename V::T* buf, int rows, int n, typename V::T* 
 // runs a row reads are scattered (its kept columns), beyond what the hardware prefetchers follow.
 // Measured in alternating processes on Conv-2 at 90%, batch 64: its 64 -> 64 convolution 19.7 /
 // 17.3 ms against 22.1 / 18.7 ms without (one thread), its 16384 -> 256 Linear 2.8-3.0 against
-// 2.9-3.7 ms; 16 taps ahead was no better than 8.
+// 2.9-3.7 ms; 16 taps ahead was no better than 8. Runs shorter than a cache line (batch 1: one
+// lane) are not prefetched: there the prefetches cost more than they hide (LeNet-300-100 at
+// batch 1 from its sparse file, 2 threads: 0.058-0.061 ms with them, 0.045 ms without).
 constexpr int64_t kPrefetchTaps = 8;
-constexpr bool PREFETCH = true;
+template <class V, int NT>
+constexpr bool kPrefetch = NT * V::W * sizeof(typename V::T) >= 64;
 
 template <class V, int NV, bool TAIL, int U>
 void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y, int64_t y_k,
@@ -72,7 +75,7 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
     int64_t j = ptr[k * ps];
     const int64_t j1 = ptr[k * ps + 1];
     for (; j + U <= j1; j += U) {
-      if (PREFETCH)
+      if (kPrefetch<V, NT>)
         for (int u = 0; u < U; ++u)
           if (j + u + kPrefetchTaps < j1) {
             const T* next = x + static_cast<int64_t>(idx[j + u + kPrefetchTaps]) * ld;
