@@ -221,8 +221,8 @@ def test_a_chain_runs_in_the_lanes_layout_and_equals_the_dense_model(tmp_path):
     model = Chain().eval()
     out = exported(tmp_path, model, ["a.weight", "b.weight", "c.weight", "d.weight", "e.weight"])
     x = torch.randn(6, 3, 16, 16)
-    loaded = runtime.load(out, model=Chain(), example=x[:2], log=None)
-    source = loaded.compiled.source
+    loaded = runtime.load(out, model=Chain(), example=x[:2], min_speedup=0.0, log=None)
+    source = loaded.compiled.source  # min_speedup 0: every layer stays sparse, whatever timed
     # every layer in lanes: the input converted for the first conv, h for the sum; e writes the
     # standard layout itself
     assert source.count("_t = ") == 2, source
@@ -231,6 +231,26 @@ def test_a_chain_runs_in_the_lanes_layout_and_equals_the_dense_model(tmp_path):
         with torch.no_grad():
             expected = model(x)
         assert_close(loaded(x), expected)
+
+
+def test_a_dense_layer_the_swap_rule_kept_runs_inside_the_chain(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = Chain().eval()
+    out = exported(tmp_path, model, ["a.weight", "b.weight", "c.weight", "d.weight", "e.weight"])
+    calls = []
+
+    def fake(layers, example, repeats):  # the fourth layer (d) "measures" faster dense
+        calls.append(len(calls))
+        return (1.0, 5.0) if len(calls) == 4 else (5.0, 1.0)
+
+    monkeypatch.setattr(runtime, "_fastest", fake)
+    loaded = runtime.load(out, model=Chain(), example=torch.zeros(2, 3, 16, 16), log=None)
+    assert [c["sparse"] for c in loaded.choices] == [True, True, True, False, True]
+    assert "torch.addmm(" in loaded.compiled.source  # d as W @ x on the lanes activation
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(x)
+    assert_close(loaded(x), expected)
 
 
 def test_the_fused_relu_and_the_written_margins_are_planned(tmp_path):
