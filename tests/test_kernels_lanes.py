@@ -81,6 +81,55 @@ def test_linear_lanes_without_bias_and_with_column_blocks(variant):  # noqa: F81
     assert_close(y, lanes(F.linear(x, weight)))
 
 
+def mlp(widths: list[int], density: float, biases: list[bool], seed: int = 0):
+    """Random sparse layers of ``widths`` as (weight, bias or None, compressed) triples."""
+    layers = []
+    for i, (n_in, n_out) in enumerate(zip(widths, widths[1:], strict=False)):
+        weight, mask = sparse_weight((n_out, n_in), density, seed + i)
+        bias = torch.randn(n_out) if biases[i] else None
+        layers.append((weight, bias, formats.compress(weight, mask)))
+    return layers
+
+
+def chain_args(layers) -> list[torch.Tensor]:
+    args = []
+    for _, bias, c in layers:
+        args += [c.values, torch.empty(0) if bias is None else bias, c.ptr, c.idx]
+    return args
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64, 100])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("from_std", [True, False])
+@pytest.mark.parametrize("widths, density", [([784, 300, 100, 10], 0.1),  # one parallel region
+                                             ([2048, 300, 10], 0.3)])  # 1.5 MB: layer by layer
+def test_linear_chain_equals_the_layers_one_by_one(variant, batch, threads, from_std,  # noqa: F811
+                                                   widths, density):
+    layers = mlp(widths, density, [True, False, True])
+    relus = [1] * (len(layers) - 1) + [0]
+    x = torch.randn(batch, widths[0])
+    expected = x
+    for (weight, bias, _), relu in zip(layers, relus, strict=True):
+        expected = F.linear(expected, weight, bias)
+        expected = expected.relu() if relu else expected
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops().linear_chain(x if from_std else lanes(x), chain_args(layers), widths[:-1],
+                               relus, from_std)
+    finally:
+        torch.set_num_threads(previous)
+    assert_close(y, expected)
+
+
+def test_a_chain_of_mismatched_widths_is_refused():
+    layers = mlp([6, 5, 4], 0.5, [False, False])
+    with pytest.raises(RuntimeError, match="layer 1 takes 6 features, layer 0 gives 5"):
+        ops().linear_chain(torch.randn(2, 6), chain_args(layers), [6, 6], [0, 0], True)
+    with pytest.raises(RuntimeError, match="four tensors"):
+        ops().linear_chain(torch.randn(2, 6), chain_args(layers)[:-1], [6, 5], [0, 0], True)
+
+
 def test_a_fused_relu_keeps_nan_as_torch_relu_does(variant):  # noqa: F811
     weight, mask = sparse_weight((8, 16), 1.0)
     mask[0] = True
@@ -285,6 +334,7 @@ def test_another_input_rank_runs_the_plain_forward(tmp_path):
     runtime.export(model, dict(mask.items()), out, spec=checkpoint.model_spec(model, 10))
     loaded = runtime.load(out)
     assert "if v0.dim() != 4" in loaded.compiled.source  # built from the registry spec
+    assert "[784, 300, 100], [1, 1, 0], True)" in loaded.compiled.source  # one call, 3 layers
     x = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         expected = model(x)

@@ -583,12 +583,13 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 # Linear, [C, H, W, N] after a Conv2d), the layout the kernels compute in, so that a chain changes
 # layout once on the way in and once on the way out instead of packing and unpacking at every
 # layer (the operators ``to_lanes``, ``from_lanes``, ``linear_lanes``, ``conv_lanes``,
-# ``max_pool_lanes``). ReLU is fused into the layer before it; a padded stride-1 convolution reads
-# its input with the zero margins the convolution before it wrote; a convolution whose output only
-# a 2 x 2 max pooling reads pools it itself; the first and the last Linear of a chain take and
-# return the standard layout; flatten is a view ([C, H, W, N] -> [C * H * W, N] is PyTorch's
-# flatten order); dropout (eval) and dense Linear layers the swap rule kept run on lanes tensors as
-# they are. Anything else reads the activation converted back.
+# ``max_pool_lanes``, ``linear_chain``). ReLU is fused into the layer before it; a padded
+# stride-1 convolution reads its input with the zero margins the convolution before it wrote; a
+# convolution whose output only a 2 x 2 max pooling reads pools it itself; the first and the last
+# Linear of a chain take and return the standard layout, and a run of Linear layers ending a
+# chain is one ``linear_chain`` call; flatten is a view ([C, H, W, N] -> [C * H * W, N] is
+# PyTorch's flatten order); dropout (eval) and dense Linear layers the swap rule kept run on lanes
+# tensors as they are. Anything else reads the activation converted back.
 
 _PASS_THROUGH = ("relu", "identity", "flatten", "pool", "linear")
 
@@ -638,12 +639,14 @@ class _LanesCodegen(_Codegen):
         self.prepadded: set[torch.fx.Node] = set()  # convs whose input comes with its margins
         self.std_out: set[torch.fx.Node] = set()  # Linear layers (and fused ReLUs) ending a chain
         self.pooled: dict[torch.fx.Node, torch.fx.Node] = {}  # pool -> the conv that does it
+        self.chains: dict[torch.fx.Node, list[torch.fx.Node]] = {}  # last Linear -> its chain
+        self.in_chain: set[torch.fx.Node] = set()  # nodes a linear_chain call computes
         self.converted: dict[torch.fx.Node, str] = {}  # node -> variable in the other layout
         self.lines: list[str] = []
         ops = backend().ops
         self.ops = {name: self.constant(getattr(ops, name).default)
                     for name in ("to_lanes", "from_lanes", "linear_lanes", "conv_lanes",
-                                 "max_pool_lanes")}
+                                 "max_pool_lanes", "linear_chain")}
 
     def kind(self, node: torch.fx.Node) -> str | None:
         """What ``node`` is, for the lanes layout: ``sparse`` (a layer the lanes operators
@@ -730,6 +733,33 @@ class _LanesCodegen(_Codegen):
             conv = self.pooling_conv(n)
             if conv is not None:
                 self.pooled[n] = conv
+        for n in nodes:
+            chain = self.linear_chain(n)
+            if len(chain) >= 2:
+                self.chains[n] = chain
+                for member in chain[:-1]:
+                    self.in_chain.add(member)
+                    if member in self.fused:
+                        self.in_chain.add(next(iter(member.users)))
+
+    def is_linear(self, node: torch.fx.Node) -> bool:
+        return (node in self.lanes and self.kinds[node] == "sparse"
+                and isinstance(self.net.get_submodule(node.target), InferenceLinear))
+
+    def linear_chain(self, node: torch.fx.Node) -> list[torch.fx.Node]:
+        """The sparse Linear layers one ``linear_chain`` call computes, ending at ``node`` (a
+        Linear returning the standard layout), each reading only the one before it (through
+        at most a fused ReLU); [] when ``node`` ends none."""
+        if not self.is_linear(node) or node not in self.std_out:
+            return []
+        chain = [node]
+        while True:
+            value = chain[0].args[0]
+            previous = value.args[0] if (self.kinds.get(value) == "relu"
+                                         and value.args[0] in self.fused) else value
+            if not self.is_linear(previous) or len(value.users) != 1:
+                return chain
+            chain.insert(0, previous)
 
     def pooling_conv(self, node: torch.fx.Node) -> torch.fx.Node | None:
         """The sparse convolution that can pool its own output for ``node`` (a 2 x 2 max
@@ -806,7 +836,25 @@ class _LanesCodegen(_Codegen):
             return f"torch.mm({weight}, {x})"
         return f"torch.addmm({self.constant(module.bias.unsqueeze(1))}, {weight}, {x})"
 
+    def chain_call(self, chain: list[torch.fx.Node]) -> str:
+        """One ``linear_chain`` call for the Linear layers of ``chain``."""
+        source = chain[0].args[0]
+        x = self.names[source] if source not in self.lanes else self.lanes_arg(source)
+        tensors, widths, relus = [], [], []
+        for node in chain:
+            module = self.net.get_submodule(node.target)
+            values, bias, ptr, idx = module.kernel_args()[:4]
+            if bias is None:
+                bias = torch.empty(0, dtype=values.dtype)
+            tensors += [self.constant(t) for t in (values, bias, ptr, idx)]
+            widths.append(module.in_features)
+            relus.append(int(node in self.fused))
+        return (f"{self.ops['linear_chain']}({x}, [{', '.join(tensors)}], {widths}, {relus}, "
+                f"{source not in self.lanes})")
+
     def sparse_call(self, node: torch.fx.Node, source: torch.fx.Node) -> str:
+        if node in self.chains:
+            return self.chain_call(self.chains[node])
         module = self.net.get_submodule(node.target)
         args = ", ".join(self.constant(t) for t in module.kernel_args()[:4])
         relu = node in self.fused
@@ -835,6 +883,8 @@ class _LanesCodegen(_Codegen):
                       f"    return {self.constant(self.plain)}({self.names[inputs[0]]})"]
         for node in nodes:
             name = self.names[node]
+            if node in self.in_chain:
+                continue  # computed inside the linear_chain call of its chain's last layer
             if node in self.lanes:
                 line = f"{name} = {self.lanes_call(node)}"
             elif node.op in ("placeholder", "output"):

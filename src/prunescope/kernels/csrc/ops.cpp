@@ -716,6 +716,77 @@ at::Tensor linear_lanes_impl(const at::Tensor& x, const at::Tensor& values,
   return y;
 }
 
+// A chain of sparse Linear layers in one call: x [N, I] (standard; with from_std false, [I, N]
+// lanes) -> y [N, K] standard, each layer's output fed to the next in the lanes layout. `layers`
+// holds four tensors per layer: values, bias (empty: none), ptr, idx. Where every layer allows the
+// lanes split (see linear_lanes_impl), the whole chain runs in one parallel region: each thread
+// takes its lanes through every layer in two slabs of its own (in cache) and writes its rows of y;
+// no thread waits for another between layers. Otherwise the layers run one after another as
+// linear_lanes does. Either way one call replaces one per layer: at batch 1 the calls' own cost
+// is most of a small model's time.
+template <class T>
+at::Tensor linear_chain_impl(const at::Tensor& x, at::TensorList layers, at::IntArrayRef relu,
+                             bool from_std) {
+  const int64_t depth = static_cast<int64_t>(relu.size());
+  const auto layer = [&](int64_t l, int64_t i) -> const at::Tensor& { return layers[4 * l + i]; };
+  const auto bias = [&](int64_t l) -> std::optional<at::Tensor> {
+    return layer(l, 1).numel() ? std::optional<at::Tensor>(layer(l, 1)) : std::nullopt;
+  };
+  const int64_t N = x.size(from_std ? 0 : 1), W = active()->lanes;
+  const int64_t threads = at::get_num_threads();
+  bool split = threads > 1 && N >= 2 * W * threads;
+  int64_t rows = x.size(from_std ? 1 : 0), work = 0;
+  for (int64_t l = 0; l < depth; ++l) {
+    const int64_t taps = layer(l, 3).numel(), K = layer(l, 2).numel() - 1;
+    split = split && taps * static_cast<int64_t>(sizeof(T) + sizeof(int32_t)) <=
+                         kLaneSplitWeightBytes;
+    rows = std::max(rows, K), work += (taps + K) * N;
+  }
+  if (!split || work < kSerialWork) {
+    at::Tensor h = x;
+    for (int64_t l = 0; l < depth; ++l)
+      h = linear_lanes_impl<T>(h, layer(l, 0), bias(l), layer(l, 2), layer(l, 3), relu[l] != 0,
+                               from_std && l == 0, l + 1 == depth);
+    return h;
+  }
+  const int64_t I = x.size(from_std ? 1 : 0), K_out = layer(depth - 1, 2).numel() - 1;
+  at::Tensor y = at::empty({N, K_out}, x.options());
+  const at::Tensor xc = x.contiguous();
+  std::vector<at::Tensor> biases(depth);
+  for (int64_t l = 0; l < depth; ++l)
+    if (layer(l, 1).numel()) biases[l] = layer(l, 1).contiguous();
+  const int64_t vectors = (N + W - 1) / W;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t th = t0; th < t1; ++th) {
+      const int64_t n0 = vectors * th / threads * W;
+      const int64_t n = std::min(N, vectors * (th + 1) / threads * W) - n0;
+      if (n <= 0) continue;
+      T* slabs[2] = {scratch<T>(kOutSlot, rows * n), scratch<T>(kGradSlot, rows * n)};
+      const T* in = xc.const_data_ptr<T>() + n0;
+      int64_t ld = N;
+      if (from_std) {
+        kernels<T>().transpose(xc.const_data_ptr<T>() + n0 * I, I, slabs[1], n, 0, n, I);
+        in = slabs[1], ld = n;
+      }
+      for (int64_t l = 0; l < depth; ++l) {
+        const at::Tensor &values = layers[4 * l], &ptr = layers[4 * l + 2];
+        const at::Tensor& idx = layers[4 * l + 3];
+        const int64_t K = ptr.numel() - 1;
+        const bool last = l + 1 == depth;
+        T* out = last ? y.mutable_data_ptr<T>() + n0 * K : slabs[l % 2];
+        ps::GatherArgs<T> a{in, 0, out, last ? 1 : n, 0, ptr.const_data_ptr<int64_t>(),
+                            idx.const_data_ptr<int32_t>(), ld, values.const_data_ptr<T>(),
+                            biases[l].defined() ? biases[l].const_data_ptr<T>() : nullptr, 1, n,
+                            last ? K : 1};
+        a.relu = relu[l] != 0;
+        kernels<T>().gather(a, 0, K);
+        in = out, ld = n;
+      }
+    }
+  });
+  return y;
+}
+
 // Zero the margins of one plane [H + top + bottom, W + left + right, N] around its H x W interior.
 template <class T>
 void zero_margins(T* plane, int64_t H, int64_t W, int64_t N, int64_t top, int64_t bottom,
@@ -995,6 +1066,35 @@ at::Tensor max_pool_lanes(const at::Tensor& x) {
   return y;
 }
 
+at::Tensor linear_chain(const at::Tensor& x, at::TensorList layers, at::IntArrayRef in_features,
+                        at::IntArrayRef relu, bool from_std) {
+  const int64_t depth = static_cast<int64_t>(relu.size());
+  TORCH_CHECK(depth >= 1 && static_cast<int64_t>(layers.size()) == 4 * depth &&
+                  static_cast<int64_t>(in_features.size()) == depth,
+              "linear_chain takes four tensors (values, bias, ptr, idx), one width and one relu "
+              "flag per layer");
+  TORCH_CHECK(x.dim() == 2, "a Linear input must be 2-d here ([features, N] in the lanes layout)");
+  TORCH_CHECK(x.size(from_std ? 1 : 0) == in_features[0], "the input has ",
+              x.size(from_std ? 1 : 0), " features, the layer takes ", in_features[0]);
+  for (int64_t l = 0; l < depth; ++l) {
+    const at::Tensor& values = layers[4 * l];
+    const at::Tensor& bias = layers[4 * l + 1];
+    const at::Tensor& ptr = layers[4 * l + 2];
+    const int64_t K = ptr.numel() - 1;
+    check_tensors(x, values, ptr, layers[4 * l + 3], K);
+    TORCH_CHECK(bias.numel() == 0 || (bias.numel() == K && bias.scalar_type() == x.scalar_type()),
+                "layer ", l, ": the bias must be empty or hold one ", x.scalar_type(),
+                " per output");
+    TORCH_CHECK(l + 1 == depth || in_features[l + 1] == K, "layer ", l + 1, " takes ",
+                in_features[l + 1], " features, layer ", l, " gives ", K);
+    TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
+                "the lanes-layout operators are for inference only (no autograd)");
+  }
+  if (x.scalar_type() == at::kDouble)
+    return linear_chain_impl<double>(x, layers, relu, from_std);
+  return linear_chain_impl<float>(x, layers, relu, from_std);
+}
+
 // ---- autograd: the layers' single entry points ---------------------------------------------------
 // One operator per layer kind whose autograd node is C++: no Python runs per call beyond the
 // operator call itself. The weight gradient is on kept weights only; double backward is refused.
@@ -1125,6 +1225,9 @@ TORCH_LIBRARY(prunescope_kernels, m) {
         " bool relu, int[] out_pad=[], bool pool=False) -> Tensor",
         &conv_lanes);
   m.def("max_pool_lanes(Tensor x) -> Tensor", &max_pool_lanes);
+  m.def("linear_chain(Tensor x, Tensor[] layers, int[] in_features, int[] relu, bool from_std)"
+        " -> Tensor",
+        &linear_chain);
   m.def("variant() -> str", &variant);
   m.def("set_variant(str name) -> str", &set_variant);
   m.def("linear_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx)"
