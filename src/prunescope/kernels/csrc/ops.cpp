@@ -664,6 +664,30 @@ at::Tensor from_lanes(const at::Tensor& x) {
 // over all lanes.
 constexpr int64_t kLaneSplitWeightBytes = 512 << 10;
 
+// Whether N lanes give every thread at least two vectors, and the weights of `taps` kept values
+// stay in a core's cache: the conditions for splitting lanes between threads.
+template <class T>
+bool lanes_split_fits(int64_t N, int64_t taps) {
+  const int64_t threads = at::get_num_threads();
+  return threads > 1 && N >= 2 * active()->lanes * threads &&
+         taps * static_cast<int64_t>(sizeof(T) + sizeof(int32_t)) <= kLaneSplitWeightBytes;
+}
+
+// Lanes [0, N) cut into one range of whole vectors per thread; fn(n0, n) runs for each non-empty
+// range, all in one parallel region.
+template <class F>
+void parallel_lanes(int64_t N, const F& fn) {
+  const int64_t threads = at::get_num_threads(), W = active()->lanes;
+  const int64_t vectors = (N + W - 1) / W;
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t th = t0; th < t1; ++th) {
+      const int64_t n0 = vectors * th / threads * W;
+      const int64_t n = std::min(N, vectors * (th + 1) / threads * W) - n0;
+      if (n > 0) fn(n0, n);
+    }
+  });
+}
+
 template <class T>
 at::Tensor linear_lanes_impl(const at::Tensor& x, const at::Tensor& values,
                              const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
@@ -681,27 +705,18 @@ at::Tensor linear_lanes_impl(const at::Tensor& x, const at::Tensor& values,
                       values.const_data_ptr<T>(), b.defined() ? b.const_data_ptr<T>() : nullptr,
                       1, N, to_std ? K : 1, blocks.nb > 1 ? blocks.bptr.data() : nullptr,
                       blocks.nb, relu};
-  const int64_t threads = at::get_num_threads(), W = active()->lanes;
-  const int64_t weight_bytes = idx.numel() * static_cast<int64_t>(sizeof(T) + sizeof(int32_t));
-  if (threads > 1 && N >= 2 * W * threads && weight_bytes <= kLaneSplitWeightBytes &&
-      (idx.numel() + K) * N >= kSerialWork) {
-    const int64_t vectors = (N + W - 1) / W;
-    at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t th = t0; th < t1; ++th) {
-        const int64_t n0 = vectors * th / threads * W;
-        const int64_t n = std::min(N, vectors * (th + 1) / threads * W) - n0;
-        if (n <= 0) continue;
-        ps::GatherArgs<T> mine = a;
-        if (from_std) {
-          T* slab = scratch<T>(kOutSlot, I * n);
-          kernels<T>().transpose(a.x + n0 * I, I, slab, n, 0, n, I);
-          mine.x = slab, mine.ld = n;
-        } else {
-          mine.x += n0;
-        }
-        mine.y += to_std ? n0 * K : n0, mine.L = n;
-        kernels<T>().gather(mine, 0, K);
+  if (lanes_split_fits<T>(N, idx.numel()) && (idx.numel() + K) * N >= kSerialWork) {
+    parallel_lanes(N, [&](int64_t n0, int64_t n) {
+      ps::GatherArgs<T> mine = a;
+      if (from_std) {
+        T* slab = scratch<T>(kOutSlot, I * n);
+        kernels<T>().transpose(a.x + n0 * I, I, slab, n, 0, n, I);
+        mine.x = slab, mine.ld = n;
+      } else {
+        mine.x += n0;
       }
+      mine.y += to_std ? n0 * K : n0, mine.L = n;
+      kernels<T>().gather(mine, 0, K);
     });
     return y;
   }
@@ -732,14 +747,12 @@ at::Tensor linear_chain_impl(const at::Tensor& x, at::TensorList layers, at::Int
   const auto bias = [&](int64_t l) -> std::optional<at::Tensor> {
     return layer(l, 1).numel() ? std::optional<at::Tensor>(layer(l, 1)) : std::nullopt;
   };
-  const int64_t N = x.size(from_std ? 0 : 1), W = active()->lanes;
-  const int64_t threads = at::get_num_threads();
-  bool split = threads > 1 && N >= 2 * W * threads;
+  const int64_t N = x.size(from_std ? 0 : 1);
+  bool split = true;
   int64_t rows = x.size(from_std ? 1 : 0), work = 0;
   for (int64_t l = 0; l < depth; ++l) {
     const int64_t taps = layer(l, 3).numel(), K = layer(l, 2).numel() - 1;
-    split = split && taps * static_cast<int64_t>(sizeof(T) + sizeof(int32_t)) <=
-                         kLaneSplitWeightBytes;
+    split = split && lanes_split_fits<T>(N, taps);
     rows = std::max(rows, K), work += (taps + K) * N;
   }
   if (!split || work < kSerialWork) {
@@ -755,33 +768,27 @@ at::Tensor linear_chain_impl(const at::Tensor& x, at::TensorList layers, at::Int
   std::vector<at::Tensor> biases(depth);
   for (int64_t l = 0; l < depth; ++l)
     if (layer(l, 1).numel()) biases[l] = layer(l, 1).contiguous();
-  const int64_t vectors = (N + W - 1) / W;
-  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t th = t0; th < t1; ++th) {
-      const int64_t n0 = vectors * th / threads * W;
-      const int64_t n = std::min(N, vectors * (th + 1) / threads * W) - n0;
-      if (n <= 0) continue;
-      T* slabs[2] = {scratch<T>(kOutSlot, rows * n), scratch<T>(kGradSlot, rows * n)};
-      const T* in = xc.const_data_ptr<T>() + n0;
-      int64_t ld = N;
-      if (from_std) {
-        kernels<T>().transpose(xc.const_data_ptr<T>() + n0 * I, I, slabs[1], n, 0, n, I);
-        in = slabs[1], ld = n;
-      }
-      for (int64_t l = 0; l < depth; ++l) {
-        const at::Tensor &values = layers[4 * l], &ptr = layers[4 * l + 2];
-        const at::Tensor& idx = layers[4 * l + 3];
-        const int64_t K = ptr.numel() - 1;
-        const bool last = l + 1 == depth;
-        T* out = last ? y.mutable_data_ptr<T>() + n0 * K : slabs[l % 2];
-        ps::GatherArgs<T> a{in, 0, out, last ? 1 : n, 0, ptr.const_data_ptr<int64_t>(),
-                            idx.const_data_ptr<int32_t>(), ld, values.const_data_ptr<T>(),
-                            biases[l].defined() ? biases[l].const_data_ptr<T>() : nullptr, 1, n,
-                            last ? K : 1};
-        a.relu = relu[l] != 0;
-        kernels<T>().gather(a, 0, K);
-        in = out, ld = n;
-      }
+  parallel_lanes(N, [&](int64_t n0, int64_t n) {
+    T* slabs[2] = {scratch<T>(kOutSlot, rows * n), scratch<T>(kGradSlot, rows * n)};
+    const T* in = xc.const_data_ptr<T>() + n0;
+    int64_t ld = N;
+    if (from_std) {
+      kernels<T>().transpose(xc.const_data_ptr<T>() + n0 * I, I, slabs[1], n, 0, n, I);
+      in = slabs[1], ld = n;
+    }
+    for (int64_t l = 0; l < depth; ++l) {
+      const at::Tensor &values = layers[4 * l], &ptr = layers[4 * l + 2];
+      const at::Tensor& idx = layers[4 * l + 3];
+      const int64_t K = ptr.numel() - 1;
+      const bool last = l + 1 == depth;
+      T* out = last ? y.mutable_data_ptr<T>() + n0 * K : slabs[l % 2];
+      ps::GatherArgs<T> a{in, 0, out, last ? 1 : n, 0, ptr.const_data_ptr<int64_t>(),
+                          idx.const_data_ptr<int32_t>(), ld, values.const_data_ptr<T>(),
+                          biases[l].defined() ? biases[l].const_data_ptr<T>() : nullptr, 1, n,
+                          last ? K : 1};
+      a.relu = relu[l] != 0;
+      kernels<T>().gather(a, 0, K);
+      in = out, ld = n;
     }
   });
   return y;
