@@ -346,14 +346,50 @@ def test_another_input_rank_runs_the_plain_forward(tmp_path):
         loaded(torch.randn(2, 700))
 
 
+class Activations(nn.Module):
+    """Sparse Linear layers joined by elementwise activations (module, function with a keyword,
+    in place) and by one that is not elementwise (softmax over the features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(12, 10), nn.Linear(10, 8), nn.Linear(8, 6)
+        self.d, self.tanh = nn.Linear(6, 4), nn.Tanh()
+
+    def forward(self, x):
+        x = F.gelu(self.b(self.tanh(self.a(x))), approximate="tanh")
+        x = F.leaky_relu(self.c(x), 0.2, inplace=True)  # in place: stays standard
+        return self.d(x)
+
+
+def test_elementwise_activations_run_on_the_lanes_layout(tmp_path):
+    torch.manual_seed(0)
+    model = Activations().eval()
+    out = exported(tmp_path, model, ["a.weight", "b.weight", "c.weight", "d.weight"])
+    loaded = runtime.load(out, model=Activations(), example=torch.zeros(2, 12), min_speedup=0.0,
+                          log=None)
+    source = loaded.compiled.source
+    assert "approximate='tanh'" in source and ".dim() !=" in source, source
+    graph = runtime._Tracer().trace(loaded.net)
+    shapes = runtime._shapes(loaded.net, graph, torch.zeros(2, 12))
+    codegen = runtime._LanesCodegen(loaded.net, shapes, lambda x: x, 2)
+    codegen.plan(list(graph.nodes))
+    kinds = {n.name: k for n, k in codegen.kinds.items()}
+    assert kinds["tanh"] == "elementwise" and kinds["gelu"] == "elementwise"
+    assert "leaky_relu" not in kinds  # in place
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        expected = model(x)
+    assert_close(loaded(x), expected)
+
+
 def test_a_lone_sparse_layer_stays_in_the_standard_layout(tmp_path):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 4)).eval()
+    model = nn.Sequential(nn.Linear(12, 8), nn.Softmax(dim=1), nn.Linear(8, 4)).eval()
     out = exported(tmp_path, model, ["0.weight", "2.weight"])
-    loaded = runtime.load(out, model=nn.Sequential(nn.Linear(12, 8), nn.Tanh(),
+    loaded = runtime.load(out, model=nn.Sequential(nn.Linear(12, 8), nn.Softmax(dim=1),
                                                    nn.Linear(8, 4)), example=torch.zeros(2, 12),
                           log=None)
-    assert ".dim() !=" not in loaded.compiled.source  # tanh breaks the chain: no lanes at all
+    assert ".dim() !=" not in loaded.compiled.source  # softmax breaks the chain: no lanes
     x = torch.randn(3, 12)
     with torch.no_grad():
         expected = model(x)

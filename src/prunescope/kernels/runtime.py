@@ -588,10 +588,18 @@ def max_pool_2x2(x: torch.Tensor) -> torch.Tensor:
 # convolution whose output only a 2 x 2 max pooling reads pools it itself; the first and the last
 # Linear of a chain take and return the standard layout, and a run of Linear layers ending a
 # chain is one ``linear_chain`` call; flatten is a view ([C, H, W, N] -> [C * H * W, N] is
-# PyTorch's flatten order); dropout (eval) and dense Linear layers the swap rule kept run on lanes
-# tensors as they are. Anything else reads the activation converted back.
+# PyTorch's flatten order); dropout (eval), elementwise activations and dense Linear layers the
+# swap rule kept run on lanes tensors as they are. Anything else reads the activation converted
+# back.
 
-_PASS_THROUGH = ("relu", "identity", "flatten", "pool", "linear")
+_PASS_THROUGH = ("relu", "elementwise", "identity", "flatten", "pool", "linear")
+# Activations that act on each element alone, so on a lanes tensor as on a standard one (run
+# out of place: an in-place one could change a value another reader already converted).
+_ELEMENTWISE_MODULES = (nn.ReLU6, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.CELU, nn.SELU,
+                        nn.LeakyReLU, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus,
+                        nn.Mish)
+_ELEMENTWISE_FUNCTIONS = (torch.tanh, torch.sigmoid, F.gelu, F.silu, F.elu, F.leaky_relu,
+                          F.relu6, F.hardtanh, F.hardswish, F.softplus, F.mish)
 
 
 def _registry_example(spec: dict[str, Any], net: nn.Module) -> torch.Tensor | None:
@@ -669,6 +677,8 @@ class _LanesCodegen(_Codegen):
                 return "linear"
             if type(module) is nn.ReLU:
                 return "relu"
+            if type(module) in _ELEMENTWISE_MODULES and not getattr(module, "inplace", False):
+                return "elementwise"
             if type(module) in (nn.Dropout, nn.Identity) and not module.training:
                 return "identity"
             if type(module) is nn.Flatten and (module.start_dim, module.end_dim) == (1, -1):
@@ -682,6 +692,10 @@ class _LanesCodegen(_Codegen):
         if node.op == "call_function" and node.target in (torch.relu, F.relu) and not rest \
                 and set(kwargs) <= {"inplace"}:
             return "relu"
+        if node.op == "call_function" and node.target in _ELEMENTWISE_FUNCTIONS and not rest \
+                and not kwargs.get("inplace", False) \
+                and all(not isinstance(v, torch.fx.Node) for v in kwargs.values()):
+            return "elementwise"
         if node.op == "call_function" and node.target is torch.flatten and not kwargs \
                 and rest in ((1,), (1, -1)):
             return "flatten"
@@ -824,6 +838,11 @@ class _LanesCodegen(_Codegen):
         x = self.lanes_arg(source)
         if kind == "relu":
             return f"torch.relu({x})"
+        if kind == "elementwise" and node.op == "call_module":
+            return f"{self.constant(self.net.get_submodule(node.target))}({x})"
+        if kind == "elementwise":  # a function: its keyword arguments are constants
+            keywords = "".join(f", {k}={self.arg(v)}" for k, v in node.kwargs.items())
+            return f"{self.constant(node.target)}({x}{keywords})"
         if kind == "identity":
             return x
         if kind == "flatten":
