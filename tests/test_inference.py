@@ -69,7 +69,7 @@ def fresh_backend():
 
 @pytest.mark.parametrize("name, image_size, shape", [
     ("lenet300", 28, (1, 28, 28)), ("conv2", 8, (3, 8, 8)), ("lenet5", 12, (1, 12, 12)),
-    ("resnet20", 8, (3, 8, 8)),
+    ("resnet20", 8, (3, 8, 8)), ("conv4", 8, (3, 8, 8)), ("conv6", 8, (3, 8, 8)),
 ])
 @pytest.mark.parametrize("batch", [1, 7, 64])
 def test_outputs_equal_the_dense_masked_model(tmp_path, name, image_size, shape, batch):

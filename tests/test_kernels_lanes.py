@@ -382,6 +382,28 @@ def test_elementwise_activations_run_on_the_lanes_layout(tmp_path):
     assert_close(loaded(x), expected)
 
 
+def test_a_float64_model_runs_its_chains_in_float64(tmp_path):
+    from prunescope import checkpoint, models
+
+    torch.manual_seed(0)
+    model = models.build("conv2", image_size=8).double().eval()
+    names = [n for n, _ in model.named_parameters() if n.endswith("weight")]
+    generator = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters())
+    mask = Mask({n: torch.rand(params[n].shape, generator=generator) >= 0.8 for n in names})
+    mask.apply_(model)
+    out = tmp_path / "c.sparse.safetensors"
+    runtime.export(model, dict(mask.items()), out, spec=checkpoint.model_spec(model, 10))
+    loaded = runtime.load(out)
+    assert "if v0.dim() != 4" in loaded.compiled.source
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+    y = loaded(x)
+    assert y.dtype == torch.float64
+    assert (y - expected).abs().max().item() <= 1e-12 * expected.abs().max().item()
+
+
 def test_a_lone_sparse_layer_stays_in_the_standard_layout(tmp_path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 8), nn.Softmax(dim=1), nn.Linear(8, 4)).eval()

@@ -206,7 +206,8 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trace: bool
     kept as ``model.choices``. Without ``example`` every sparse layer runs sparse.
     """
     content = sparse_file.read(path)
-    skeleton = model if model is not None else _skeleton(content.meta["model"], path)
+    skeleton = model if model is not None else _in_file_dtype(
+        _skeleton(content.meta["model"], path), content)
     if sparse_file.architecture(skeleton) != content.meta["architecture"]:
         what = _spec_text(content.meta["model"])
         if model is None:
@@ -251,6 +252,14 @@ def _skeleton(spec: dict[str, Any], path) -> nn.Module:
     except (KeyError, TypeError, ValueError, ConfigError) as exc:
         raise CheckpointError(f"{path} describes a model prunescope cannot build: "
                               f"{str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+
+
+def _in_file_dtype(skeleton: nn.Module, content: SparseFile) -> nn.Module:
+    """The skeleton in the floating dtype of the file's tensors, where they share one (a
+    float64 export rebuilds as float64; the spec does not name a dtype)."""
+    floats = {t.dtype for t in content.dense.values() if t.is_floating_point()}
+    floats |= {sparse.values.dtype for sparse in content.sparse.values()}
+    return skeleton.to(floats.pop()) if len(floats) == 1 else skeleton
 
 
 def _huggingface(spec: dict[str, Any]) -> nn.Module:
