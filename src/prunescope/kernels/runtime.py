@@ -203,7 +203,10 @@ def load(path: str | os.PathLike, *, model: nn.Module | None = None, trace: bool
     runs, forward only, at the current thread count) and runs sparse only where
     ``sparse_ms * min_speedup <= dense_ms``, as :func:`prunescope.kernels.to_sparse` decides;
     the others get their dense weight back. The table is passed to ``log`` (None: silent) and
-    kept as ``model.choices``. Without ``example`` every sparse layer runs sparse.
+    kept as ``model.choices``. Without ``example`` every sparse layer runs sparse. The
+    example's shape (else, for a registry model, its spec's input shape) also lets the compiled
+    forward keep chains of sparse layers in the kernels' layout (:class:`_LanesCodegen`); a
+    user-defined model loaded without ``example`` runs each layer on its own operator.
     """
     content = sparse_file.read(path)
     skeleton = model if model is not None else _in_file_dtype(
