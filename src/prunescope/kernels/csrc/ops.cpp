@@ -392,6 +392,21 @@ Geom make_geom(at::IntArrayRef x, at::IntArrayRef g) {
   return o;
 }
 
+// Zero the margins of one plane [H + top + bottom, W + left + right, N] around its H x W interior.
+template <class T>
+void zero_margins(T* plane, int64_t H, int64_t W, int64_t N, int64_t top, int64_t bottom,
+                  int64_t left, int64_t right) {
+  const int64_t rowlen = (W + left + right) * N, planelen = (H + top + bottom) * rowlen;
+  std::fill(plane, plane + top * rowlen, T(0));
+  std::fill(plane + (top + H) * rowlen, plane + planelen, T(0));
+  if (left + right == 0) return;
+  for (int64_t h = top; h < top + H; ++h) {
+    T* row = plane + h * rowlen;
+    std::fill(row, row + left * N, T(0));
+    std::fill(row + (left + W) * N, row + rowlen, T(0));
+  }
+}
+
 // src [N, C, H, W] -> [C, H + top + bottom, W + left + right, N] with zero margins (stride 1).
 template <class T>
 void pack_margins(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, int64_t top,
@@ -405,14 +420,10 @@ void pack_margins(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, int6
   at::parallel_for(0, C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       T* plane = dst + c * planelen;
-      std::fill(plane, plane + top * rowlen, T(0));
-      std::fill(plane + (top + H) * rowlen, plane + planelen, T(0));
-      for (int64_t h = 0; h < H; ++h) {
-        T* row = plane + (top + h) * rowlen;
-        std::fill(row, row + left * N, T(0));
-        std::fill(row + (left + W) * N, row + rowlen, T(0));
-        kernels<T>().transpose(src + (c * H + h) * W, chw, row + left * N, N, 0, N, W);
-      }
+      zero_margins(plane, H, W, N, top, bottom, left, right);
+      for (int64_t h = 0; h < H; ++h)
+        kernels<T>().transpose(src + (c * H + h) * W, chw, plane + (top + h) * rowlen + left * N,
+                               N, 0, N, W);
     }
   });
 }
@@ -607,6 +618,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
   return {dx, dw, db};
 }
 
+// The sparse kernels' dtypes.
+void check_float(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+}
+
 // ---- inference in the lanes layout ------------------------------------------------------------
 // A chain of sparse layers at inference keeps its activations in the layout the kernels compute
 // in, batch innermost ("lanes": [features, N] between Linear layers, [C, H, W, N] between Conv2d
@@ -617,8 +634,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
 // [N, rest...] -> [rest..., N]
 at::Tensor to_lanes(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "to_lanes needs a batch dimension");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  check_float(x);
   std::vector<int64_t> shape(x.sizes().begin() + 1, x.sizes().end());
   const int64_t n = x.size(0), rest = c10::multiply_integers(shape);
   shape.push_back(n);
@@ -636,20 +652,13 @@ at::Tensor to_lanes(const at::Tensor& x) {
 // [rest..., N] -> [N, rest...]
 at::Tensor from_lanes(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 1, "from_lanes needs a batch dimension");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  check_float(x);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
-  const int64_t n = x.size(-1), rest = c10::multiply_integers(shape);
-  shape.insert(shape.begin(), n);
+  shape.insert(shape.begin(), x.size(-1));
   const at::Tensor xc = x.contiguous();
-  at::Tensor out = at::empty(shape, x.options());
   if (x.scalar_type() == at::kDouble)
-    transpose2d<double>(xc.const_data_ptr<double>(), n, out.mutable_data_ptr<double>(), rest,
-                        rest, n);
-  else
-    transpose2d<float>(xc.const_data_ptr<float>(), n, out.mutable_data_ptr<float>(), rest, rest,
-                       n);
-  return out;
+    return unpack_rows<double>(xc.const_data_ptr<double>(), x.options(), shape);
+  return unpack_rows<float>(xc.const_data_ptr<float>(), x.options(), shape);
 }
 
 // y = W x (+ bias, ReLU) for x [I, N] (lanes) or, with from_std, [N, I]; y is [K, N] (lanes) or,
@@ -794,21 +803,6 @@ at::Tensor linear_chain_impl(const at::Tensor& x, at::TensorList layers, at::Int
   return y;
 }
 
-// Zero the margins of one plane [H + top + bottom, W + left + right, N] around its H x W interior.
-template <class T>
-void zero_margins(T* plane, int64_t H, int64_t W, int64_t N, int64_t top, int64_t bottom,
-                  int64_t left, int64_t right) {
-  const int64_t rowlen = (W + left + right) * N, planelen = (H + top + bottom) * rowlen;
-  std::fill(plane, plane + top * rowlen, T(0));
-  std::fill(plane + (top + H) * rowlen, plane + planelen, T(0));
-  if (left + right == 0) return;
-  for (int64_t h = top; h < top + H; ++h) {
-    T* row = plane + h * rowlen;
-    std::fill(row, row + left * N, T(0));
-    std::fill(row + (left + W) * N, row + rowlen, T(0));
-  }
-}
-
 // x [C, H, W, N] -> [C, Hp, sw, Wj, N], the conv kernels' packed input (zero margins, columns
 // split by stride phase): copies of contiguous runs, no transpose.
 template <class T>
@@ -870,6 +864,32 @@ void max_pool_lanes_impl(const T* x, T* y, int64_t C, int64_t H, int64_t W, int6
   });
 }
 
+// The forward gather of a convolution over a lanes input x (contiguous): the packed input (x
+// itself where it needs no packing), the taps' offsets into it, and the gather's arguments over
+// g.P output rows of g.L() lanes, the output (y, y_k, y_p) left for the caller to place. a.idx
+// points into off: the struct is returned by move and kept while a (or a copy of it) is used.
+template <class T>
+struct ConvGather {
+  at::Tensor packed, bias;
+  std::vector<int32_t> off;
+  ps::GatherArgs<T> a;
+};
+
+template <class T>
+ConvGather<T> conv_gather(const at::Tensor& xc, const at::Tensor& values,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                          const at::Tensor& taps, const Geom& g, bool relu) {
+  const at::Tensor packed =
+      g.plain() ? xc : pack_lanes<T>(xc.const_data_ptr<T>(), g, xc.options());
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  ConvGather<T> c{packed, b, tap_offsets(ptr, taps, g), {}};
+  c.a = {packed.const_data_ptr<T>(), g.sh * g.row(), nullptr, 0, 0,
+         ptr.const_data_ptr<int64_t>(), c.off.data(), 1, values.const_data_ptr<T>(),
+         b.defined() ? b.const_data_ptr<T>() : nullptr, g.P, g.L()};
+  c.a.relu = relu;
+  return c;
+}
+
 // conv_lanes with pool (see there).
 template <class T>
 at::Tensor conv_pool_lanes(const at::Tensor& x, const at::Tensor& values,
@@ -878,15 +898,10 @@ at::Tensor conv_pool_lanes(const at::Tensor& x, const at::Tensor& values,
   const int64_t Po = g.P / 2, Qo = g.Q / 2, L = g.L();
   at::Tensor y = at::empty({g.K, Po, Qo, g.N}, x.options());
   if (L == 0 || Po == 0 || Qo == 0) return y;
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor packed = g.plain() ? xc : pack_lanes<T>(xc.const_data_ptr<T>(), g, x.options());
-  const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const ConvGather<T> c = conv_gather<T>(x.contiguous(), values, bias, ptr, taps, g, relu);
+  ps::GatherArgs<T> a = c.a;
+  a.y_k = 2 * L, a.y_p = L, a.P = 2;  // two output rows at a time, into a buffer
   T* out = y.mutable_data_ptr<T>();
-  ps::GatherArgs<T> a{packed.const_data_ptr<T>(), g.sh * g.row(), nullptr, 2 * L, L,
-                      ptr.const_data_ptr<int64_t>(), off.data(), 1, values.const_data_ptr<T>(),
-                      b.defined() ? b.const_data_ptr<T>() : nullptr, 2, L};
-  a.relu = relu;
   parallel_rows(a.ptr, g.K, g.P * L, [&](int64_t r0, int64_t r1) {
     T* rows = scratch<T>(kOutSlot, r1 * 2 * L);  // channel k's two rows at rows + k * 2L
     ps::GatherArgs<T> pair = a;
@@ -933,14 +948,9 @@ at::Tensor conv_lanes_impl(const at::Tensor& x, const at::Tensor& values,
         zero_margins(out + k * Pp * Qp * g.N, g.P, g.Q, g.N, mt, mb, ml, mr);
     });
   if (g.L() == 0 || g.P == 0) return y;
-  const at::Tensor packed = g.plain() ? xc : pack_lanes<T>(xc.const_data_ptr<T>(), g, x.options());
-  const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  ps::GatherArgs<T> a{packed.const_data_ptr<T>(), g.sh * g.row(),
-                      out + (mt * Qp + ml) * g.N, Pp * Qp * g.N, Qp * g.N,
-                      ptr.const_data_ptr<int64_t>(), off.data(), 1, values.const_data_ptr<T>(),
-                      b.defined() ? b.const_data_ptr<T>() : nullptr, g.P, g.L()};
-  a.relu = relu;
+  const ConvGather<T> c = conv_gather<T>(xc, values, bias, ptr, taps, g, relu);
+  ps::GatherArgs<T> a = c.a;
+  a.y = out + (mt * Qp + ml) * g.N, a.y_k = Pp * Qp * g.N, a.y_p = Qp * g.N;
   parallel_rows(a.ptr, g.K, g.P * g.L(), [&](int64_t r0, int64_t r1) {
     kernels<T>().gather(a, r0, r1);
   });
@@ -953,8 +963,7 @@ void check_tensors(const at::Tensor& x, const at::Tensor& values, const at::Tens
   TORCH_CHECK(x.device().is_cpu() && values.device().is_cpu(), "the sparse kernels are CPU-only");
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "input dtype ", x.scalar_type(),
               " differs from the weights' ", values.scalar_type());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  check_float(x);
   TORCH_CHECK(values.is_contiguous() && values.dim() == 1, "values must be contiguous and 1-d");
   TORCH_CHECK(ptr.scalar_type() == at::kLong && ptr.is_contiguous() && ptr.numel() == rows + 1,
               "row pointers must be a contiguous int64 tensor of rows + 1 entries");
@@ -1030,6 +1039,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward(
                                    need_dx, need_dw, need_db);
 }
 
+// The lanes operators keep nothing for a backward pass.
+void refuse_autograd(const at::Tensor& x, const at::Tensor& values) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
+              "the lanes-layout operators are for inference only (no autograd)");
+}
+
 at::Tensor linear_lanes(const at::Tensor& x, const at::Tensor& values,
                         const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
                         const at::Tensor& idx, int64_t in_features, bool relu, bool from_std,
@@ -1038,8 +1053,7 @@ at::Tensor linear_lanes(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK(x.size(from_std ? 1 : 0) == in_features, "the input has ",
               x.size(from_std ? 1 : 0), " features, the layer takes ", in_features);
   check_tensors(x, values, ptr, idx, ptr.numel() - 1);
-  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
-              "the lanes-layout operators are for inference only (no autograd)");
+  refuse_autograd(x, values);
   if (x.scalar_type() == at::kDouble)
     return linear_lanes_impl<double>(x, values, bias, ptr, idx, relu, from_std, to_std);
   return linear_lanes_impl<float>(x, values, bias, ptr, idx, relu, from_std, to_std);
@@ -1050,8 +1064,7 @@ at::Tensor conv_lanes(const at::Tensor& x, const at::Tensor& values,
                       const at::Tensor& taps, at::IntArrayRef geom, bool relu,
                       at::IntArrayRef out_pad, bool pool) {
   check_tensors(x, values, ptr, taps, geom.size() > 1 ? geom[1] : -1);
-  TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
-              "the lanes-layout operators are for inference only (no autograd)");
+  refuse_autograd(x, values);
   if (x.scalar_type() == at::kDouble)
     return conv_lanes_impl<double>(x, values, bias, ptr, taps, geom, relu, out_pad, pool);
   return conv_lanes_impl<float>(x, values, bias, ptr, taps, geom, relu, out_pad, pool);
@@ -1059,8 +1072,7 @@ at::Tensor conv_lanes(const at::Tensor& x, const at::Tensor& values,
 
 at::Tensor max_pool_lanes(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "max_pool_lanes takes a lanes tensor [C, H, W, N]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "the sparse kernels support float32 and float64, not ", x.scalar_type());
+  check_float(x);
   const at::Tensor xc = x.contiguous();
   const int64_t C = x.size(0), H = x.size(1), W = x.size(2), N = x.size(3);
   at::Tensor y = at::empty({C, H / 2, W / 2, N}, x.options());
@@ -1094,8 +1106,7 @@ at::Tensor linear_chain(const at::Tensor& x, at::TensorList layers, at::IntArray
                 " per output");
     TORCH_CHECK(l + 1 == depth || in_features[l + 1] == K, "layer ", l + 1, " takes ",
                 in_features[l + 1], " features, layer ", l, " gives ", K);
-    TORCH_CHECK(!at::GradMode::is_enabled() || !(x.requires_grad() || values.requires_grad()),
-                "the lanes-layout operators are for inference only (no autograd)");
+    refuse_autograd(x, values);
   }
   if (x.scalar_type() == at::kDouble)
     return linear_chain_impl<double>(x, layers, relu, from_std);
