@@ -422,14 +422,14 @@ class SparseModel(nn.Module):
         super().__init__()
         self.net = net
         self.meta = meta
-        if example is None:
-            example = _registry_example(meta.get("model") or {}, net)
-        self.compiled = compile_forward(net, example) if trace else None
-        self.choices: list[dict[str, Any]] = []
-        self.run: Callable[[torch.Tensor], torch.Tensor] = self.compiled or net.forward
         floats = [t.dtype for t in sparse_file._tensors(net).values() if t.is_floating_point()]
         text = (meta.get("model") or {}).get("source") == "huggingface"
         self.input_dtype = torch.int64 if text else (floats[0] if floats else torch.float32)
+        if example is None:
+            example = _registry_example(meta.get("model") or {}, self.input_dtype)
+        self.compiled = compile_forward(net, example) if trace else None
+        self.choices: list[dict[str, Any]] = []
+        self.run: Callable[[torch.Tensor], torch.Tensor] = self.compiled or net.forward
 
     @property
     def sparse_layers(self) -> list[str]:
@@ -614,14 +614,12 @@ _ELEMENTWISE_FUNCTIONS = (torch.tanh, torch.sigmoid, F.gelu, F.silu, F.elu, F.le
                           F.relu6, F.hardtanh, F.hardswish, F.softplus, F.mish)
 
 
-def _registry_example(spec: dict[str, Any], net: nn.Module) -> torch.Tensor | None:
+def _registry_example(spec: dict[str, Any], dtype: torch.dtype) -> torch.Tensor | None:
     """Two zero images of the shape a registry model takes (None for other models)."""
     if spec.get("source") == "huggingface" or not {"in_channels", "image_size"} <= spec.keys():
         return None
-    floats = [t.dtype for t in sparse_file._tensors(net).values() if t.is_floating_point()]
     size = spec["image_size"]
-    return torch.zeros(2, spec["in_channels"], size, size,
-                       dtype=floats[0] if floats else torch.float32)
+    return torch.zeros(2, spec["in_channels"], size, size, dtype=dtype)
 
 
 def _shapes(net: nn.Module, graph: torch.fx.Graph, example: torch.Tensor
@@ -745,8 +743,7 @@ class _LanesCodegen(_Codegen):
                     and source in self.lanes and len(source.users) == 1:
                 self.fused.add(source)
         for n in self.lanes:
-            if self.kinds[n] == "sparse" and isinstance(self.net.get_submodule(n.target),
-                                                        InferenceLinear):
+            if self.is_linear(n):
                 value = next(iter(n.users)) if n in self.fused else n
                 if not any(u in self.lanes for u in value.users):
                     self.std_out.update({n, value})  # writes the standard layout itself
@@ -768,9 +765,13 @@ class _LanesCodegen(_Codegen):
                     if member in self.fused:
                         self.in_chain.add(next(iter(member.users)))
 
-    def is_linear(self, node: torch.fx.Node) -> bool:
+    def is_sparse(self, node: torch.fx.Node, kind: type[_InferenceLayer]) -> bool:
+        """Whether ``node`` is a sparse layer of ``kind`` running in the lanes layout."""
         return (node in self.lanes and self.kinds[node] == "sparse"
-                and isinstance(self.net.get_submodule(node.target), InferenceLinear))
+                and isinstance(self.net.get_submodule(node.target), kind))
+
+    def is_linear(self, node: torch.fx.Node) -> bool:
+        return self.is_sparse(node, InferenceLinear)
 
     def linear_chain(self, node: torch.fx.Node) -> list[torch.fx.Node]:
         """The sparse Linear layers one ``linear_chain`` call computes, ending at ``node`` (a
@@ -819,8 +820,7 @@ class _LanesCodegen(_Codegen):
         return None
 
     def is_conv(self, node: torch.fx.Node) -> bool:
-        return (node in self.lanes and self.kinds[node] == "sparse"
-                and isinstance(self.net.get_submodule(node.target), InferenceConv2d))
+        return self.is_sparse(node, InferenceConv2d)
 
     def arg(self, value: Any) -> str:
         if isinstance(value, torch.fx.Node) and value in self.lanes - self.std_out:
@@ -869,8 +869,7 @@ class _LanesCodegen(_Codegen):
 
     def chain_call(self, chain: list[torch.fx.Node]) -> str:
         """One ``linear_chain`` call for the Linear layers of ``chain``."""
-        source = chain[0].args[0]
-        x = self.names[source] if source not in self.lanes else self.lanes_arg(source)
+        source = chain[0].args[0]  # standard or lanes: linear_chain takes either, as is
         tensors, widths, relus = [], [], []
         for node in chain:
             module = self.net.get_submodule(node.target)
@@ -880,8 +879,8 @@ class _LanesCodegen(_Codegen):
             tensors += [self.constant(t) for t in (values, bias, ptr, idx)]
             widths.append(module.in_features)
             relus.append(int(node in self.fused))
-        return (f"{self.ops['linear_chain']}({x}, [{', '.join(tensors)}], {widths}, {relus}, "
-                f"{source not in self.lanes})")
+        return (f"{self.ops['linear_chain']}({self.names[source]}, [{', '.join(tensors)}], "
+                f"{widths}, {relus}, {source not in self.lanes})")
 
     def sparse_call(self, node: torch.fx.Node, source: torch.fx.Node) -> str:
         if node in self.chains:
@@ -889,10 +888,10 @@ class _LanesCodegen(_Codegen):
         module = self.net.get_submodule(node.target)
         args = ", ".join(self.constant(t) for t in module.kernel_args()[:4])
         relu = node in self.fused
-        if isinstance(module, InferenceLinear):  # changes layout itself at a chain's ends
-            x = self.names[source] if source not in self.lanes else self.lanes_arg(source)
-            return (f"{self.ops['linear_lanes']}({x}, {args}, {module.in_features}, {relu}, "
-                    f"{source not in self.lanes}, {node in self.std_out})")
+        if isinstance(module, InferenceLinear):  # standard or lanes input, as is
+            return (f"{self.ops['linear_lanes']}({self.names[source]}, {args}, "
+                    f"{module.in_features}, {relu}, {source not in self.lanes}, "
+                    f"{node in self.std_out})")
         geometry = list(module.geometry)
         if node in self.prepadded:
             geometry[6:10] = [0, 0, 0, 0]
