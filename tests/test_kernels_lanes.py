@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_inference import export_registry, pruned
 from test_kernels import assert_close, variant  # noqa: F401 - variant is a fixture
 from torch import nn
 
@@ -321,18 +322,8 @@ def test_the_fused_relu_and_the_written_margins_are_planned(tmp_path):
 
 
 def test_another_input_rank_runs_the_plain_forward(tmp_path):
-    from prunescope import checkpoint, models
-
-    torch.manual_seed(0)
-    model = models.build("lenet300", image_size=28).eval()
-    out = tmp_path / "l.sparse.safetensors"
-    names = [n for n, _ in model.named_parameters() if n.endswith("weight")]
-    generator = torch.Generator().manual_seed(1)
-    params = dict(model.named_parameters())
-    mask = Mask({n: torch.rand(params[n].shape, generator=generator) >= 0.9 for n in names})
-    mask.apply_(model)
-    runtime.export(model, dict(mask.items()), out, spec=checkpoint.model_spec(model, 10))
-    loaded = runtime.load(out)
+    model, mask = pruned("lenet300", 28)
+    loaded = runtime.load(export_registry(tmp_path, model, mask))
     assert "if v0.dim() != 4" in loaded.compiled.source  # built from the registry spec
     assert "[784, 300, 100], [1, 1, 0], True)" in loaded.compiled.source  # one call, 3 layers
     x = torch.randn(5, 1, 28, 28)
@@ -383,18 +374,9 @@ def test_elementwise_activations_run_on_the_lanes_layout(tmp_path):
 
 
 def test_a_float64_model_runs_its_chains_in_float64(tmp_path):
-    from prunescope import checkpoint, models
-
-    torch.manual_seed(0)
-    model = models.build("conv2", image_size=8).double().eval()
-    names = [n for n, _ in model.named_parameters() if n.endswith("weight")]
-    generator = torch.Generator().manual_seed(1)
-    params = dict(model.named_parameters())
-    mask = Mask({n: torch.rand(params[n].shape, generator=generator) >= 0.8 for n in names})
-    mask.apply_(model)
-    out = tmp_path / "c.sparse.safetensors"
-    runtime.export(model, dict(mask.items()), out, spec=checkpoint.model_spec(model, 10))
-    loaded = runtime.load(out)
+    model, mask = pruned("conv2", 8, 0.8)
+    model.double()  # pruned places stay exact zeros
+    loaded = runtime.load(export_registry(tmp_path, model, mask))
     assert "if v0.dim() != 4" in loaded.compiled.source
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     with torch.no_grad():
