@@ -33,6 +33,7 @@ from torch import nn
 from prunescope import checkpoint, data, devices, models
 from prunescope.connectivity import analysable, effective_mask, layer_sparsities
 from prunescope.distill import DistillConfig
+from prunescope.keys import key_fields
 from prunescope.logs import MetricsLogger
 from prunescope.mask import Mask
 from prunescope.robust_distill import RobustDistillationLoss, check_sparse_kernels
@@ -285,20 +286,9 @@ class Stopwatch:
         return time.perf_counter() - self.started + self.run.carried_seconds
 
 
-# TrainConfig fields added after runs were first keyed: left out of a key while at their
-# default, so a run directory finished before they existed still reads back.
-_LATER_TRAIN_FIELDS = ("loss", "temperature", "supcon_weight")
-
-
 def _training_key(config: Any) -> Any:
-    """A training config as key data, without the later fields that are at their default."""
-    key = _plain(config)
-    if isinstance(key, dict) and dataclasses.is_dataclass(config):
-        defaults = {f.name: f.default for f in dataclasses.fields(config)}
-        for name in _LATER_TRAIN_FIELDS:
-            if name in key and key[name] == defaults.get(name):
-                del key[name]
-    return key
+    """A training config as key data (:func:`prunescope.keys.key_fields`)."""
+    return _plain(key_fields(config) if dataclasses.is_dataclass(config) else config)
 
 
 def _plain(value: Any) -> Any:

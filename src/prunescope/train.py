@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from prunescope.data import Loader, Splits, Subset, random_crop_flip
 from prunescope.errors import ConfigError, TrainingError
 from prunescope.files import append_jsonl, atomic_write_bytes, read_jsonl
 from prunescope.hooks import Hook
+from prunescope.keys import ADDED_LATER
 from prunescope.logs import MetricsLogger
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ class TrainConfig:
     precision: str = "fp32"
     warmup: float = 0.0
     max_grad_norm: float | None = None
-    loss: str = "cross_entropy"
-    temperature: float = losses.TEMPERATURE
-    supcon_weight: float = 1.0
+    loss: str = field(default="cross_entropy", metadata=ADDED_LATER)
+    temperature: float = field(default=losses.TEMPERATURE, metadata=ADDED_LATER)
+    supcon_weight: float = field(default=1.0, metadata=ADDED_LATER)
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -14,7 +14,6 @@ call ``run_one`` only when needed. A new method is one file: a registered subcla
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from torch import nn
 from prunescope.allocation import check_sparsity
 from prunescope.errors import ConfigError
 from prunescope.hooks import Hook
+from prunescope.keys import key_fields
 from prunescope.registry import Registry
 from prunescope.run import UNITS, Run
 
@@ -68,7 +68,7 @@ class Method:
     def key(self) -> dict[str, Any]:
         """What determines this method's results (its config, without ``name`` and the
         ``sparsities`` list, which only select what runs)."""
-        fields = dataclasses.asdict(self)
+        fields = key_fields(self)
         return {k: v for k, v in fields.items() if k not in ("name", "sparsities")}
 
     @property

@@ -41,6 +41,7 @@ from torch import nn
 
 from prunescope import checkpoint, nested
 from prunescope.errors import ConfigError
+from prunescope.keys import ADDED_LATER
 from prunescope.mask import Mask
 from prunescope.methods.base import Method, register
 from prunescope.methods.gmp import GMP
@@ -179,7 +180,7 @@ class ELSA(Method):
     level_lr: tuple[float, ...] = ()
     admission: str = "dense"
     regrow: float = 0.25
-    start: str = "dense"
+    start: str = field(default="dense", metadata=ADDED_LATER)
     rest: str = "train"
 
     def __post_init__(self) -> None:
@@ -219,8 +220,6 @@ class ELSA(Method):
     def key(self) -> dict[str, Any]:
         fields = super().key()
         fields["top"] = self.top.key()
-        if self.start == "dense":  # what every run made before the key existed did: their
-            del fields["start"]    # results stay reusable
         return fields
 
     # -- outputs ------------------------------------------------------------------------------
