@@ -243,6 +243,74 @@ def test_conv2d_matches_reference(variant, case, density):
     check_against_reference(layer, sparse, mask, x)
 
 
+# Stride-1 convolutions whose output rows have at least 16 columns run directly on the NCHW
+# planes (ops.cpp, direct_conv): rows in register blocks, column chunks of 4 vectors, a masked
+# last vector; the cases above (narrower or strided) run batch innermost.
+DIRECT_CASES = [  # (in, out, kernel, padding, dilation, groups, batch, height, width)
+    (3, 5, 3, 1, 1, 1, 3, 9, 16),  # one chunk of 2 vectors, rows in blocks of 6 and a rest of 3
+    (4, 6, 3, 1, 1, 1, 2, 13, 20),  # a masked last vector
+    (4, 4, 3, 0, 1, 1, 2, 10, 18),  # no padding: 16 output columns from 18
+    (5, 3, (5, 3), (2, 1), 1, 1, 2, 8, 45),  # two column chunks (4 vectors, then 2 with a mask)
+    (4, 6, 3, 2, 2, 2, 1, 7, 33),  # dilation and groups
+    (6, 6, 3, 1, 1, 6, 2, 5, 24),  # depthwise
+    (5, 7, 1, 0, 1, 1, 3, 4, 17),  # 1 x 1
+    (4, 4, 4, "same", 1, 1, 2, 6, 19),  # asymmetric padding
+    (3, 4, 3, (3, 2), 1, 1, 1, 3, 16),  # padding wider than the kernel reaches
+]
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("density", [1.0, 0.3])
+def test_conv2d_direct_path_matches_reference(variant, case, density):
+    c_in, c_out, kernel, padding, dilation, groups, batch, height, width = case
+    generator = torch.Generator().manual_seed(c_in * 100 + width)
+    layer = nn.Conv2d(c_in, c_out, kernel, 1, padding, dilation, groups)
+    mask = random_mask(layer.weight.shape, density, generator)
+    mask[0] = False  # an all-pruned output channel
+    sparse = SparseConv2d.from_dense(layer, mask)
+    x = torch.randn(batch, c_in, height, width, generator=generator)
+    check_against_reference(layer, sparse, mask, x)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv2d_direct_path_on_two_threads(variant, batch, dtype, request):
+    """Enough work for both threads: one image's output channels split in two ranges (batch 1),
+    or the batch split unevenly (3 images), each thread summing its own weight and bias
+    gradients."""
+    _use_threads(2, request)
+    generator = torch.Generator().manual_seed(batch)
+    layer = nn.Conv2d(16, 12, 3, padding=1).to(dtype)
+    mask = random_mask(layer.weight.shape, 0.3, generator)
+    sparse = SparseConv2d.from_dense(layer, mask)
+    x = torch.randn(batch, 16, 20, 40, generator=generator, dtype=dtype)
+    check_against_reference(layer, sparse, mask, x,
+                            rtol=RTOL if dtype == torch.float32 else 1e-12)
+
+
+def test_conv2d_direct_path_never_reads_past_a_row(variant):
+    """A row of 20 columns ends in a vector of which 4 lanes are the row's: the other 4 read the
+    next columns (here an Inf in the last input column). The taps of the kernel's first column never
+    read the last input column, so their weight gradient, and every output that does not, stay
+    finite and equal the reference."""
+    generator = torch.Generator().manual_seed(20)
+    layer = nn.Conv2d(2, 3, 3, padding=1)
+    mask = torch.ones(layer.weight.shape, dtype=torch.bool)
+    sparse = SparseConv2d.from_dense(layer, mask)
+    x = torch.randn(2, 2, 6, 20, generator=generator)
+    x[..., -1] = float("inf")
+    x_ref, x_sp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, actual = layer(x_ref), sparse(x_sp)
+    grad = torch.randn(expected.shape, generator=generator)
+    expected.backward(grad)
+    actual.backward(grad)
+    assert_close(actual[..., :-2], expected[..., :-2])
+    first_column = formats.densify(sparse.values.grad, sparse.mask)[..., 0]
+    assert torch.isfinite(first_column).all()
+    assert_close(first_column, layer.weight.grad[..., 0])
+
+
 def test_conv2d_unbatched_input_and_no_bias(variant):
     generator = torch.Generator().manual_seed(5)
     layer = nn.Conv2d(3, 4, 3, padding=1, bias=False)

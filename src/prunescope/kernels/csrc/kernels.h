@@ -353,6 +353,195 @@ void scatter(const ScatterArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   }
 }
 
+// ---- direct convolution: one image's NCHW planes, output columns innermost -------------------------
+// A block is RB output rows x NV vectors of one column chunk of an output channel, accumulated in
+// registers over the channel's taps: each tap's weight is broadcast once and multiplies RB * NV
+// input vectors (register blocking over output rows). Loads are whole vectors (the lanes past Q
+// read the next row or the image's slack and are never stored); the last vector of a row whose
+// width is not a whole number of vectors is stored under the mask m.
+template <class V, int NV, int RB>
+void direct_block(const typename V::T* __restrict x, int64_t xs, typename V::T* __restrict y,
+                  int64_t Q, const int32_t* __restrict off, const typename V::T* __restrict vals,
+                  int64_t j0, int64_t j1, typename V::T init, bool tail, typename V::M m) {
+  using R = typename V::R;
+  constexpr int W = V::W;
+  R acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::set1(init);
+  for (int64_t j = j0; j < j1; ++j) {
+    const typename V::T* xp = x + off[j];
+    const R w = V::set1(vals[j]);
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(w, V::load(xp + r * xs + v * W), acc[r][v]);
+  }
+  for (int r = 0; r < RB; ++r) {
+    typename V::T* yr = y + r * Q;
+    for (int v = 0; v + 1 < NV; ++v) V::store(yr + v * W, acc[r][v]);
+    if (tail)
+      V::storem(yr + (NV - 1) * W, acc[r][NV - 1], m);
+    else
+      V::store(yr + (NV - 1) * W, acc[r][NV - 1]);
+  }
+}
+
+template <class V>
+using DirectBlock = void (*)(const typename V::T*, int64_t, typename V::T*, int64_t,
+                             const int32_t*, const typename V::T*, int64_t, int64_t,
+                             typename V::T, bool, typename V::M);
+
+// Rows per block for NV vectors per row: 8 to 12 accumulators, enough independent chains to hide
+// the FMA latency with registers to spare for the broadcast weight.
+constexpr int direct_rows(int nv) { return nv == 1 ? 8 : nv == 2 ? 6 : nv == 3 ? 4 : 3; }
+constexpr int kDirectChunk = 4;  // vectors per column chunk
+
+template <class V, int NV>
+DirectBlock<V> direct_block_rows(int rows) {
+  static constexpr DirectBlock<V> by_rows[8] = {
+      &direct_block<V, NV, 1>, &direct_block<V, NV, 2>, &direct_block<V, NV, 3>,
+      &direct_block<V, NV, 4>, &direct_block<V, NV, 5>, &direct_block<V, NV, 6>,
+      &direct_block<V, NV, 7>, &direct_block<V, NV, 8>};
+  return by_rows[rows - 1];
+}
+
+template <class V>
+DirectBlock<V> pick_direct_block(int nv, int rows) {
+  switch (nv) {
+    case 1: return direct_block_rows<V, 1>(rows);
+    case 2: return direct_block_rows<V, 2>(rows);
+    case 3: return direct_block_rows<V, 3>(rows);
+    default: return direct_block_rows<V, kDirectChunk>(rows);
+  }
+}
+
+// Column chunk by chunk, block of rows by block, every output channel of [k0, k1) in turn: the
+// input rows one block reads stay in the fastest cache while all channels read them.
+template <class V>
+void direct(const DirectArgs<typename V::T>& a, int64_t k0, int64_t k1) {
+  constexpr int W = V::W;
+  for (int64_t c0 = 0; c0 < a.Q; c0 += kDirectChunk * W) {
+    const int64_t n = min64(kDirectChunk * W, a.Q - c0);
+    const int nv = static_cast<int>((n + W - 1) / W), tail = static_cast<int>(n % W);
+    const typename V::M m = V::mask(tail);
+    const int rb = direct_rows(nv);
+    for (int64_t p0 = 0; p0 < a.P; p0 += rb) {
+      const int rows = static_cast<int>(min64(rb, a.P - p0));
+      const DirectBlock<V> fn = pick_direct_block<V>(nv, rows);
+      for (int64_t k = k0; k < k1; ++k)
+        fn(a.x + p0 * a.xs + c0, a.xs, a.y + (k * a.P + p0) * a.Q + c0, a.Q, a.off, a.vals,
+           a.ptr[k], a.ptr[k + 1], a.bias ? a.bias[k] : typename V::T(0), tail != 0, m);
+    }
+  }
+}
+
+// dst = the C planes of src [C, H, W] inside zero margins: [C, top + H + bottom, left + W + right],
+// row by row in whole vectors (a small image's rows are a few vectors: a library copy per row
+// costs more than the copy).
+template <class V>
+void pad_planes(const typename V::T* __restrict src, int64_t C, int64_t H, int64_t W, int64_t top,
+                int64_t bottom, int64_t left, int64_t right, typename V::T* __restrict dst) {
+  using T = typename V::T;
+  constexpr int Wv = V::W;
+  const int64_t cols = left + W + right, nv = W / Wv;
+  const typename V::M m = V::mask(static_cast<int>(W % Wv));
+  auto zero = [&](T* p, int64_t n) {
+    int64_t i = 0;
+    for (; i + Wv <= n; i += Wv) V::store(p + i, V::zero());
+    for (; i < n; ++i) p[i] = T(0);
+  };
+  for (int64_t c = 0; c < C; ++c) {
+    T* plane = dst + c * (top + H + bottom) * cols;
+    zero(plane, top * cols);
+    for (int64_t h = 0; h < H; ++h) {
+      const T* s = src + (c * H + h) * W;
+      T* d = plane + (top + h) * cols;
+      for (int64_t i = 0; i < left; ++i) d[i] = T(0);
+      d += left;
+      for (int64_t v = 0; v < nv; ++v) V::store(d + v * Wv, V::load(s + v * Wv));
+      if (W % Wv) V::storem(d + nv * Wv, V::loadm(s + nv * Wv, m), m);
+      for (int64_t i = W; i < W + right; ++i) d[i] = T(0);
+    }
+    zero(plane + (top + H) * cols, bottom * cols);
+  }
+}
+
+// NT taps of one output channel at a time share each load of dy. The last vector of a row is
+// loaded under a mask from both operands, so lanes past Q (another row's values) never enter a
+// sum. With four taps or fewer, a second accumulator per tap takes every other row.
+template <class V, int NT>
+void direct_taps(const typename V::T* __restrict dy, const typename V::T* __restrict x,
+                 int64_t xs, int64_t P, int64_t Q, const int32_t* __restrict off, int64_t j,
+                 typename V::T* __restrict dw) {
+  using R = typename V::R;
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const int64_t nv = Q / W;
+  const int tail = static_cast<int>(Q % W);
+  const typename V::M m = V::mask(tail);
+  R acc[8], odd[8];
+  const T* xp[NT];
+  for (int t = 0; t < 8; ++t) acc[t] = odd[t] = V::zero();
+  for (int t = 0; t < NT; ++t) xp[t] = x + off[j + t];
+  auto row = [&](int64_t p, R* sums) {
+    const T* g = dy + p * Q;
+    const int64_t xo = p * xs;
+    for (int64_t v = 0; v < nv; ++v) {
+      const R gv = V::load(g + v * W);
+      for (int t = 0; t < NT; ++t) sums[t] = V::fma(gv, V::load(xp[t] + xo + v * W), sums[t]);
+    }
+    if (tail) {
+      const R gv = V::loadm(g + nv * W, m);
+      for (int t = 0; t < NT; ++t)
+        sums[t] = V::fma(gv, V::loadm(xp[t] + xo + nv * W, m), sums[t]);
+    }
+  };
+  int64_t p = 0;
+  if (NT <= 4)
+    for (; p + 2 <= P; p += 2) {
+      row(p, acc);
+      row(p + 1, odd);
+    }
+  for (; p < P; ++p) row(p, acc);
+  for (int t = 0; t < NT; ++t) acc[t] = V::add(acc[t], odd[t]);
+  if (NT == 8) {
+    V::reduce8_add(acc, dw + j);
+  } else {
+    alignas(64) T sums[8] = {};
+    V::reduce8_add(acc, sums);
+    for (int t = 0; t < NT; ++t) dw[j + t] += sums[t];
+  }
+}
+
+template <class V>
+typename V::T plane_sum(const typename V::T* __restrict x, int64_t n) {
+  constexpr int W = V::W;
+  typename V::R acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
+  int64_t i = 0;
+  for (; i + 4 * W <= n; i += 4 * W)
+    for (int u = 0; u < 4; ++u) acc[u] = V::add(acc[u], V::load(x + i + u * W));
+  for (; i + W <= n; i += W) acc[0] = V::add(acc[0], V::load(x + i));
+  typename V::T sum = V::hsum(V::add(V::add(acc[0], acc[1]), V::add(acc[2], acc[3])));
+  for (; i < n; ++i) sum += x[i];
+  return sum;
+}
+
+template <class V>
+void direct_sddmm(const DirectSddmmArgs<typename V::T>& a, int64_t k0, int64_t k1) {
+  using Taps = void (*)(const typename V::T*, const typename V::T*, int64_t, int64_t, int64_t,
+                        const int32_t*, int64_t, typename V::T*);
+  static constexpr Taps rest[8] = {nullptr,
+                                   &direct_taps<V, 1>, &direct_taps<V, 2>, &direct_taps<V, 3>,
+                                   &direct_taps<V, 4>, &direct_taps<V, 5>, &direct_taps<V, 6>,
+                                   &direct_taps<V, 7>};
+  for (int64_t k = k0; k < k1; ++k) {
+    const typename V::T* g = a.dy + k * a.P * a.Q;
+    if (a.db) a.db[k] += plane_sum<V>(g, a.P * a.Q);
+    int64_t j = a.ptr[k];
+    const int64_t end = a.ptr[k + 1];
+    for (; j + 8 <= end; j += 8) direct_taps<V, 8>(g, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
+    if (j < end) rest[end - j](g, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
+  }
+}
+
 // ---- transpose: dst[c * drs + r] = src[r * srs + c] ------------------------------------------------
 // 8 x 8 register transposes, in blocks of up to 128 source rows swept 8 columns at a time: each
 // destination row then receives long contiguous runs while only 8 of them are written at once (the
@@ -385,7 +574,8 @@ void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_
 
 template <class V>
 Kernels<typename V::T> kernels() {
-  return {&gather<V>, &sddmm_short<V>, &sddmm_long<V>, &scatter<V>, &transpose<V>};
+  return {&gather<V>,  &sddmm_short<V>, &sddmm_long<V>, &scatter<V>,
+          &direct<V>, &direct_sddmm<V>, &pad_planes<V>, &transpose<V>};
 }
 
 }  // namespace

@@ -124,7 +124,7 @@ void transpose2d(const T* src, int64_t srs, T* dst, int64_t drs, int64_t R, int6
 // allocated anew (a 98%-sparse 64->64 3x3 conv at 32x32, batch 32: 1430 -> 1047 minor faults
 // per forward + backward). A thread keeps one buffer per slot, as large as the largest its calls
 // needed (three times a layer's largest activation at most). Slots of one call never overlap.
-enum Slot { kOutSlot = 0, kGradSlot = 1, kGradInSlot = 2, kSlots = 3 };
+enum Slot { kOutSlot = 0, kGradSlot = 1, kGradInSlot = 2, kImageSlot = 3, kGradImageSlot = 4, kSlots = 5 };
 
 template <class T>
 T* scratch(Slot slot, int64_t n) {
@@ -455,8 +455,11 @@ at::Tensor pack_input(const at::Tensor& x, const Geom& g) {
   return out;
 }
 
-// Offset of each kept tap's first lane in the packed input; taps = (c_in_group * R + r) * S + s.
-std::vector<int32_t> tap_offsets(const at::Tensor& ptr, const at::Tensor& taps, const Geom& g) {
+// at(c, r, s) for each kept tap j of each output channel (taps = (c_in_group * R + r) * S + s,
+// c the input channel): the tap's offset in a layout of the input.
+template <class F>
+std::vector<int32_t> tap_offsets(const at::Tensor& ptr, const at::Tensor& taps, const Geom& g,
+                                 const F& at) {
   const int64_t* p = ptr.const_data_ptr<int64_t>();
   const int32_t* t = taps.const_data_ptr<int32_t>();
   std::vector<int32_t> off(taps.numel());
@@ -464,11 +467,18 @@ std::vector<int32_t> tap_offsets(const at::Tensor& ptr, const at::Tensor& taps, 
     const int64_t c0 = (k / g.kg()) * g.cg();
     for (int64_t j = p[k]; j < p[k + 1]; ++j) {
       const int64_t c = c0 + t[j] / (g.R * g.S), r = (t[j] / g.S) % g.R, s = t[j] % g.S;
-      off[j] = static_cast<int32_t>(c * g.plane() + r * g.dh * g.row() +
-                                    ((s * g.dw) % g.sw) * g.phase() + ((s * g.dw) / g.sw) * g.N);
+      off[j] = static_cast<int32_t>(at(c, r, s));
     }
   }
   return off;
+}
+
+// Offset of each kept tap's first lane in the packed input.
+std::vector<int32_t> tap_offsets(const at::Tensor& ptr, const at::Tensor& taps, const Geom& g) {
+  return tap_offsets(ptr, taps, g, [&](int64_t c, int64_t r, int64_t s) {
+    return c * g.plane() + r * g.dh * g.row() + ((s * g.dw) % g.sw) * g.phase() +
+           ((s * g.dw) / g.sw) * g.N;
+  });
 }
 
 // [rows, N] -> [N, rows] as a tensor of `shape` (shape[0] == N).
@@ -483,6 +493,144 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
   return out;
 }
 
+// ---- Conv2d: direct on NCHW planes (stride 1) -------------------------------------------------------
+// A stride-1 convolution computes each image from its own planes: the image's channels are
+// copied with their zero margins into a buffer of the thread's own (one image's activations, kept
+// in the core's L2 cache while every output channel reads it), and an output row is a run of Q
+// contiguous columns, so neither the input nor the output changes layout (the batch-innermost
+// path spends four passes over memory on layouts, more than the arithmetic of a 98%-sparse layer)
+// and threads split the batch. Strided convolutions, whose output rows read every sw-th column,
+// keep the batch-innermost path.
+constexpr int64_t kDirectMinWidth = 16;
+bool direct_conv(const Geom& g) { return g.sh == 1 && g.sw == 1 && g.Q >= kDirectMinWidth; }
+
+// One image's planes [C, rows, cols] with zero margins around the H x W interior, followed by
+// kSlack readable elements (the kernels read whole vectors past a row's last column).
+constexpr int64_t kSlack = 16;
+struct Padded {
+  int64_t C, H, W, top, bottom, left, right;
+  int64_t cols() const { return W + left + right; }
+  int64_t plane() const { return (H + top + bottom) * cols(); }
+  int64_t size() const { return C * plane() + kSlack; }
+};
+
+template <class T>
+void pad_image(const T* src, const Padded& d, T* dst) {
+  kernels<T>().pad(src, d.C, d.H, d.W, d.top, d.bottom, d.left, d.right, dst);
+  std::fill_n(dst + d.C * d.plane(), kSlack, T(0));
+}
+
+// fn(i0, i1) over items [0, items) on all threads, or on this one when the whole call is under
+// kSerialWork multiply-adds.
+template <class F>
+void parallel_items(int64_t items, int64_t work, const F& fn) {
+  if (work < kSerialWork || at::get_num_threads() <= 1) {
+    fn(0, items);
+    return;
+  }
+  at::parallel_for(0, items, 1, fn);
+}
+
+template <class T>
+at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const at::Tensor& bias,
+                          const at::Tensor& ptr, const at::Tensor& taps, const Geom& g) {
+  const Padded d{g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr};
+  const std::vector<int32_t> off = tap_offsets(ptr, taps, g, [&](int64_t c, int64_t r, int64_t s) {
+    return c * d.plane() + r * g.dh * d.cols() + s * g.dw;
+  });
+  at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, xc.options());
+  const T* x = xc.const_data_ptr<T>();
+  T* out = y.mutable_data_ptr<T>();
+  const ps::DirectArgs<T> a{nullptr, d.cols(), nullptr, g.P, g.Q, ptr.const_data_ptr<int64_t>(),
+                            off.data(), values.const_data_ptr<T>(),
+                            bias.defined() ? bias.const_data_ptr<T>() : nullptr};
+  // fewer images than threads: each image's output channels in `parts` ranges
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = g.N >= threads ? 1 : (threads + g.N - 1) / g.N;
+  const int64_t work = values.numel() * g.P * g.Q * g.N;
+  parallel_items(g.N * parts, work, [&](int64_t i0, int64_t i1) {
+    T* image = scratch<T>(kImageSlot, d.size());
+    int64_t padded = -1;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t n = i / parts, part = i % parts;
+      if (n != padded) pad_image(x + n * g.C * g.H * g.W, d, image), padded = n;
+      ps::DirectArgs<T> b = a;
+      b.x = image;
+      b.y = out + n * g.K * g.P * g.Q;
+      kernels<T>().direct(b, g.K * part / parts, g.K * (part + 1) / parts);
+    }
+  });
+  return y;
+}
+
+// Image by image on each thread: the weight gradient from the image's padded input and its
+// output gradient (summed into the thread's own row of partial sums), and the input gradient as
+// the forward over the transposed structure (rows = input channels, taps flipped), reading the
+// output gradient with zero margins wide enough for every tap.
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
+    const at::Tensor& dyc, const at::Tensor& xc, const Geom& g, const at::Tensor& values,
+    const at::Tensor& ptr, const at::Tensor& taps, const at::Tensor& cptr,
+    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+  const Padded d{g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr};
+  const Padded e{g.K, g.P, g.Q, std::max<int64_t>(0, (g.R - 1) * g.dh - g.pt),
+                 std::max<int64_t>(0, (g.R - 1) * g.dh - g.pb),
+                 std::max<int64_t>(0, (g.S - 1) * g.dw - g.pl),
+                 std::max<int64_t>(0, (g.S - 1) * g.dw - g.pr)};
+  const std::vector<int32_t> off = tap_offsets(ptr, taps, g, [&](int64_t c, int64_t r, int64_t s) {
+    return c * d.plane() + r * g.dh * d.cols() + s * g.dw;
+  });
+  std::vector<int32_t> flipped(taps.numel());
+  const int32_t* t = taps.const_data_ptr<int32_t>();
+  const int32_t* perm = cperm.const_data_ptr<int32_t>();
+  const int32_t* krow = crow.const_data_ptr<int32_t>();
+  for (int64_t m = 0; m < taps.numel(); ++m) {
+    const int64_t tap = t[perm[m]], r = (tap / g.S) % g.R, s = tap % g.S;
+    flipped[m] = static_cast<int32_t>(krow[m] * e.plane() + (e.top + g.pt - r * g.dh) * e.cols() +
+                                      e.left + g.pl - s * g.dw);
+  }
+  const at::Tensor cvals = in_column_order<T>(values, cperm);
+  const std::vector<int64_t> zeros_ptr(g.K + 1, 0);
+  const int64_t threads = at::get_num_threads();
+  const int64_t work = values.numel() * g.P * g.Q * g.N * (need_dx + need_dw);
+  const int64_t chunks = work < kSerialWork ? 1 : std::min(threads, g.N);
+  at::Tensor dx, dw, db;
+  // each chunk's own partial sums: [chunks, kept weights + output channels]
+  const int64_t nw = need_dw ? values.numel() : 0, nb = need_db ? g.K : 0;
+  at::Tensor partial = at::zeros({chunks, nw + nb}, values.options());
+  if (need_dx) dx = at::empty({g.N, g.C, g.H, g.W}, dyc.options());
+  const T* x = xc.const_data_ptr<T>();
+  const T* dy = dyc.const_data_ptr<T>();
+  parallel_items(chunks, work, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t n = g.N * c / chunks; n < g.N * (c + 1) / chunks; ++n) {
+        const T* dyn = dy + n * g.K * g.P * g.Q;
+        T* sums = partial.mutable_data_ptr<T>() + c * (nw + nb);
+        if (need_dw || need_db) {
+          T* image = scratch<T>(kImageSlot, d.size());
+          if (need_dw) pad_image(x + n * g.C * g.H * g.W, d, image);
+          ps::DirectSddmmArgs<T> a{dyn, image, d.cols(), g.P, g.Q,
+                                   ptr.const_data_ptr<int64_t>(), off.data(), sums,
+                                   need_db ? sums + nw : nullptr};
+          if (!need_dw) a.ptr = zeros_ptr.data();  // no taps: the bias gradient alone
+          kernels<T>().direct_sddmm(a, 0, g.K);
+        }
+        if (need_dx) {
+          T* grad = scratch<T>(kGradImageSlot, e.size());
+          pad_image(dyn, e, grad);
+          const ps::DirectArgs<T> a{grad, e.cols(), dx.mutable_data_ptr<T>() + n * g.C * g.H * g.W,
+                                    g.H, g.W, cptr.const_data_ptr<int64_t>(), flipped.data(),
+                                    cvals.const_data_ptr<T>(), nullptr};
+          kernels<T>().direct(a, 0, g.C);
+        }
+      }
+  });
+  const at::Tensor total = chunks == 1 ? partial[0] : partial.sum(0);
+  if (need_dw) dw = total.narrow(0, 0, nw);
+  if (need_db) db = total.narrow(0, nw, nb);
+  return {dx, dw, db};
+}
+
 template <class T>
 std::tuple<at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const at::Tensor& values,
                                                      const std::optional<at::Tensor>& bias,
@@ -490,6 +638,12 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const 
                                                      const at::Tensor& taps,
                                                      at::IntArrayRef geom) {
   const Geom g = make_geom(x.sizes(), geom);
+  if (direct_conv(g)) {
+    const at::Tensor xc = x.contiguous();
+    return {direct_forward<T>(xc, values, bias.has_value() ? bias->contiguous() : at::Tensor(),
+                              ptr, taps, g),
+            xc};
+  }
   at::Tensor xt = pack_input<T>(x, g);
   const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
   T* yt = scratch<T>(kOutSlot, g.K * g.P * g.L());
@@ -582,6 +736,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
   TORCH_CHECK(dy.dim() == 4 && dy.size(0) == g.N && dy.size(1) == g.K && dy.size(2) == g.P &&
                   dy.size(3) == g.Q,
               "the output gradient has the wrong shape");
+  if (direct_conv(g)) {
+    TORCH_CHECK(xt.numel() == g.N * g.C * g.H * g.W, "the saved input does not fit the geometry");
+    return direct_backward<T>(dy.contiguous(), xt, g, values, ptr, taps, cptr, cperm, crow,
+                              need_dx, need_dw, need_db);
+  }
   TORCH_CHECK(xt.numel() == g.C * g.plane(), "the saved input does not fit the geometry");
   // zero margins around the output gradient let the stride-1 input gradient read every tap
   const bool gather_dx = need_dx && g.sh == 1 && g.sw == 1;

@@ -65,12 +65,47 @@ struct ScatterArgs {
   int64_t P, L;
 };
 
+// Direct convolution of one image on NCHW planes: y[k * P * Q + p * Q + q] = bias[k] + sum_j
+// vals[j] * x[off[j] + p * xs + q] over the taps j of row k, for rows k in [k0, k1), p < P,
+// q < Q. x is the image's input planes with their zero margins (a tap's offset names its channel,
+// row and column); it must hold a vector's width of readable elements past the last one a tap
+// reads, since each output row is computed in whole vectors (the lanes past Q are never stored).
+template <class T>
+struct DirectArgs {
+  const T* x;
+  int64_t xs;  // input elements between consecutive output rows
+  T* y;
+  int64_t P, Q;
+  const int64_t* ptr;
+  const int32_t* off;
+  const T* vals;
+  const T* bias;  // nullable
+};
+
+// The weight gradient of the same convolution for one image: dw[j] += sum_{p < P, q < Q}
+// dy[k * P * Q + p * Q + q] * x[off[j] + p * xs + q] for the taps j of rows k in [k0, k1).
+template <class T>
+struct DirectSddmmArgs {
+  const T* dy;
+  const T* x;
+  int64_t xs, P, Q;
+  const int64_t* ptr;
+  const int32_t* off;
+  T* dw;
+  T* db = nullptr;  // nullable: db[k] += the sum of row k's dy plane (the bias gradient)
+};
+
 template <class T>
 struct Kernels {
   void (*gather)(const GatherArgs<T>&, int64_t r0, int64_t r1);
   void (*sddmm_short)(const SddmmArgs<T>&, int64_t r0, int64_t r1);  // runs of <= 64 lanes
   void (*sddmm_long)(const SddmmArgs<T>&, int64_t r0, int64_t r1);   // long runs
   void (*scatter)(const ScatterArgs<T>&, int64_t r0, int64_t r1);
+  void (*direct)(const DirectArgs<T>&, int64_t k0, int64_t k1);
+  void (*direct_sddmm)(const DirectSddmmArgs<T>&, int64_t k0, int64_t k1);
+  // dst = the C planes of src [C, H, W] inside zero margins (top, bottom, left, right)
+  void (*pad)(const T* src, int64_t C, int64_t H, int64_t W, int64_t top, int64_t bottom,
+              int64_t left, int64_t right, T* dst);
   // dst[c * drs + r] = src[r * srs + c] for r in [r0, r1), c < C
   void (*transpose)(const T* src, int64_t srs, T* dst, int64_t drs, int64_t r0, int64_t r1,
                     int64_t C);
