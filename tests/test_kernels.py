@@ -311,6 +311,34 @@ def test_conv2d_direct_path_never_reads_past_a_row(variant):
     assert_close(first_column, layer.weight.grad[..., 0])
 
 
+@pytest.mark.parametrize("x_grad,w_grad,b_grad", [(False, True, True), (True, False, True),
+                                                   (True, True, False), (False, False, True)])
+def test_conv2d_direct_path_computes_only_the_gradients_asked_for(variant, x_grad, w_grad,
+                                                                  b_grad):
+    """A first layer (no input gradient), frozen weights or bias: the others still equal the
+    reference."""
+    generator = torch.Generator().manual_seed(17)
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    mask = random_mask(layer.weight.shape, 0.5, generator)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(layer, mask)
+    sparse.values.requires_grad_(w_grad)
+    sparse.bias.requires_grad_(b_grad)
+    x = torch.randn(2, 3, 5, 17, generator=generator)
+    x_ref, x_sp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    grad = torch.randn(2, 4, 5, 17, generator=generator)
+    layer(x_ref).backward(grad)
+    sparse(x_sp).backward(grad)
+    if x_grad:
+        assert_close(x_sp.grad, x_ref.grad)
+    if w_grad:
+        assert_close(sparse.values.grad, layer.weight.grad[mask])
+    if b_grad:
+        assert_close(sparse.bias.grad, layer.bias.grad)
+    assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
+
+
 def test_conv2d_unbatched_input_and_no_bias(variant):
     generator = torch.Generator().manual_seed(5)
     layer = nn.Conv2d(3, 4, 3, padding=1, bias=False)

@@ -468,7 +468,7 @@ void pad_planes(const typename V::T* __restrict src, int64_t C, int64_t H, int64
 // loaded under a mask from both operands, so lanes past Q (another row's values) never enter a
 // sum. With four taps or fewer, a second accumulator per tap takes every other row.
 template <class V, int NT>
-void direct_taps(const typename V::T* __restrict dy, const typename V::T* __restrict x,
+void direct_taps(const typename V::T* __restrict dy, int64_t ys, const typename V::T* __restrict x,
                  int64_t xs, int64_t P, int64_t Q, const int32_t* __restrict off, int64_t j,
                  typename V::T* __restrict dw) {
   using R = typename V::R;
@@ -482,7 +482,7 @@ void direct_taps(const typename V::T* __restrict dy, const typename V::T* __rest
   for (int t = 0; t < 8; ++t) acc[t] = odd[t] = V::zero();
   for (int t = 0; t < NT; ++t) xp[t] = x + off[j + t];
   auto row = [&](int64_t p, R* sums) {
-    const T* g = dy + p * Q;
+    const T* g = dy + p * ys;
     const int64_t xo = p * xs;
     for (int64_t v = 0; v < nv; ++v) {
       const R gv = V::load(g + v * W);
@@ -512,7 +512,7 @@ void direct_taps(const typename V::T* __restrict dy, const typename V::T* __rest
 }
 
 template <class V>
-typename V::T plane_sum(const typename V::T* __restrict x, int64_t n) {
+typename V::T row_sum(const typename V::T* __restrict x, int64_t n) {
   constexpr int W = V::W;
   typename V::R acc[4] = {V::zero(), V::zero(), V::zero(), V::zero()};
   int64_t i = 0;
@@ -526,19 +526,21 @@ typename V::T plane_sum(const typename V::T* __restrict x, int64_t n) {
 
 template <class V>
 void direct_sddmm(const DirectSddmmArgs<typename V::T>& a, int64_t k0, int64_t k1) {
-  using Taps = void (*)(const typename V::T*, const typename V::T*, int64_t, int64_t, int64_t,
-                        const int32_t*, int64_t, typename V::T*);
+  using Taps = void (*)(const typename V::T*, int64_t, const typename V::T*, int64_t, int64_t,
+                        int64_t, const int32_t*, int64_t, typename V::T*);
   static constexpr Taps rest[8] = {nullptr,
                                    &direct_taps<V, 1>, &direct_taps<V, 2>, &direct_taps<V, 3>,
                                    &direct_taps<V, 4>, &direct_taps<V, 5>, &direct_taps<V, 6>,
                                    &direct_taps<V, 7>};
   for (int64_t k = k0; k < k1; ++k) {
-    const typename V::T* g = a.dy + k * a.P * a.Q;
-    if (a.db) a.db[k] += plane_sum<V>(g, a.P * a.Q);
+    const typename V::T* g = a.dy + k * a.dy_k;
+    if (a.db)
+      for (int64_t p = 0; p < a.P; ++p) a.db[k] += row_sum<V>(g + p * a.ys, a.Q);
     int64_t j = a.ptr[k];
     const int64_t end = a.ptr[k + 1];
-    for (; j + 8 <= end; j += 8) direct_taps<V, 8>(g, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
-    if (j < end) rest[end - j](g, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
+    for (; j + 8 <= end; j += 8)
+      direct_taps<V, 8>(g, a.ys, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
+    if (j < end) rest[end - j](g, a.ys, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
   }
 }
 

@@ -604,20 +604,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
   parallel_items(chunks, work, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t n = g.N * c / chunks; n < g.N * (c + 1) / chunks; ++n) {
-        const T* dyn = dy + n * g.K * g.P * g.Q;
+        // the output gradient once from memory, into the thread's buffer both products read
+        T* grad = scratch<T>(kGradImageSlot, e.size());
+        pad_image(dy + n * g.K * g.P * g.Q, e, grad);
         T* sums = partial.mutable_data_ptr<T>() + c * (nw + nb);
         if (need_dw || need_db) {
           T* image = scratch<T>(kImageSlot, d.size());
           if (need_dw) pad_image(x + n * g.C * g.H * g.W, d, image);
-          ps::DirectSddmmArgs<T> a{dyn, image, d.cols(), g.P, g.Q,
-                                   ptr.const_data_ptr<int64_t>(), off.data(), sums,
-                                   need_db ? sums + nw : nullptr};
+          ps::DirectSddmmArgs<T> a{grad + e.top * e.cols() + e.left, e.plane(), e.cols(),
+                                   image, d.cols(), g.P, g.Q, ptr.const_data_ptr<int64_t>(),
+                                   off.data(), sums, need_db ? sums + nw : nullptr};
           if (!need_dw) a.ptr = zeros_ptr.data();  // no taps: the bias gradient alone
           kernels<T>().direct_sddmm(a, 0, g.K);
         }
         if (need_dx) {
-          T* grad = scratch<T>(kGradImageSlot, e.size());
-          pad_image(dyn, e, grad);
           const ps::DirectArgs<T> a{grad, e.cols(), dx.mutable_data_ptr<T>() + n * g.C * g.H * g.W,
                                     g.H, g.W, cptr.const_data_ptr<int64_t>(), flipped.data(),
                                     cvals.const_data_ptr<T>(), nullptr};

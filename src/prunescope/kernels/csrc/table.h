@@ -83,10 +83,11 @@ struct DirectArgs {
 };
 
 // The weight gradient of the same convolution for one image: dw[j] += sum_{p < P, q < Q}
-// dy[k * P * Q + p * Q + q] * x[off[j] + p * xs + q] for the taps j of rows k in [k0, k1).
+// dy[k * dy_k + p * ys + q] * x[off[j] + p * xs + q] for the taps j of rows k in [k0, k1).
 template <class T>
 struct DirectSddmmArgs {
   const T* dy;
+  int64_t dy_k, ys;
   const T* x;
   int64_t xs, P, Q;
   const int64_t* ptr;
