@@ -359,57 +359,57 @@ void scatter(const ScatterArgs<typename V::T>& a, int64_t r0, int64_t r1) {
 // input vectors (register blocking over output rows). Loads are whole vectors (the lanes past Q
 // read the next row or the image's slack and are never stored); the last vector of a row whose
 // width is not a whole number of vectors is stored under the mask m.
-template <class V, int NV, int RB>
+template <class V, int NV, int RB, bool TAIL>
 void direct_block(const typename V::T* __restrict x, int64_t xs, typename V::T* __restrict y,
                   int64_t Q, const int32_t* __restrict off, const typename V::T* __restrict vals,
-                  int64_t j0, int64_t j1, typename V::T init, bool tail, typename V::M m) {
+                  int64_t j0, int64_t j1, typename V::T init, typename V::M m) {
   using R = typename V::R;
+  using T = typename V::T;
   constexpr int W = V::W;
+  const T* rows[RB];  // one base per row: each load is base + offset + constant
+  for (int r = 0; r < RB; ++r) rows[r] = x + r * xs;
   R acc[RB][NV];
   for (int r = 0; r < RB; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V::set1(init);
   for (int64_t j = j0; j < j1; ++j) {
-    const typename V::T* xp = x + off[j];
+    const int64_t o = off[j];
     const R w = V::set1(vals[j]);
     for (int r = 0; r < RB; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(w, V::load(xp + r * xs + v * W), acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(w, V::load(rows[r] + o + v * W), acc[r][v]);
   }
   for (int r = 0; r < RB; ++r) {
     typename V::T* yr = y + r * Q;
-    for (int v = 0; v + 1 < NV; ++v) V::store(yr + v * W, acc[r][v]);
-    if (tail)
-      V::storem(yr + (NV - 1) * W, acc[r][NV - 1], m);
-    else
-      V::store(yr + (NV - 1) * W, acc[r][NV - 1]);
+    for (int v = 0; v < (TAIL ? NV - 1 : NV); ++v) V::store(yr + v * W, acc[r][v]);
+    if (TAIL) V::storem(yr + (NV - 1) * W, acc[r][NV - 1], m);
   }
 }
 
 template <class V>
 using DirectBlock = void (*)(const typename V::T*, int64_t, typename V::T*, int64_t,
                              const int32_t*, const typename V::T*, int64_t, int64_t,
-                             typename V::T, bool, typename V::M);
+                             typename V::T, typename V::M);
 
 // Rows per block for NV vectors per row: 8 to 12 accumulators, enough independent chains to hide
 // the FMA latency with registers to spare for the broadcast weight.
 constexpr int direct_rows(int nv) { return nv == 1 ? 8 : nv == 2 ? 6 : nv == 3 ? 4 : 3; }
 constexpr int kDirectChunk = 4;  // vectors per column chunk
 
-template <class V, int NV>
+template <class V, int NV, bool TAIL>
 DirectBlock<V> direct_block_rows(int rows) {
   static constexpr DirectBlock<V> by_rows[8] = {
-      &direct_block<V, NV, 1>, &direct_block<V, NV, 2>, &direct_block<V, NV, 3>,
-      &direct_block<V, NV, 4>, &direct_block<V, NV, 5>, &direct_block<V, NV, 6>,
-      &direct_block<V, NV, 7>, &direct_block<V, NV, 8>};
+      &direct_block<V, NV, 1, TAIL>, &direct_block<V, NV, 2, TAIL>, &direct_block<V, NV, 3, TAIL>,
+      &direct_block<V, NV, 4, TAIL>, &direct_block<V, NV, 5, TAIL>, &direct_block<V, NV, 6, TAIL>,
+      &direct_block<V, NV, 7, TAIL>, &direct_block<V, NV, 8, TAIL>};
   return by_rows[rows - 1];
 }
 
-template <class V>
+template <class V, bool TAIL>
 DirectBlock<V> pick_direct_block(int nv, int rows) {
   switch (nv) {
-    case 1: return direct_block_rows<V, 1>(rows);
-    case 2: return direct_block_rows<V, 2>(rows);
-    case 3: return direct_block_rows<V, 3>(rows);
-    default: return direct_block_rows<V, kDirectChunk>(rows);
+    case 1: return direct_block_rows<V, 1, TAIL>(rows);
+    case 2: return direct_block_rows<V, 2, TAIL>(rows);
+    case 3: return direct_block_rows<V, 3, TAIL>(rows);
+    default: return direct_block_rows<V, kDirectChunk, TAIL>(rows);
   }
 }
 
@@ -425,10 +425,11 @@ void direct(const DirectArgs<typename V::T>& a, int64_t k0, int64_t k1) {
     const int rb = direct_rows(nv);
     for (int64_t p0 = 0; p0 < a.P; p0 += rb) {
       const int rows = static_cast<int>(min64(rb, a.P - p0));
-      const DirectBlock<V> fn = pick_direct_block<V>(nv, rows);
+      const DirectBlock<V> fn = tail ? pick_direct_block<V, true>(nv, rows)
+                                     : pick_direct_block<V, false>(nv, rows);
       for (int64_t k = k0; k < k1; ++k)
         fn(a.x + p0 * a.xs + c0, a.xs, a.y + (k * a.P + p0) * a.Q + c0, a.Q, a.off, a.vals,
-           a.ptr[k], a.ptr[k + 1], a.bias ? a.bias[k] : typename V::T(0), tail != 0, m);
+           a.ptr[k], a.ptr[k + 1], a.bias ? a.bias[k] : typename V::T(0), m);
     }
   }
 }
