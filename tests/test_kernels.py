@@ -339,6 +339,20 @@ def test_conv2d_direct_path_computes_only_the_gradients_asked_for(variant, x_gra
     assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
 
 
+@pytest.mark.parametrize("width", [6, 20])
+def test_conv2d_empty_batch(variant, width):
+    """No images, on either path: empty outputs and input gradient, zero weight and bias
+    gradients."""
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    sparse = SparseConv2d.from_dense(layer, torch.ones(4, 3, 3, 3, dtype=torch.bool))
+    x = torch.randn(0, 3, 8, width, requires_grad=True)
+    y = sparse(x)
+    assert y.shape == (0, 4, 8, width)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert not sparse.values.grad.any() and not sparse.bias.grad.any()
+
+
 def test_conv2d_unbatched_input_and_no_bias(variant):
     generator = torch.Generator().manual_seed(5)
     layer = nn.Conv2d(3, 4, 3, padding=1, bias=False)

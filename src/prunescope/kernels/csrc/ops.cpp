@@ -539,6 +539,7 @@ at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const 
     return c * d.plane() + r * g.dh * d.cols() + s * g.dw;
   });
   at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, xc.options());
+  if (g.N == 0) return y;
   const T* x = xc.const_data_ptr<T>();
   T* out = y.mutable_data_ptr<T>();
   const ps::DirectArgs<T> a{nullptr, d.cols(), nullptr, g.P, g.Q, ptr.const_data_ptr<int64_t>(),
