@@ -223,7 +223,9 @@ def _compile_and_link(tmp: Path, target: Path) -> None:
 
 # -- self-check -----------------------------------------------------------------------------------
 def _self_check(ops: Any) -> bool:
-    """Run a small Linear and Conv2d through ``ops`` and compare with the dense computation."""
+    """Run a small Linear and two Conv2d (one batch innermost, one on NCHW planes: widths of 16
+    columns or more), forward and backward, through ``ops`` and compare with the dense
+    computation."""
     from prunescope.kernels import formats
 
     generator = torch.Generator().manual_seed(0)
@@ -231,18 +233,27 @@ def _self_check(ops: Any) -> bool:
     weight[torch.rand(13, 37, generator=generator) < 0.7] = 0
     x, dy = torch.randn(21, 37, generator=generator), torch.randn(21, 13, generator=generator)
     lin = formats.compress(weight, weight != 0)
-    y, xt = ops.linear_forward(x, lin.values, None, lin.ptr, lin.idx)
-    dx, dw, _ = ops.linear_backward(dy, xt, 37, lin.values, lin.ptr, lin.idx, lin.cptr,
-                                    lin.cperm, lin.crow, True, True, False)
+    y = ops.linear_forward(x, lin.values, None, lin.ptr, lin.idx)
+    dx, dw, _ = ops.linear_backward(dy, x, lin.values, lin.ptr, lin.idx, lin.cptr, lin.cperm,
+                                    lin.crow, True, True, False)
     ok = _close(y, x @ weight.t()) and _close(dx, dy @ weight)
     ok = ok and _close(dw, (dy.t() @ x)[weight != 0])
     conv = torch.randn(6, 4, 3, 3, generator=generator)
     conv[torch.rand(6, 4, 3, 3, generator=generator) < 0.6] = 0
-    xc = torch.randn(3, 4, 9, 7, generator=generator)
     c = formats.compress(conv, conv != 0)
     geom = [4, 6, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-    yc, _ = ops.conv_forward(xc, c.values, None, c.ptr, c.idx, geom)
-    return ok and _close(yc, torch.nn.functional.conv2d(xc, conv, padding=1))
+    for width in (7, 17):
+        xc = torch.randn(3, 4, 9, width, generator=generator).requires_grad_()
+        dyc = torch.randn(3, 6, 9, width, generator=generator)
+        yc, saved = ops.conv_forward(xc.detach(), c.values, None, c.ptr, c.idx, geom)
+        dxc, dwc, _ = ops.conv_backward(dyc, saved, list(xc.shape), c.values, c.ptr, c.idx,
+                                        c.cptr, c.cperm, c.crow, geom, True, True, False)
+        dense = conv.clone().requires_grad_()
+        expected = torch.nn.functional.conv2d(xc, dense, padding=1)
+        expected.backward(dyc)
+        ok = ok and _close(yc, expected) and _close(dxc, xc.grad)
+        ok = ok and _close(dwc, dense.grad[conv != 0])
+    return ok
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -152,19 +152,21 @@ at::Tensor in_column_order(const at::Tensor& values, const at::Tensor& cperm) {
 // ---- Linear: lane tiles ------------------------------------------------------------------------------
 // The batch is cut into tiles of T lanes; a [rows, batch] operand is stored as one [rows, T] slab
 // per tile (the last one padded), so the rows a kernel reads for one tile are contiguous and, with
-// T chosen from the layer's size, fit in half of a typical 512 KiB L2 cache. T is 1, 2, 3, 4 or 8
-// vectors: the weight gradient walks a tile in runs of 4 vectors, and a 5-vector tile would cost
-// it a second pass over every row's taps for the last vector.
+// T chosen from the number of rows it reads, fit in half of a typical 512 KiB L2 cache. T is 1, 2,
+// 3, 4 or 8 vectors: the weight gradient walks a tile in runs of 4 vectors, and a 5-vector tile
+// would cost it a second pass over every row's taps for the last vector. Each pass tiles for its
+// own reads: the forward reads the input's `in` rows, the backward the output gradient's `out`
+// rows (input gradient) and the input's (weight gradient), so the forward of a widening layer
+// takes wider tiles than its backward (768 -> 3072: 64 lanes against 16).
 struct Tiles {
   int64_t B, T, full, rem;
   int64_t count() const { return full + (rem > 0); }
   int64_t width(int64_t t) const { return t < full ? T : rem; }
 };
 
-Tiles lane_tiles(int64_t B, int64_t in, int64_t out, int lanes) {
+Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
   constexpr int64_t kSlabFloats = 1 << 16;
-  const int64_t rows = std::max<int64_t>({in, out, 1});
-  int64_t vectors = std::clamp<int64_t>(kSlabFloats / (rows * lanes), 1, 8);
+  int64_t vectors = std::clamp<int64_t>(kSlabFloats / (std::max<int64_t>(rows, 1) * lanes), 1, 8);
   if (vectors > 4) vectors = vectors < 8 ? 4 : 8;
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(vectors * lanes, B));
   return {B, T, B / T, B % T};
@@ -277,37 +279,32 @@ void sddmm_tiles(ps::SddmmArgs<T> a, const Tiles& t, int64_t rows, const Blocks&
   });
 }
 
+// The forward with the input packed whole: every thread reads every tile's rows.
 template <class T>
-std::tuple<at::Tensor, at::Tensor> linear_forward_impl(const at::Tensor& x,
-                                                       const at::Tensor& values,
-                                                       const std::optional<at::Tensor>& bias,
-                                                       const at::Tensor& ptr,
-                                                       const at::Tensor& idx) {
-  const int64_t B = x.size(0), I = x.size(1), K = ptr.numel() - 1;
-  const Tiles t = lane_tiles(B, I, K, active()->lanes);
-  const at::Tensor xc = x.contiguous();
-  at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, x.options());
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor y = gather_tiles<T>(xt.const_data_ptr<T>(), I, ptr, idx, values.const_data_ptr<T>(),
-                                 b.defined() ? b.const_data_ptr<T>() : nullptr, t, x.options());
-  return {y, xt};
+at::Tensor linear_packed_forward(const at::Tensor& xc, const at::Tensor& values,
+                                 const at::Tensor& b, const at::Tensor& ptr,
+                                 const at::Tensor& idx, const Tiles& t) {
+  const int64_t I = xc.size(1);
+  const at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, xc.options());
+  return gather_tiles<T>(xt.const_data_ptr<T>(), I, ptr, idx, values.const_data_ptr<T>(),
+                         b.defined() ? b.const_data_ptr<T>() : nullptr, t, xc.options());
 }
 
-// The forward when no gradient will be needed: each thread packs its own lane tiles into a slab
-// of its own (kept in cache, never written to memory as a whole) and computes every output row
-// for them, in one parallel region. Fewer tiles than two per thread: the packed path above, whose
-// threads share every tile's rows.
+// The forward (training and inference alike: the backward packs the input again at its own tile
+// width): each thread packs its own lane tiles into a slab of its own (kept in cache, never
+// written to memory as a whole) and computes every output row for them, in one parallel region.
+// Fewer tiles than two per thread: the packed path above.
 template <class T>
-at::Tensor linear_infer_impl(const at::Tensor& x, const at::Tensor& values,
-                             const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
-                             const at::Tensor& idx) {
+at::Tensor linear_forward_impl(const at::Tensor& x, const at::Tensor& values,
+                               const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                               const at::Tensor& idx) {
   const int64_t B = x.size(0), I = x.size(1), K = ptr.numel() - 1;
-  const Tiles t = lane_tiles(B, I, K, active()->lanes);
-  const int64_t threads = at::get_num_threads();
-  if (threads > 1 && t.count() < 2 * threads)
-    return std::get<0>(linear_forward_impl<T>(x, values, bias, ptr, idx));
+  const Tiles t = lane_tiles(B, I, active()->lanes);
   const at::Tensor xc = x.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && t.count() < 2 * threads)
+    return linear_packed_forward<T>(xc, values, b, ptr, idx, t);
   at::Tensor y = at::empty({B, K}, x.options());
   const Blocks blocks = column_blocks<T>(ptr, idx, I, t);
   const T* src = xc.const_data_ptr<T>();
@@ -330,19 +327,21 @@ at::Tensor linear_infer_impl(const at::Tensor& x, const at::Tensor& values,
 
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
-    const at::Tensor& dy, const at::Tensor& xt, int64_t I, const at::Tensor& values,
-    const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& cptr,
-    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
-  const int64_t B = dy.size(0), K = dy.size(1);
-  const Tiles t = lane_tiles(B, I, K, active()->lanes);
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
+    const at::Tensor& idx, const at::Tensor& cptr, const at::Tensor& cperm,
+    const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+  const int64_t B = dy.size(0), K = dy.size(1), I = x.size(1);
+  const Tiles t = lane_tiles(B, std::max(I, K), active()->lanes);
   const at::Tensor dyc = dy.contiguous();
   T* dyt = scratch<T>(kGradSlot, t.count() * K * t.T);
   pack_tiles_into<T>(dyc.const_data_ptr<T>(), K, K, t, dyt);
   at::Tensor dx, dw, db;
   if (need_dw) {
     dw = at::zeros({values.numel()}, values.options());  // stays zero for an empty batch
+    T* xt = scratch<T>(kOutSlot, t.count() * I * t.T);
+    pack_tiles_into<T>(x.const_data_ptr<T>(), I, I, t, xt);
     if (B > 0)
-      sddmm_tiles<T>({dyt, t.T, K * t.T, 0, xt.const_data_ptr<T>(), I * t.T,
+      sddmm_tiles<T>({dyt, t.T, K * t.T, 0, xt, I * t.T,
                       0, 0, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T,
                       dw.mutable_data_ptr<T>(), 0, 0, false},
                      t, K, column_blocks<T>(ptr, idx, I, t));
@@ -1142,9 +1141,9 @@ void check_transpose(const at::Tensor& cptr, const at::Tensor& cperm, const at::
               "the transposed structure must be contiguous int32 tensors of nnz entries");
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& values,
-                                                  const std::optional<at::Tensor>& bias,
-                                                  const at::Tensor& ptr, const at::Tensor& idx) {
+at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& values,
+                          const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
+                          const at::Tensor& idx) {
   TORCH_CHECK(x.dim() == 2, "a Linear input must be 2-d here");
   check_tensors(x, values, ptr, idx, ptr.numel() - 1);
   if (x.scalar_type() == at::kDouble)
@@ -1152,27 +1151,22 @@ std::tuple<at::Tensor, at::Tensor> linear_forward(const at::Tensor& x, const at:
   return linear_forward_impl<float>(x, values, bias, ptr, idx);
 }
 
-at::Tensor linear_infer(const at::Tensor& x, const at::Tensor& values,
-                        const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
-                        const at::Tensor& idx) {
-  TORCH_CHECK(x.dim() == 2, "a Linear input must be 2-d here");
-  check_tensors(x, values, ptr, idx, ptr.numel() - 1);
-  if (x.scalar_type() == at::kDouble) return linear_infer_impl<double>(x, values, bias, ptr, idx);
-  return linear_infer_impl<float>(x, values, bias, ptr, idx);
-}
-
+// x: the layer's input as the forward received it (contiguous).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
-    const at::Tensor& dy, const at::Tensor& xt, int64_t in_features, const at::Tensor& values,
-    const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& cptr,
-    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
+    const at::Tensor& idx, const at::Tensor& cptr, const at::Tensor& cperm,
+    const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
   TORCH_CHECK(dy.dim() == 2 && dy.size(1) == ptr.numel() - 1, "bad output gradient shape");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == dy.size(0) && x.is_contiguous() &&
+                  x.scalar_type() == dy.scalar_type(),
+              "the saved input does not fit the output gradient");
   check_tensors(dy, values, ptr, idx, ptr.numel() - 1);
-  check_transpose(cptr, cperm, crow, in_features, values.numel());
+  check_transpose(cptr, cperm, crow, x.size(1), values.numel());
   if (dy.scalar_type() == at::kDouble)
-    return linear_backward_impl<double>(dy, xt, in_features, values, ptr, idx, cptr, cperm, crow,
-                                        need_dx, need_dw, need_db);
-  return linear_backward_impl<float>(dy, xt, in_features, values, ptr, idx, cptr, cperm, crow,
-                                     need_dx, need_dw, need_db);
+    return linear_backward_impl<double>(dy, x, values, ptr, idx, cptr, cperm, crow, need_dx,
+                                        need_dw, need_db);
+  return linear_backward_impl<float>(dy, x, values, ptr, idx, cptr, cperm, crow, need_dx,
+                                     need_dw, need_db);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_forward(const at::Tensor& x, const at::Tensor& values,
@@ -1325,18 +1319,17 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                             const at::Tensor& bias, const at::Tensor& ptr, const at::Tensor& idx,
                             const at::Tensor& cptr, const at::Tensor& cperm,
                             const at::Tensor& crow, bool has_bias) {
-    auto [y, xt] = linear_forward(x, values, maybe(bias, has_bias), ptr, idx);
-    save_for_kernels(ctx, values, xt, {ptr, idx, cptr, cperm, crow});
-    ctx->saved_data["in"] = x.size(1);
+    const at::Tensor xc = x.contiguous();
+    at::Tensor y = linear_forward(xc, values, maybe(bias, has_bias), ptr, idx);
+    save_for_kernels(ctx, values, xc, {ptr, idx, cptr, cperm, crow});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const SavedForKernels k = saved_for_kernels(ctx);
     auto [dx, dw, db] = linear_backward(
-        grads[0].contiguous(), k.xt, ctx->saved_data["in"].toInt(), k.values, k.s[0], k.s[1],
-        k.s[2], k.s[3], k.s[4], ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-        ctx->needs_input_grad(2));
+        grads[0].contiguous(), k.xt, k.values, k.s[0], k.s[1], k.s[2], k.s[3], k.s[4],
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2));
     return input_grads(dx, dw, db, 6);  // ptr, idx, cptr, cperm, crow, has_bias
   }
 };
@@ -1372,7 +1365,7 @@ at::Tensor sparse_linear(const at::Tensor& x, const at::Tensor& values,
   const bool grad = at::GradMode::is_enabled() &&
                     (x.requires_grad() || values.requires_grad() ||
                      (bias.has_value() && bias->requires_grad()));
-  if (!grad) return linear_infer(x, values, bias, ptr, idx);
+  if (!grad) return linear_forward(x, values, bias, ptr, idx);
   return LinearFunction::apply(x, values, or_empty(bias, values), ptr, idx, cptr, cperm, crow,
                                bias.has_value());
 }
@@ -1408,14 +1401,11 @@ TORCH_LIBRARY(prunescope_kernels, m) {
         &linear_chain);
   m.def("variant() -> str", &variant);
   m.def("set_variant(str name) -> str", &set_variant);
-  m.def("linear_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx)"
-        " -> (Tensor, Tensor)",
+  m.def("linear_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx) -> Tensor",
         &linear_forward);
-  m.def("linear_infer(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx) -> Tensor",
-        &linear_infer);
-  m.def("linear_backward(Tensor dy, Tensor xt, int in_features, Tensor values, Tensor ptr,"
-        " Tensor idx, Tensor cptr, Tensor cperm, Tensor crow, bool need_dx, bool need_dw,"
-        " bool need_db) -> (Tensor, Tensor, Tensor)",
+  m.def("linear_backward(Tensor dy, Tensor x, Tensor values, Tensor ptr, Tensor idx,"
+        " Tensor cptr, Tensor cperm, Tensor crow, bool need_dx, bool need_dw, bool need_db)"
+        " -> (Tensor, Tensor, Tensor)",
         &linear_backward);
   m.def("conv_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor taps, int[] geom)"
         " -> (Tensor, Tensor)",
