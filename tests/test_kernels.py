@@ -148,7 +148,9 @@ def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, th
     not a multiple of the lane tile, 90% sparse: in float32, 1536 input features are read in
     column blocks (partial sums between them; float64's 8 blocks would keep too few taps per row,
     so it reads the slab whole: see the column-blocks test), and on 2 threads the output rows are
-    split (at 16-row boundaries) between threads writing the same rows."""
+    split (at 16-row boundaries) between threads writing the same rows. 384 -> 1536 keeps its
+    input unpacked for the backward (its forward tiles 64 lanes, its backward 32), the others the
+    input packed by the forward."""
     _use_threads(threads, request)
     generator = torch.Generator().manual_seed(n_in + n_out)
     layer = nn.Linear(n_in, n_out).to(dtype)

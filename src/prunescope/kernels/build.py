@@ -233,10 +233,12 @@ def _self_check(ops: Any) -> bool:
     weight[torch.rand(13, 37, generator=generator) < 0.7] = 0
     x, dy = torch.randn(21, 37, generator=generator), torch.randn(21, 13, generator=generator)
     lin = formats.compress(weight, weight != 0)
-    y = ops.linear_forward(x, lin.values, None, lin.ptr, lin.idx)
-    dx, dw, _ = ops.linear_backward(dy, x, lin.values, lin.ptr, lin.idx, lin.cptr, lin.cperm,
-                                    lin.crow, True, True, False)
-    ok = _close(y, x @ weight.t()) and _close(dx, dy @ weight)
+    y, saved = ops.linear_train_forward(x, lin.values, None, lin.ptr, lin.idx)
+    dx, dw, _ = ops.linear_backward(dy, saved, 37, lin.values, lin.ptr, lin.idx, lin.cptr,
+                                    lin.cperm, lin.crow, True, True, False)
+    ok = _close(y, x @ weight.t()) and _close(ops.linear_forward(x, lin.values, None, lin.ptr,
+                                                                 lin.idx), y)
+    ok = ok and _close(dx, dy @ weight)
     ok = ok and _close(dw, (dy.t() @ x)[weight != 0])
     conv = torch.randn(6, 4, 3, 3, generator=generator)
     conv[torch.rand(6, 4, 3, 3, generator=generator) < 0.6] = 0

@@ -290,10 +290,10 @@ at::Tensor linear_packed_forward(const at::Tensor& xc, const at::Tensor& values,
                          b.defined() ? b.const_data_ptr<T>() : nullptr, t, xc.options());
 }
 
-// The forward (training and inference alike: the backward packs the input again at its own tile
-// width): each thread packs its own lane tiles into a slab of its own (kept in cache, never
-// written to memory as a whole) and computes every output row for them, in one parallel region.
-// Fewer tiles than two per thread: the packed path above.
+// The forward without autograd, and with it for a widening layer (linear_train_forward_impl):
+// each thread packs its own lane tiles into a slab of its own (kept in cache, never written to
+// memory as a whole) and computes every output row for them, in one parallel region. Fewer tiles
+// than two per thread: the packed path above.
 template <class T>
 at::Tensor linear_forward_impl(const at::Tensor& x, const at::Tensor& values,
                                const std::optional<at::Tensor>& bias, const at::Tensor& ptr,
@@ -325,21 +325,52 @@ at::Tensor linear_forward_impl(const at::Tensor& x, const at::Tensor& values,
   return y;
 }
 
+// The backward's tiles: its slabs are the output gradient's `out` rows and the input's `in` rows.
+Tiles backward_tiles(int64_t B, int64_t in, int64_t out) {
+  return lane_tiles(B, std::max(in, out), active()->lanes);
+}
+
+// The forward with autograd: y, and the input as the backward reads it. Where the backward tiles
+// as the forward does (every layer whose input is at least as wide as its output), the input
+// packed once at that width (1-d); otherwise (a widening layer, whose forward takes wider tiles)
+// the input as it came (2-d), packed again by the backward.
+template <class T>
+std::tuple<at::Tensor, at::Tensor> linear_train_forward_impl(const at::Tensor& x,
+                                                             const at::Tensor& values,
+                                                             const std::optional<at::Tensor>& bias,
+                                                             const at::Tensor& ptr,
+                                                             const at::Tensor& idx) {
+  const int64_t B = x.size(0), I = x.size(1), K = ptr.numel() - 1;
+  const Tiles t = backward_tiles(B, I, K);
+  const at::Tensor xc = x.contiguous();
+  if (lane_tiles(B, I, active()->lanes).T != t.T)
+    return {linear_forward_impl<T>(xc, values, bias, ptr, idx), xc};
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, x.options());
+  at::Tensor y = gather_tiles<T>(xt.const_data_ptr<T>(), I, ptr, idx, values.const_data_ptr<T>(),
+                                 b.defined() ? b.const_data_ptr<T>() : nullptr, t, x.options());
+  return {y, xt};
+}
+
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
-    const at::Tensor& idx, const at::Tensor& cptr, const at::Tensor& cperm,
-    const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
-  const int64_t B = dy.size(0), K = dy.size(1), I = x.size(1);
-  const Tiles t = lane_tiles(B, std::max(I, K), active()->lanes);
+    const at::Tensor& dy, const at::Tensor& saved, int64_t I, const at::Tensor& values,
+    const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& cptr,
+    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+  const int64_t B = dy.size(0), K = dy.size(1);
+  const Tiles t = backward_tiles(B, I, K);
   const at::Tensor dyc = dy.contiguous();
   T* dyt = scratch<T>(kGradSlot, t.count() * K * t.T);
   pack_tiles_into<T>(dyc.const_data_ptr<T>(), K, K, t, dyt);
   at::Tensor dx, dw, db;
   if (need_dw) {
     dw = at::zeros({values.numel()}, values.options());  // stays zero for an empty batch
-    T* xt = scratch<T>(kOutSlot, t.count() * I * t.T);
-    pack_tiles_into<T>(x.const_data_ptr<T>(), I, I, t, xt);
+    const T* xt = saved.const_data_ptr<T>();
+    if (saved.dim() == 2) {  // the input as it came (see linear_train_forward_impl)
+      T* packed = scratch<T>(kOutSlot, t.count() * I * t.T);
+      pack_tiles_into<T>(xt, I, I, t, packed);
+      xt = packed;
+    }
     if (B > 0)
       sddmm_tiles<T>({dyt, t.T, K * t.T, 0, xt, I * t.T,
                       0, 0, ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T,
@@ -1151,22 +1182,36 @@ at::Tensor linear_forward(const at::Tensor& x, const at::Tensor& values,
   return linear_forward_impl<float>(x, values, bias, ptr, idx);
 }
 
-// x: the layer's input as the forward received it (contiguous).
+std::tuple<at::Tensor, at::Tensor> linear_train_forward(const at::Tensor& x,
+                                                        const at::Tensor& values,
+                                                        const std::optional<at::Tensor>& bias,
+                                                        const at::Tensor& ptr,
+                                                        const at::Tensor& idx) {
+  TORCH_CHECK(x.dim() == 2, "a Linear input must be 2-d here");
+  check_tensors(x, values, ptr, idx, ptr.numel() - 1);
+  if (x.scalar_type() == at::kDouble)
+    return linear_train_forward_impl<double>(x, values, bias, ptr, idx);
+  return linear_train_forward_impl<float>(x, values, bias, ptr, idx);
+}
+
+// saved: what linear_train_forward returned with y.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward(
-    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& values, const at::Tensor& ptr,
-    const at::Tensor& idx, const at::Tensor& cptr, const at::Tensor& cperm,
-    const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+    const at::Tensor& dy, const at::Tensor& saved, int64_t in_features, const at::Tensor& values,
+    const at::Tensor& ptr, const at::Tensor& idx, const at::Tensor& cptr,
+    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
   TORCH_CHECK(dy.dim() == 2 && dy.size(1) == ptr.numel() - 1, "bad output gradient shape");
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == dy.size(0) && x.is_contiguous() &&
-                  x.scalar_type() == dy.scalar_type(),
+  const Tiles t = backward_tiles(dy.size(0), in_features, dy.size(1));
+  TORCH_CHECK(saved.is_contiguous() && saved.scalar_type() == dy.scalar_type() &&
+                  (saved.dim() == 2 ? saved.size(0) == dy.size(0) && saved.size(1) == in_features
+                                    : saved.numel() == t.count() * in_features * t.T),
               "the saved input does not fit the output gradient");
   check_tensors(dy, values, ptr, idx, ptr.numel() - 1);
-  check_transpose(cptr, cperm, crow, x.size(1), values.numel());
+  check_transpose(cptr, cperm, crow, in_features, values.numel());
   if (dy.scalar_type() == at::kDouble)
-    return linear_backward_impl<double>(dy, x, values, ptr, idx, cptr, cperm, crow, need_dx,
-                                        need_dw, need_db);
-  return linear_backward_impl<float>(dy, x, values, ptr, idx, cptr, cperm, crow, need_dx,
-                                     need_dw, need_db);
+    return linear_backward_impl<double>(dy, saved, in_features, values, ptr, idx, cptr, cperm,
+                                        crow, need_dx, need_dw, need_db);
+  return linear_backward_impl<float>(dy, saved, in_features, values, ptr, idx, cptr, cperm, crow,
+                                     need_dx, need_dw, need_db);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_forward(const at::Tensor& x, const at::Tensor& values,
@@ -1319,17 +1364,18 @@ struct LinearFunction : public torch::autograd::Function<LinearFunction> {
                             const at::Tensor& bias, const at::Tensor& ptr, const at::Tensor& idx,
                             const at::Tensor& cptr, const at::Tensor& cperm,
                             const at::Tensor& crow, bool has_bias) {
-    const at::Tensor xc = x.contiguous();
-    at::Tensor y = linear_forward(xc, values, maybe(bias, has_bias), ptr, idx);
-    save_for_kernels(ctx, values, xc, {ptr, idx, cptr, cperm, crow});
+    auto [y, saved] = linear_train_forward(x, values, maybe(bias, has_bias), ptr, idx);
+    save_for_kernels(ctx, values, saved, {ptr, idx, cptr, cperm, crow});
+    ctx->saved_data["in"] = x.size(1);
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const SavedForKernels k = saved_for_kernels(ctx);
     auto [dx, dw, db] = linear_backward(
-        grads[0].contiguous(), k.xt, k.values, k.s[0], k.s[1], k.s[2], k.s[3], k.s[4],
-        ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2));
+        grads[0].contiguous(), k.xt, ctx->saved_data["in"].toInt(), k.values, k.s[0], k.s[1],
+        k.s[2], k.s[3], k.s[4], ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        ctx->needs_input_grad(2));
     return input_grads(dx, dw, db, 6);  // ptr, idx, cptr, cperm, crow, has_bias
   }
 };
@@ -1403,9 +1449,12 @@ TORCH_LIBRARY(prunescope_kernels, m) {
   m.def("set_variant(str name) -> str", &set_variant);
   m.def("linear_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx) -> Tensor",
         &linear_forward);
-  m.def("linear_backward(Tensor dy, Tensor x, Tensor values, Tensor ptr, Tensor idx,"
-        " Tensor cptr, Tensor cperm, Tensor crow, bool need_dx, bool need_dw, bool need_db)"
-        " -> (Tensor, Tensor, Tensor)",
+  m.def("linear_train_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor idx)"
+        " -> (Tensor, Tensor)",
+        &linear_train_forward);
+  m.def("linear_backward(Tensor dy, Tensor saved, int in_features, Tensor values, Tensor ptr,"
+        " Tensor idx, Tensor cptr, Tensor cperm, Tensor crow, bool need_dx, bool need_dw,"
+        " bool need_db) -> (Tensor, Tensor, Tensor)",
         &linear_backward);
   m.def("conv_forward(Tensor x, Tensor values, Tensor? bias, Tensor ptr, Tensor taps, int[] geom)"
         " -> (Tensor, Tensor)",
