@@ -298,11 +298,20 @@ using SddmmChunk = void (*)(const typename V::T*, const typename V::T*, const in
                             int64_t, int64_t, int64_t, int64_t, int64_t, int, typename V::M,
                             typename V::T*);
 
+// Taps [j, end) of one row, eight at a time.
 template <class V>
-void sddmm_long(const SddmmArgs<typename V::T>& a, int64_t r0, int64_t r1) {
+void sddmm_row(const typename V::T* g, const typename V::T* x, const int32_t* idx, int64_t ld,
+               int64_t j, int64_t end, int64_t S, int64_t x_s, int64_t dy_s, int64_t nv, int tail,
+               typename V::M m, typename V::T* dw) {
   static constexpr SddmmChunk<V> rest[8] = {
       nullptr, &sddmm_chunk<V, 1>, &sddmm_chunk<V, 2>, &sddmm_chunk<V, 3>,
       &sddmm_chunk<V, 4>, &sddmm_chunk<V, 5>, &sddmm_chunk<V, 6>, &sddmm_chunk<V, 7>};
+  for (; j + 8 <= end; j += 8) sddmm_chunk<V, 8>(g, x, idx, ld, j, S, x_s, dy_s, nv, tail, m, dw);
+  if (j < end) rest[end - j](g, x, idx, ld, j, S, x_s, dy_s, nv, tail, m, dw);
+}
+
+template <class V>
+void sddmm_long(const SddmmArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   constexpr int W = V::W;
   constexpr int64_t TILE = 32 * W;
   if (!a.accumulate)
@@ -314,15 +323,9 @@ void sddmm_long(const SddmmArgs<typename V::T>& a, int64_t r0, int64_t r1) {
       const int tail = static_cast<int>(n % W);
       const typename V::M m = V::mask(tail);
       const typename V::T* x = a.x + p * a.x_p + t0;
-      for (int64_t k = r0; k < r1; ++k) {
-        const typename V::T* g = a.dy + k * a.dy_k + p * a.dy_p + t0;
-        int64_t j = a.ptr[k];
-        const int64_t end = a.ptr[k + 1];
-        for (; j + 8 <= end; j += 8)
-          sddmm_chunk<V, 8>(g, x, a.idx, a.ld, j, a.S, a.x_s, a.dy_s, nv, tail, m, a.dw);
-        if (j < end)
-          rest[end - j](g, x, a.idx, a.ld, j, a.S, a.x_s, a.dy_s, nv, tail, m, a.dw);
-      }
+      for (int64_t k = r0; k < r1; ++k)
+        sddmm_row<V>(a.dy + k * a.dy_k + p * a.dy_p + t0, x, a.idx, a.ld, a.ptr[k], a.ptr[k + 1],
+                     a.S, a.x_s, a.dy_s, nv, tail, m, a.dw);
     }
   }
 }
@@ -469,53 +472,6 @@ void pad_planes(const typename V::T* __restrict src, int64_t C, int64_t H, int64
   }
 }
 
-// NT taps of one output channel at a time share each load of dy. The last vector of a row is
-// loaded under a mask from both operands, so lanes past Q (another row's values) never enter a
-// sum. With four taps or fewer, a second accumulator per tap takes every other row.
-template <class V, int NT>
-void direct_taps(const typename V::T* __restrict dy, int64_t ys, const typename V::T* __restrict x,
-                 int64_t xs, int64_t P, int64_t Q, const int32_t* __restrict off, int64_t j,
-                 typename V::T* __restrict dw) {
-  using R = typename V::R;
-  using T = typename V::T;
-  constexpr int W = V::W;
-  const int64_t nv = Q / W;
-  const int tail = static_cast<int>(Q % W);
-  const typename V::M m = V::mask(tail);
-  R acc[8], odd[8];
-  const T* xp[NT];
-  for (int t = 0; t < 8; ++t) acc[t] = odd[t] = V::zero();
-  for (int t = 0; t < NT; ++t) xp[t] = x + off[j + t];
-  auto row = [&](int64_t p, R* sums) {
-    const T* g = dy + p * ys;
-    const int64_t xo = p * xs;
-    for (int64_t v = 0; v < nv; ++v) {
-      const R gv = V::load(g + v * W);
-      for (int t = 0; t < NT; ++t) sums[t] = V::fma(gv, V::load(xp[t] + xo + v * W), sums[t]);
-    }
-    if (tail) {
-      const R gv = V::loadm(g + nv * W, m);
-      for (int t = 0; t < NT; ++t)
-        sums[t] = V::fma(gv, V::loadm(xp[t] + xo + nv * W, m), sums[t]);
-    }
-  };
-  int64_t p = 0;
-  if (NT <= 4)
-    for (; p + 2 <= P; p += 2) {
-      row(p, acc);
-      row(p + 1, odd);
-    }
-  for (; p < P; ++p) row(p, acc);
-  for (int t = 0; t < NT; ++t) acc[t] = V::add(acc[t], odd[t]);
-  if (NT == 8) {
-    V::reduce8_add(acc, dw + j);
-  } else {
-    alignas(64) T sums[8] = {};
-    V::reduce8_add(acc, sums);
-    for (int t = 0; t < NT; ++t) dw[j + t] += sums[t];
-  }
-}
-
 template <class V>
 typename V::T row_sum(const typename V::T* __restrict x, int64_t n) {
   constexpr int W = V::W;
@@ -529,23 +485,21 @@ typename V::T row_sum(const typename V::T* __restrict x, int64_t n) {
   return sum;
 }
 
+// The weight gradient of one image, eight taps of an output channel at a time: the sampled
+// product of sddmm_long with the channel's output rows as its segments (the last vector of a row
+// loaded under a mask from both operands, so lanes past Q, another row's values, never enter a
+// sum).
 template <class V>
 void direct_sddmm(const DirectSddmmArgs<typename V::T>& a, int64_t k0, int64_t k1) {
-  using Taps = void (*)(const typename V::T*, int64_t, const typename V::T*, int64_t, int64_t,
-                        int64_t, const int32_t*, int64_t, typename V::T*);
-  static constexpr Taps rest[8] = {nullptr,
-                                   &direct_taps<V, 1>, &direct_taps<V, 2>, &direct_taps<V, 3>,
-                                   &direct_taps<V, 4>, &direct_taps<V, 5>, &direct_taps<V, 6>,
-                                   &direct_taps<V, 7>};
+  constexpr int W = V::W;
+  const int64_t nv = a.Q / W;
+  const int tail = static_cast<int>(a.Q % W);
+  const typename V::M m = V::mask(tail);
   for (int64_t k = k0; k < k1; ++k) {
     const typename V::T* g = a.dy + k * a.dy_k;
     if (a.db)
       for (int64_t p = 0; p < a.P; ++p) a.db[k] += row_sum<V>(g + p * a.ys, a.Q);
-    int64_t j = a.ptr[k];
-    const int64_t end = a.ptr[k + 1];
-    for (; j + 8 <= end; j += 8)
-      direct_taps<V, 8>(g, a.ys, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
-    if (j < end) rest[end - j](g, a.ys, a.x, a.xs, a.P, a.Q, a.off, j, a.dw);
+    sddmm_row<V>(g, a.x, a.off, 1, a.ptr[k], a.ptr[k + 1], a.P, a.xs, a.ys, nv, tail, m, a.dw);
   }
 }
 
