@@ -279,15 +279,19 @@ void sddmm_tiles(ps::SddmmArgs<T> a, const Tiles& t, int64_t rows, const Blocks&
   });
 }
 
-// The forward with the input packed whole: every thread reads every tile's rows.
+// The forward with the input packed whole (every thread reads every tile's rows): y and the
+// packed input.
 template <class T>
-at::Tensor linear_packed_forward(const at::Tensor& xc, const at::Tensor& values,
-                                 const at::Tensor& b, const at::Tensor& ptr,
-                                 const at::Tensor& idx, const Tiles& t) {
+std::tuple<at::Tensor, at::Tensor> linear_packed_forward(const at::Tensor& xc,
+                                                         const at::Tensor& values,
+                                                         const at::Tensor& b,
+                                                         const at::Tensor& ptr,
+                                                         const at::Tensor& idx, const Tiles& t) {
   const int64_t I = xc.size(1);
-  const at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, xc.options());
-  return gather_tiles<T>(xt.const_data_ptr<T>(), I, ptr, idx, values.const_data_ptr<T>(),
-                         b.defined() ? b.const_data_ptr<T>() : nullptr, t, xc.options());
+  at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, xc.options());
+  at::Tensor y = gather_tiles<T>(xt.const_data_ptr<T>(), I, ptr, idx, values.const_data_ptr<T>(),
+                                 b.defined() ? b.const_data_ptr<T>() : nullptr, t, xc.options());
+  return {y, xt};
 }
 
 // The forward without autograd, and with it for a widening layer (linear_train_forward_impl):
@@ -304,7 +308,7 @@ at::Tensor linear_forward_impl(const at::Tensor& x, const at::Tensor& values,
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && t.count() < 2 * threads)
-    return linear_packed_forward<T>(xc, values, b, ptr, idx, t);
+    return std::get<0>(linear_packed_forward<T>(xc, values, b, ptr, idx, t));
   at::Tensor y = at::empty({B, K}, x.options());
   const Blocks blocks = column_blocks<T>(ptr, idx, I, t);
   const T* src = xc.const_data_ptr<T>();
@@ -345,11 +349,9 @@ std::tuple<at::Tensor, at::Tensor> linear_train_forward_impl(const at::Tensor& x
   const at::Tensor xc = x.contiguous();
   if (lane_tiles(B, I, active()->lanes).T != t.T)
     return {linear_forward_impl<T>(xc, values, bias, ptr, idx), xc};
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  at::Tensor xt = pack_tiles<T>(xc.const_data_ptr<T>(), I, I, t, x.options());
-  at::Tensor y = gather_tiles<T>(xt.const_data_ptr<T>(), I, ptr, idx, values.const_data_ptr<T>(),
-                                 b.defined() ? b.const_data_ptr<T>() : nullptr, t, x.options());
-  return {y, xt};
+  return linear_packed_forward<T>(xc, values,
+                                  bias.has_value() ? bias->contiguous() : at::Tensor(), ptr, idx,
+                                  t);
 }
 
 template <class T>
@@ -420,6 +422,45 @@ Geom make_geom(at::IntArrayRef x, at::IntArrayRef g) {
                       std::numeric_limits<int32_t>::max(),
               "the layer's activations exceed 2^31 elements; the sparse kernels index with int32");
   return o;
+}
+
+// C planes [rows, cols] with zero margins around their H x W interior (of N lanes per element in
+// the batch-innermost layout); the direct path's buffers of one image are followed by kSlack
+// readable elements (its kernels read whole vectors past a row's last column).
+constexpr int64_t kSlack = 16;
+struct Padded {
+  int64_t C, H, W, top, bottom, left, right;
+  int64_t rows() const { return H + top + bottom; }
+  int64_t cols() const { return W + left + right; }
+  int64_t plane() const { return rows() * cols(); }
+  int64_t size() const { return C * plane() + kSlack; }
+};
+
+// The output gradient's planes [K, P, Q], with zero margins wide enough for every tap of a
+// stride-1 input gradient (the forward over the flipped taps) where `margins`, else none.
+Padded gradient_planes(const Geom& g, bool margins) {
+  if (!margins) return {g.K, g.P, g.Q, 0, 0, 0, 0};
+  return {g.K, g.P, g.Q, std::max<int64_t>(0, (g.R - 1) * g.dh - g.pt),
+          std::max<int64_t>(0, (g.R - 1) * g.dh - g.pb),
+          std::max<int64_t>(0, (g.S - 1) * g.dw - g.pl),
+          std::max<int64_t>(0, (g.S - 1) * g.dw - g.pr)};
+}
+
+// Offset of each tap of the transposed structure (input channel by input channel, taps flipped)
+// in the output gradient laid out as e, with n lanes per element.
+std::vector<int32_t> flipped_offsets(const at::Tensor& taps, const at::Tensor& cperm,
+                                     const at::Tensor& crow, const Geom& g, const Padded& e,
+                                     int64_t n) {
+  const int32_t* t = taps.const_data_ptr<int32_t>();
+  const int32_t* perm = cperm.const_data_ptr<int32_t>();
+  const int32_t* krow = crow.const_data_ptr<int32_t>();
+  std::vector<int32_t> off(taps.numel());
+  for (int64_t m = 0; m < taps.numel(); ++m) {
+    const int64_t tap = t[perm[m]], r = (tap / g.S) % g.R, s = tap % g.S;
+    off[m] = static_cast<int32_t>((krow[m] * e.plane() + (e.top + g.pt - r * g.dh) * e.cols() +
+                                   e.left + g.pl - s * g.dw) * n);
+  }
+  return off;
 }
 
 // Zero the margins of one plane [H + top + bottom, W + left + right, N] around its H x W interior.
@@ -538,15 +579,13 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
 constexpr int64_t kDirectMinWidth = 16;
 bool direct_conv(const Geom& g) { return g.sh == 1 && g.sw == 1 && g.Q >= kDirectMinWidth; }
 
-// One image's planes [C, rows, cols] with zero margins around the H x W interior, followed by
-// kSlack readable elements (the kernels read whole vectors past a row's last column).
-constexpr int64_t kSlack = 16;
-struct Padded {
-  int64_t C, H, W, top, bottom, left, right;
-  int64_t cols() const { return W + left + right; }
-  int64_t plane() const { return (H + top + bottom) * cols(); }
-  int64_t size() const { return C * plane() + kSlack; }
-};
+// Offset of each kept tap in one image's padded input planes d.
+std::vector<int32_t> direct_offsets(const at::Tensor& ptr, const at::Tensor& taps, const Geom& g,
+                                    const Padded& d) {
+  return tap_offsets(ptr, taps, g, [&](int64_t c, int64_t r, int64_t s) {
+    return c * d.plane() + r * g.dh * d.cols() + s * g.dw;
+  });
+}
 
 template <class T>
 void pad_image(const T* src, const Padded& d, T* dst) {
@@ -569,9 +608,7 @@ template <class T>
 at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const at::Tensor& bias,
                           const at::Tensor& ptr, const at::Tensor& taps, const Geom& g) {
   const Padded d{g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr};
-  const std::vector<int32_t> off = tap_offsets(ptr, taps, g, [&](int64_t c, int64_t r, int64_t s) {
-    return c * d.plane() + r * g.dh * d.cols() + s * g.dw;
-  });
+  const std::vector<int32_t> off = direct_offsets(ptr, taps, g, d);
   at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, xc.options());
   if (g.N == 0) return y;
   const T* x = xc.const_data_ptr<T>();
@@ -608,22 +645,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& ptr, const at::Tensor& taps, const at::Tensor& cptr,
     const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
   const Padded d{g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr};
-  const Padded e{g.K, g.P, g.Q, std::max<int64_t>(0, (g.R - 1) * g.dh - g.pt),
-                 std::max<int64_t>(0, (g.R - 1) * g.dh - g.pb),
-                 std::max<int64_t>(0, (g.S - 1) * g.dw - g.pl),
-                 std::max<int64_t>(0, (g.S - 1) * g.dw - g.pr)};
-  const std::vector<int32_t> off = tap_offsets(ptr, taps, g, [&](int64_t c, int64_t r, int64_t s) {
-    return c * d.plane() + r * g.dh * d.cols() + s * g.dw;
-  });
-  std::vector<int32_t> flipped(taps.numel());
-  const int32_t* t = taps.const_data_ptr<int32_t>();
-  const int32_t* perm = cperm.const_data_ptr<int32_t>();
-  const int32_t* krow = crow.const_data_ptr<int32_t>();
-  for (int64_t m = 0; m < taps.numel(); ++m) {
-    const int64_t tap = t[perm[m]], r = (tap / g.S) % g.R, s = tap % g.S;
-    flipped[m] = static_cast<int32_t>(krow[m] * e.plane() + (e.top + g.pt - r * g.dh) * e.cols() +
-                                      e.left + g.pl - s * g.dw);
-  }
+  const Padded e = gradient_planes(g, true);
+  const std::vector<int32_t> off = direct_offsets(ptr, taps, g, d);
+  const std::vector<int32_t> flipped = flipped_offsets(taps, cperm, crow, g, e, 1);
   const at::Tensor cvals = in_column_order<T>(values, cperm);
   const std::vector<int64_t> zeros_ptr(g.K + 1, 0);
   const int64_t threads = at::get_num_threads();
@@ -697,23 +721,15 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const 
 // Input gradient of a stride-1 convolution: the forward gather over the transposed structure
 // (rows = input channels, taps flipped), reading the output gradient packed with zero margins.
 template <class T>
-at::Tensor input_grad_gather(const T* dyb, const Geom& g, int64_t tm, int64_t lm, int64_t Pb,
-                             int64_t Qb, const at::Tensor& values, const at::Tensor& taps,
+at::Tensor input_grad_gather(const T* dyb, const Geom& g, const Padded& e,
+                             const at::Tensor& values, const at::Tensor& taps,
                              const at::Tensor& cptr, const at::Tensor& cperm,
                              const at::Tensor& crow, const at::TensorOptions& options) {
-  const int32_t* t = taps.const_data_ptr<int32_t>();
-  const int32_t* perm = cperm.const_data_ptr<int32_t>();
-  const int32_t* krow = crow.const_data_ptr<int32_t>();
-  std::vector<int32_t> off(taps.numel());
-  for (int64_t m = 0; m < taps.numel(); ++m) {
-    const int64_t tap = t[perm[m]], r = (tap / g.S) % g.R, s = tap % g.S;
-    off[m] = static_cast<int32_t>(((krow[m] * Pb + g.pt - r * g.dh + tm) * Qb +
-                                   (g.pl - s * g.dw + lm)) * g.N);
-  }
+  const std::vector<int32_t> off = flipped_offsets(taps, cperm, crow, g, e, g.N);
   const int64_t lanes = g.W * g.N;
   T* dxt = scratch<T>(kGradInSlot, g.C * g.H * lanes);
   const at::Tensor cvals = in_column_order<T>(values, cperm);
-  ps::GatherArgs<T> a{dyb, Qb * g.N, dxt, g.H * lanes, lanes,
+  ps::GatherArgs<T> a{dyb, e.cols() * g.N, dxt, g.H * lanes, lanes,
                       cptr.const_data_ptr<int64_t>(), off.data(), 1,
                       cvals.const_data_ptr<T>(), nullptr, g.H, lanes};
   if (lanes > 0)
@@ -779,19 +795,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
   TORCH_CHECK(xt.numel() == g.C * g.plane(), "the saved input does not fit the geometry");
   // zero margins around the output gradient let the stride-1 input gradient read every tap
   const bool gather_dx = need_dx && g.sh == 1 && g.sw == 1;
-  const int64_t tm = gather_dx ? std::max<int64_t>(0, (g.R - 1) * g.dh - g.pt) : 0;
-  const int64_t bm = gather_dx ? std::max<int64_t>(0, (g.R - 1) * g.dh - g.pb) : 0;
-  const int64_t lm = gather_dx ? std::max<int64_t>(0, (g.S - 1) * g.dw - g.pl) : 0;
-  const int64_t rm = gather_dx ? std::max<int64_t>(0, (g.S - 1) * g.dw - g.pr) : 0;
-  const int64_t Pb = g.P + tm + bm, Qb = g.Q + lm + rm;
+  const Padded e = gradient_planes(g, gather_dx);
+  const int64_t Qb = e.cols();
   const at::Tensor dyc = dy.contiguous();
-  T* dyb = scratch<T>(kGradSlot, g.K * Pb * Qb * g.N);
-  pack_margins<T>(dyc.const_data_ptr<T>(), g.N, g.K, g.P, g.Q, tm, bm, lm, rm, dyb);
+  T* dyb = scratch<T>(kGradSlot, g.K * e.plane() * g.N);
+  pack_margins<T>(dyc.const_data_ptr<T>(), g.N, g.K, g.P, g.Q, e.top, e.bottom, e.left, e.right,
+                  dyb);
   at::Tensor dx, dw, db;
   if (need_dw) {
     dw = at::empty({values.numel()}, values.options());
     const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
-    ps::SddmmArgs<T> a{dyb + (tm * Qb + lm) * g.N, Pb * Qb * g.N, Qb * g.N, 0,
+    ps::SddmmArgs<T> a{dyb + (e.top * Qb + e.left) * g.N, e.plane() * g.N, Qb * g.N, 0,
                        xt.const_data_ptr<T>(), g.sh * g.row(), 0, 1, ptr.const_data_ptr<int64_t>(),
                        off.data(), 1, dw.mutable_data_ptr<T>(), g.P, g.L(), false};
     if (g.L() > 0) {
@@ -803,12 +817,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
     }
   }
   if (need_dx)
-    dx = gather_dx ? input_grad_gather<T>(dyb, g, tm, lm, Pb, Qb, values, taps, cptr, cperm,
-                                          crow, dy.options())
+    dx = gather_dx ? input_grad_gather<T>(dyb, g, e, values, taps, cptr, cperm, crow,
+                                          dy.options())
                    : input_grad_scatter<T>(dyb, g, values, ptr, taps, cptr, cperm, crow,
                                            dy.options());
   // the packed gradient's margins are zero: each output channel's sum is one contiguous plane
-  if (need_db) db = at::sum(at::from_blob(dyb, {g.K, Pb * Qb * g.N}, dy.options()), {1});
+  if (need_db) db = at::sum(at::from_blob(dyb, {g.K, e.plane() * g.N}, dy.options()), {1});
   return {dx, dw, db};
 }
 
