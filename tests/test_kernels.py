@@ -216,6 +216,43 @@ def test_linear_float64_and_non_contiguous_input(variant):
     check_against_reference(layer, sparse, mask, x, rtol=1e-12)
 
 
+@pytest.mark.parametrize("x_grad,w_grad,b_grad", [(True, True, True), (False, True, True),
+                                                   (True, False, True), (True, True, False),
+                                                   (False, False, True)])
+@pytest.mark.parametrize("n_in,n_out,threads", [(40, 33, 1), (384, 1536, 1), (384, 1536, 2),
+                                                (1536, 384, 2)])
+def test_linear_computes_only_the_gradients_asked_for(variant, x_grad, w_grad, b_grad, n_in,
+                                                      n_out, threads, request):
+    """Both gradients come from one pass over the transposed structure (the fused backward;
+    384 -> 1536 in column blocks of the output gradient, with partial sums between them); a first
+    layer (no input gradient) takes the weight gradient alone, over the rows, and frozen weights
+    the input gradient alone. Each equals the reference, over 70 rows (a remainder tile) and with
+    each thread's rows of the transposed structure on 2 threads."""
+    _use_threads(threads, request)
+    generator = torch.Generator().manual_seed(n_in * n_out)
+    layer = nn.Linear(n_in, n_out)
+    mask = random_mask(layer.weight.shape, 0.1, generator)
+    mask[:, 3] = False  # an input feature without taps: its input gradient is zero
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    sparse = SparseLinear.from_dense(layer, mask)
+    sparse.values.requires_grad_(w_grad)
+    sparse.bias.requires_grad_(b_grad)
+    x = torch.randn(70, n_in, generator=generator)
+    x_ref, x_sp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    grad = torch.randn(70, n_out, generator=generator)
+    layer(x_ref).backward(grad)
+    sparse(x_sp).backward(grad)
+    if x_grad:
+        assert_close(x_sp.grad, x_ref.grad)
+        assert torch.all(x_sp.grad[:, 3] == 0)
+    if w_grad:
+        assert_close(sparse.values.grad, layer.weight.grad[mask])
+    if b_grad:
+        assert_close(sparse.bias.grad, layer.bias.grad)
+    assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
+
+
 # -- Conv2d ---------------------------------------------------------------------------------------
 CONV_CASES = [  # (in, out, kernel, stride, padding, dilation, groups, batch, height, width)
     (3, 4, 3, 1, 1, 1, 1, 2, 7, 6),

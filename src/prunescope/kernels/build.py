@@ -223,9 +223,9 @@ def _compile_and_link(tmp: Path, target: Path) -> None:
 
 # -- self-check -----------------------------------------------------------------------------------
 def _self_check(ops: Any) -> bool:
-    """Run a small Linear and two Conv2d (one batch innermost, one on NCHW planes: widths of 16
-    columns or more), forward and backward, through ``ops`` and compare with the dense
-    computation."""
+    """Run a small Linear (its backward both fused and for the weight gradient alone) and two
+    Conv2d (one batch innermost, one on NCHW planes: widths of 16 columns or more), forward and
+    backward, through ``ops`` and compare with the dense computation."""
     from prunescope.kernels import formats
 
     generator = torch.Generator().manual_seed(0)
@@ -240,6 +240,9 @@ def _self_check(ops: Any) -> bool:
                                                                  lin.idx), y)
     ok = ok and _close(dx, dy @ weight)
     ok = ok and _close(dw, (dy.t() @ x)[weight != 0])
+    _, dw_alone, _ = ops.linear_backward(dy, saved, 37, lin.values, lin.ptr, lin.idx, lin.cptr,
+                                         lin.cperm, lin.crow, False, True, False)
+    ok = ok and _close(dw_alone, dw)
     conv = torch.randn(6, 4, 3, 3, generator=generator)
     conv[torch.rand(6, 4, 3, 3, generator=generator) < 0.6] = 0
     c = formats.compress(conv, conv != 0)

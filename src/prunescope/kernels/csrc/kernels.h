@@ -51,6 +51,31 @@ constexpr int64_t kPrefetchTaps = 8;
 template <class V, int NT>
 constexpr bool kPrefetch = NT * V::W * sizeof(typename V::T) >= 64;
 
+// A row's finished sums (NV vectors and an optional masked tail) go to the partial sums between
+// column blocks (to_part: all lanes, the padded ones are never stored to y), or to y: lanes
+// contiguous (y_t == 1), or transposed through buf, whose rows from `group` on are stored as
+// lanes' runs once it holds 8 rows or row k is the range's last.
+template <class V, int NV, bool TAIL>
+void finish_row(typename V::R* acc, int64_t k, int64_t r1, typename V::T* pk, bool to_part,
+                bool relu, typename V::T* y, int64_t y_k, int64_t y_t, typename V::T* buf,
+                int64_t& group, typename V::M m, int n) {
+  constexpr int W = V::W;
+  constexpr int NT = NV + (TAIL ? 1 : 0);
+  if (to_part) {
+    for (int v = 0; v < NT; ++v) V::store(pk + v * W, acc[v]);
+    return;
+  }
+  if (relu)
+    for (int v = 0; v < NT; ++v) acc[v] = V::relu(acc[v]);
+  typename V::T* yk = y_t == 1 ? y + k * y_k : buf + (k - group) * kBufLanes;
+  for (int v = 0; v < NV; ++v) V::store(yk + v * W, acc[v]);
+  if (TAIL) V::storem(yk + NV * W, acc[NT - 1], m);
+  if (y_t != 1 && (k + 1 - group == 8 || k + 1 == r1)) {
+    store_transposed<V>(buf, static_cast<int>(k + 1 - group), n, y + group, y_t);
+    group = k + 1;
+  }
+}
+
 template <class V, int NV, bool TAIL, int U>
 void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y, int64_t y_k,
                  int64_t y_t, const int64_t* __restrict ptr, int64_t ps,
@@ -96,19 +121,7 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
     }
     for (int u = 1; u < U; ++u)
       for (int v = 0; v < NT; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
-    if (to_part) {  // all lanes: the padded ones are never stored to y
-      for (int v = 0; v < NT; ++v) V::store(pk + v * W, acc[0][v]);
-      continue;
-    }
-    if (relu)
-      for (int v = 0; v < NT; ++v) acc[0][v] = V::relu(acc[0][v]);
-    T* yk = y_t == 1 ? y + k * y_k : buf + (k - group) * kBufLanes;
-    for (int v = 0; v < NV; ++v) V::store(yk + v * W, acc[0][v]);
-    if (TAIL) V::storem(yk + NV * W, acc[0][NT - 1], m);
-    if (y_t != 1 && (k + 1 - group == 8 || k + 1 == r1)) {
-      store_transposed<V>(buf, static_cast<int>(k + 1 - group), n, y + group, y_t);
-      group = k + 1;
-    }
+    finish_row<V, NV, TAIL>(acc[0], k, r1, pk, to_part, relu, y, y_k, y_t, buf, group, m, n);
   }
 }
 
@@ -165,6 +178,130 @@ void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
       for (int64_t b = 0; b < a.nb; ++b)
         fn(xp + t0, y, a.y_k, a.y_t, a.bptr + b, a.nb + 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
            V::mask(tail), static_cast<int>(n), part.get(), b > 0, b + 1 < a.nb, a.relu);
+    }
+  }
+}
+
+// ---- backward: a Linear's dx and dw in one pass (see BackwardArgs) --------------------------------
+// Row i's dx accumulates as in gather_rows; its input lanes stay in registers, and each tap's run
+// of the output gradient, loaded once, also feeds that tap's weight gradient, reduced four taps at
+// a time. Two separate passes would each read every tap's run, scattered over a slab in L2.
+// At most 4 vectors per call: U x NT + NT + 4 registers plus temporaries fit the 16 of AVX2.
+template <class V, int NV, bool TAIL>
+typename V::R lane_load(const typename V::T* p, int v, typename V::M m) {
+  return TAIL && v == NV ? V::loadm(p + v * V::W, m) : V::load(p + v * V::W);
+}
+
+template <class V, int NV, bool TAIL, int U>
+void backward_rows(const typename V::T* __restrict g, const typename V::T* __restrict x,
+                   int64_t x_ld, typename V::T* __restrict y, int64_t y_k, int64_t y_t,
+                   const int64_t* __restrict ptr, int64_t ps, const int32_t* __restrict idx,
+                   int64_t ld, const typename V::T* __restrict vals, typename V::T* __restrict dw,
+                   int64_t r0, int64_t r1, typename V::M m, int n, typename V::T* __restrict part,
+                   bool from_part, bool to_part) {
+  using R = typename V::R;
+  using T = typename V::T;
+  constexpr int W = V::W;
+  constexpr int NT = NV + (TAIL ? 1 : 0);
+  static_assert(4 % U == 0, "four taps per weight-gradient group, split over the U streams");
+  if constexpr (NT == 0) return;  // no lanes (never called; keeps the table total)
+  alignas(64) T buf[8 * kBufLanes];
+  int64_t group = r0;
+  for (int64_t k = r0; k < r1; ++k) {
+    R acc[U][NT], xr[NT];
+    T* pk = part ? part + (k - r0) * NT * W : nullptr;
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < NT; ++v)
+        acc[u][v] = u == 0 && from_part ? V::load(pk + v * W) : V::zero();
+    for (int v = 0; v < NT; ++v) xr[v] = lane_load<V, NV, TAIL>(x + k * x_ld, v, m);
+    int64_t j = ptr[k * ps];
+    const int64_t j1 = ptr[k * ps + 1];
+    for (; j + 4 <= j1; j += 4) {
+      if (kPrefetch<V, NT>)
+        for (int t = 0; t < 4; ++t)
+          if (j + t + kPrefetchTaps < j1) {
+            const T* next = g + static_cast<int64_t>(idx[j + t + kPrefetchTaps]) * ld;
+            for (int v = 0; v < NT * W; v += 64 / static_cast<int>(sizeof(T))) V::prefetch(next + v);
+          }
+      R d[4];
+      for (int t = 0; t < 4; ++t) {
+        const T* gp = g + static_cast<int64_t>(idx[j + t]) * ld;
+        const R w = V::set1(vals[j + t]);
+        for (int v = 0; v < NT; ++v) {
+          const R a = lane_load<V, NV, TAIL>(gp, v, m);
+          d[t] = v == 0 ? V::mul(xr[0], a) : V::fma(xr[v], a, d[t]);
+          acc[t % U][v] = V::fma(w, a, acc[t % U][v]);
+        }
+      }
+      V::reduce4_add(d, dw + j);
+    }
+    for (; j < j1; ++j) {
+      const T* gp = g + static_cast<int64_t>(idx[j]) * ld;
+      const R w = V::set1(vals[j]);
+      R d = V::zero();
+      for (int v = 0; v < NT; ++v) {
+        const R a = lane_load<V, NV, TAIL>(gp, v, m);
+        d = V::fma(xr[v], a, d);
+        acc[0][v] = V::fma(w, a, acc[0][v]);
+      }
+      dw[j] += V::hsum(d);
+    }
+    for (int u = 1; u < U; ++u)
+      for (int v = 0; v < NT; ++v) acc[0][v] = V::add(acc[0][v], acc[u][v]);
+    finish_row<V, NV, TAIL>(acc[0], k, r1, pk, to_part, false, y, y_k, y_t, buf, group, m, n);
+  }
+}
+
+template <class V>
+using BackwardRows = void (*)(const typename V::T*, const typename V::T*, int64_t,
+                              typename V::T*, int64_t, int64_t, const int64_t*, int64_t,
+                              const int32_t*, int64_t, const typename V::T*, typename V::T*,
+                              int64_t, int64_t, typename V::M, int, typename V::T*, bool, bool);
+
+template <class V, int NV, bool TAIL>
+constexpr BackwardRows<V> backward_entry() {
+  constexpr int nt = NV + (TAIL ? 1 : 0);
+  return &backward_rows<V, NV, TAIL, nt == 1 ? 4 : nt == 2 ? 2 : 1>;
+}
+
+template <class V>
+BackwardRows<V> pick_backward(int nv, bool tail) {
+  static constexpr BackwardRows<V> full[5] = {
+      backward_entry<V, 0, false>(), backward_entry<V, 1, false>(),
+      backward_entry<V, 2, false>(), backward_entry<V, 3, false>(),
+      backward_entry<V, 4, false>()};
+  static constexpr BackwardRows<V> with_tail[4] = {
+      backward_entry<V, 0, true>(), backward_entry<V, 1, true>(), backward_entry<V, 2, true>(),
+      backward_entry<V, 3, true>()};
+  return tail ? with_tail[nv] : full[nv];
+}
+
+// Lanes in runs of 4 vectors; with column blocks (a.g.bptr), block by block as in gather (the
+// weight gradient needs no partial sums: each tap is in one block).
+template <class V>
+void backward(const BackwardArgs<typename V::T>& a, int64_t r0, int64_t r1) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  constexpr int64_t TILE = 4 * W;
+  const GatherArgs<T>& g = a.g;
+  const bool blocked = g.bptr != nullptr && g.nb > 1;
+  const std::unique_ptr<T[]> part(blocked ? new T[(r1 - r0) * TILE] : nullptr);
+  for (int64_t p = 0; p < g.P; ++p) {
+    for (int64_t t0 = 0; t0 < g.L; t0 += TILE) {
+      const int64_t n = min64(TILE, g.L - t0);
+      const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
+      const BackwardRows<V> fn = pick_backward<V>(nv, tail != 0);
+      const T* gx = g.x + p * g.x_p + t0;
+      const T* x = a.x + p * a.x_p + t0;
+      T* y = g.y + p * g.y_p + t0 * g.y_t;
+      if (!blocked) {
+        fn(gx, x, a.x_ld, y, g.y_k, g.y_t, g.ptr, 1, g.idx, g.ld, g.vals, a.dw, r0, r1,
+           V::mask(tail), static_cast<int>(n), nullptr, false, false);
+        continue;
+      }
+      for (int64_t b = 0; b < g.nb; ++b)
+        fn(gx, x, a.x_ld, y, g.y_k, g.y_t, g.bptr + b, g.nb + 1, g.idx, g.ld, g.vals, a.dw, r0,
+           r1, V::mask(tail), static_cast<int>(n), part.get(), b > 0, b + 1 < g.nb);
     }
   }
 }
@@ -535,7 +672,7 @@ void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_
 
 template <class V>
 Kernels<typename V::T> kernels() {
-  return {&gather<V>,  &sddmm_short<V>, &sddmm_long<V>, &scatter<V>,
+  return {&gather<V>, &sddmm_short<V>, &backward<V>,     &sddmm_long<V>, &scatter<V>,
           &direct<V>, &direct_sddmm<V>, &pad_planes<V>, &transpose<V>};
 }
 

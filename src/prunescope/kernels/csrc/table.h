@@ -30,6 +30,19 @@ struct GatherArgs {
   bool relu = false;  // store max(0, y) (NaN stays NaN, as torch.relu)
 };
 
+// A Linear's backward in one pass over the transposed structure: the gather g (dx = W^T dy, row i
+// of g an input feature, g.x the output gradient's slab, no bias) and, for each tap j of row i,
+// dw[j] += sum_{p < P, t < L} g.x[g.idx[j] * g.ld + p * g.x_p + t] * x[i * x_ld + p * x_p + t]
+// (the weight gradient, in the transposed structure's order): each tap's run of the output
+// gradient is loaded once for both products.
+template <class T>
+struct BackwardArgs {
+  GatherArgs<T> g;
+  const T* x;
+  int64_t x_ld, x_p;
+  T* dw;
+};
+
 // dw[j] = sum_{p, s, t} dy[k * dy_k + p * dy_p + s * dy_s + t] * x[idx[j] * ld + p * x_p + s * x_s
 // + t] for the taps j of row k, s < S segments (the sampled dense-dense product: the weight
 // gradient on kept weights only).
@@ -100,6 +113,7 @@ template <class T>
 struct Kernels {
   void (*gather)(const GatherArgs<T>&, int64_t r0, int64_t r1);
   void (*sddmm_short)(const SddmmArgs<T>&, int64_t r0, int64_t r1);  // runs of <= 64 lanes
+  void (*backward)(const BackwardArgs<T>&, int64_t r0, int64_t r1);
   void (*sddmm_long)(const SddmmArgs<T>&, int64_t r0, int64_t r1);   // long runs
   void (*scatter)(const ScatterArgs<T>&, int64_t r0, int64_t r1);
   void (*direct)(const DirectArgs<T>&, int64_t k0, int64_t k1);

@@ -28,6 +28,13 @@ static inline void reduce8_add_m256(const __m256* a, float* out) {
   _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), _mm256_add_ps(lo, hi)));
 }
 
+// out[0..4) += horizontal sums of four 8-lane vectors.
+static inline void reduce4_add_m256(const __m256* a, float* out) {
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), s));
+}
+
 static inline float hsum_m256(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -86,6 +93,7 @@ struct VecF {
   static R relu(R a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
   static T hsum(R v) { return hsum_m256(v); }
   static void reduce8_add(const R* a, T* out) { reduce8_add_m256(a, out); }
+  static void reduce4_add(const R* a, T* out) { reduce4_add_m256(a, out); }
   static void transpose8(const T* src, int64_t srs, T* dst, int64_t drs) {
     transpose8x8(src, srs, dst, drs);
   }
@@ -150,6 +158,9 @@ struct VecGeneric {
   }
   static void reduce8_add(const R* a, T* out) {
     for (int j = 0; j < 8; ++j) out[j] += hsum(a[j]);
+  }
+  static void reduce4_add(const R* a, T* out) {
+    for (int j = 0; j < 4; ++j) out[j] += hsum(a[j]);
   }
   static void transpose8(const T*, int64_t, T*, int64_t) {}
 };
