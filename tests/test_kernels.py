@@ -141,16 +141,17 @@ def _use_threads(threads: int, request) -> None:
 @pytest.mark.parametrize("n_in,n_out,dtype", [(384, 384, torch.float32),
                                               (384, 1536, torch.float32),
                                               (1536, 384, torch.float32),
-                                              (1536, 384, torch.float64)])
+                                              (1536, 384, torch.float64),
+                                              (16, 16384, torch.float32)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, threads, request):
     """MiniLM's encoder widths, [batch, tokens, features] input with batch x tokens (69 rows)
-    not a multiple of the lane tile, 90% sparse: in float32, 1536 input features are read in
-    column blocks (partial sums between them; float64's 8 blocks would keep too few taps per row,
-    so it reads the slab whole: see the column-blocks test), and on 2 threads the output rows are
-    split (at 16-row boundaries) between threads writing the same rows. 384 -> 1536 keeps its
-    input unpacked for the backward (its forward tiles 64 lanes, its backward 32), the others the
-    input packed by the forward."""
+    not a multiple of the lane tile, 90% sparse: 1536 input features may be read in column blocks
+    (partial sums between them; how many depends on the L2 cache, see the column-blocks test), and
+    on 2 threads the output rows are split (at 16-row boundaries) between threads writing the same
+    rows. 16 -> 16384 tiles its backward (16384 rows) narrower than its forward (16 rows) on any
+    cache (the slab budget is at most 3 MiB): the autograd node keeps its input unpacked and the
+    backward packs it; the others may keep the input packed by the forward."""
     _use_threads(threads, request)
     generator = torch.Generator().manual_seed(n_in + n_out)
     layer = nn.Linear(n_in, n_out).to(dtype)
@@ -165,10 +166,11 @@ def test_linear_transformer_shapes_with_3d_input(variant, n_in, n_out, dtype, th
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_column_blocks_when_the_weights_fit_in_cache(variant, dtype, threads, request):
-    """1536 inputs, 128 outputs, 20% dense (about 39k taps): the slab of 1536 rows x 32 lanes is
-    read in 4 (float32) or 8 (float64) column blocks, since the weights (at most 0.5 MB) fit in
-    cache and each row keeps at least 16 taps per block (ops.cpp, column_blocks), with whole
-    blocks empty in some rows; forward, gradients and the inference path against the reference."""
+    """1536 inputs, 128 outputs, 20% dense (about 39k taps): the slab of 1536 rows x 32 or 64
+    lanes (by the L2 cache's size) is read in 4 to 16 column blocks (by its bytes; 8 for float32
+    and 16 for float64 on a 1 MiB L2), since the weights (at most 0.5 MB) fit in cache and each
+    row keeps at least 16 taps per block (ops.cpp, column_blocks), with whole blocks empty in some
+    rows; forward, gradients and the inference path against the reference."""
     _use_threads(threads, request)
     generator = torch.Generator().manual_seed(1536)
     layer = nn.Linear(1536, 128).to(dtype)
