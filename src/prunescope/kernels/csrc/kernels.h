@@ -672,7 +672,7 @@ void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_
 
 template <class V>
 Kernels<typename V::T> kernels() {
-  return {&gather<V>, &sddmm_short<V>, &backward<V>,     &sddmm_long<V>, &scatter<V>,
+  return {&gather<V>, &sddmm_short<V>,  &backward<V>,   &sddmm_long<V>, &scatter<V>,
           &direct<V>, &direct_sddmm<V>, &pad_planes<V>, &transpose<V>};
 }
 
