@@ -643,17 +643,29 @@ void direct_sddmm(const DirectSddmmArgs<typename V::T>& a, int64_t k0, int64_t k
 // ---- transpose: dst[c * drs + r] = src[r * srs + c] ------------------------------------------------
 // 8 x 8 register transposes, in blocks of up to 128 source rows swept 8 columns at a time: each
 // destination row then receives long contiguous runs while only 8 of them are written at once (the
-// destination rows of an NCHW tensor are often 2^k bytes apart and share one L1 set). Scalar at the
-// ragged edges.
+// destination rows of an NCHW tensor are often 2^k bytes apart and share one L1 set). Where 16
+// destination rows lie within 4 KiB (no two share an L1 set: a Linear's lane tiles), the sweep
+// takes 16 columns, a whole 64-byte line of every source row, at a time: source rows 2^k bytes
+// apart (a [batch, 1024] input) share one set too, and with 8 columns each line was read twice
+// from L2 (packing 1024 features x 64 lanes, forward at 98%, batch 64-256: 1.04-1.09x faster).
+// Scalar at the ragged edges.
 template <class V>
 void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_t drs, int64_t r0,
                int64_t r1, int64_t C) {
   constexpr int64_t BLOCK = 128;
   const int64_t rfull = V::kBlockTranspose ? r0 + (r1 - r0) / 8 * 8 : r0;
   const int64_t cfull = V::kBlockTranspose ? C / 8 * 8 : 0;
+  const bool whole_lines = 16 * drs * static_cast<int64_t>(sizeof(typename V::T)) <= 4096;
   for (int64_t rb = r0; rb < rfull; rb += BLOCK) {
     const int64_t re = min64(rb + BLOCK, rfull);
-    for (int64_t c = 0; c < cfull; c += 8)
+    int64_t c = 0;
+    if (whole_lines)
+      for (; c + 16 <= cfull; c += 16)
+        for (int64_t r = rb; r < re; r += 8) {
+          V::transpose8(src + r * srs + c, srs, dst + c * drs + r, drs);
+          V::transpose8(src + r * srs + c + 8, srs, dst + (c + 8) * drs + r, drs);
+        }
+    for (; c < cfull; c += 8)
       for (int64_t r = rb; r < re; r += 8)
         V::transpose8(src + r * srs + c, srs, dst + c * drs + r, drs);
   }
