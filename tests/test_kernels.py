@@ -108,6 +108,7 @@ def test_compress_round_trip_and_transposed_structure(shape, groups):
 LINEAR_CASES = [  # (batch, in, out, density)
     (1, 7, 5, 0.5), (3, 1, 4, 1.0), (17, 40, 33, 0.3), (64, 64, 96, 0.1), (70, 33, 130, 0.05),
     (129, 96, 40, 1.0), (200, 300, 20, 0.02), (5, 16, 16, 0.0),
+    (70, 24, 45, 0.3),  # 45 output rows: runs of 16, 16 and 13 (8 transposed, 5 stored one by one)
 ]
 
 
