@@ -129,6 +129,19 @@ def test_a_variant_failing_the_self_check_is_not_used(monkeypatch):
         assert build.backend().name == "reference"
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_first_use_under_no_grad_or_inference_mode(mode):
+    """The backend is chosen on the first call of a sparse layer, and its self-check computes
+    gradients: a model's first forward inside ``torch.no_grad`` or ``torch.inference_mode`` (an
+    evaluation, a deployed model) still gets the fast kernels and the right result."""
+    with mode():
+        check_modules_work()
+    chosen_inside = build.backend().name
+    build.reset()
+    check_modules_work()
+    assert chosen_inside == build.backend().name  # the same choice as with gradients on
+
+
 def test_build_command_reports_the_backend():
     env = {**os.environ, "PRUNESCOPE_KERNELS": "reference"}
     done = subprocess.run([sys.executable, "-m", "prunescope.kernels"], capture_output=True,
