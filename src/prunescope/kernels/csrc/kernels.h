@@ -165,34 +165,41 @@ GatherRows<V> pick_gather(int nv, bool tail) {
   return tail ? with_tail[nv] : full[nv];
 }
 
-// Without blocks, each row in one pass. With `blocks` (a.bptr, a.nb > 1), block by block of the
-// input rows (each block's share of x stays in the fastest caches while every output row reads
-// it), the rows' partial sums kept between blocks in a buffer of this range's rows.
+// A row function's passes over one range of rows: each output tile p < g.P, each run of lanes
+// [t0, t0 + n) of at most `run` lanes, and without blocks each row in one pass; with blocks
+// (g.bptr, g.nb > 1), block by block of the input rows (each block's share of x stays in the
+// fastest caches while every output row reads it), the rows' partial sums kept between blocks
+// in a buffer of the range's rows. pass(p, t0, n, ptr, ps, part, from_part, to_part).
+template <class T, class Pass>
+void row_passes(const GatherArgs<T>& g, int64_t rows, int64_t run, const Pass& pass) {
+  const bool blocked = g.bptr != nullptr && g.nb > 1;
+  const std::unique_ptr<T[]> part(blocked ? new T[rows * run] : nullptr);
+  for (int64_t p = 0; p < g.P; ++p)
+    for (int64_t t0 = 0; t0 < g.L; t0 += run) {
+      const int64_t n = min64(run, g.L - t0);
+      if (!blocked) {
+        pass(p, t0, n, g.ptr, int64_t(1), static_cast<T*>(nullptr), false, false);
+        continue;
+      }
+      for (int64_t b = 0; b < g.nb; ++b)
+        pass(p, t0, n, g.bptr + b, g.nb + 1, part.get(), b > 0, b + 1 < g.nb);
+    }
+}
+
 template <class V>
 void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   using T = typename V::T;
   constexpr int W = V::W;
   constexpr int64_t TILE = 8 * W;
   static_assert(TILE <= kBufLanes, "a tile must fit the transposing buffer");
-  const bool blocked = a.bptr != nullptr && a.nb > 1;
-  const std::unique_ptr<T[]> part(blocked ? new T[(r1 - r0) * TILE] : nullptr);
-  for (int64_t p = 0; p < a.P; ++p) {
-    const T* xp = a.x + p * a.x_p;
-    for (int64_t t0 = 0; t0 < a.L; t0 += TILE) {
-      const int64_t n = min64(TILE, a.L - t0);
-      const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
-      const GatherRows<V> fn = pick_gather<V>(nv, tail != 0);
-      T* y = a.y + p * a.y_p + t0 * a.y_t;
-      if (!blocked) {
-        fn(xp + t0, y, a.y_k, a.y_t, a.ptr, 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
-           V::mask(tail), static_cast<int>(n), nullptr, false, false, a.relu);
-        continue;
-      }
-      for (int64_t b = 0; b < a.nb; ++b)
-        fn(xp + t0, y, a.y_k, a.y_t, a.bptr + b, a.nb + 1, a.idx, a.ld, a.vals, a.bias, r0, r1,
-           V::mask(tail), static_cast<int>(n), part.get(), b > 0, b + 1 < a.nb, a.relu);
-    }
-  }
+  row_passes<T>(a, r1 - r0, TILE, [&](int64_t p, int64_t t0, int64_t n, const int64_t* ptr,
+                                      int64_t ps, T* part, bool from_part, bool to_part) {
+    const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
+    pick_gather<V>(nv, tail != 0)(a.x + p * a.x_p + t0, a.y + p * a.y_p + t0 * a.y_t, a.y_k,
+                                  a.y_t, ptr, ps, a.idx, a.ld, a.vals, a.bias, r0, r1,
+                                  V::mask(tail), static_cast<int>(n), part, from_part, to_part,
+                                  a.relu);
+  });
 }
 
 // ---- backward: a Linear's dx and dw in one pass (see BackwardArgs) --------------------------------
@@ -290,34 +297,21 @@ BackwardRows<V> pick_backward(int nv, bool tail) {
   return tail ? with_tail[nv] : full[nv];
 }
 
-// Lanes in runs of 4 vectors; with column blocks (a.g.bptr), block by block as in gather (the
+// Lanes in runs of 4 vectors, block by block where there are column blocks, as in gather (the
 // weight gradient needs no partial sums: each tap is in one block).
 template <class V>
 void backward(const BackwardArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   using T = typename V::T;
   constexpr int W = V::W;
-  constexpr int64_t TILE = 4 * W;
   const GatherArgs<T>& g = a.g;
-  const bool blocked = g.bptr != nullptr && g.nb > 1;
-  const std::unique_ptr<T[]> part(blocked ? new T[(r1 - r0) * TILE] : nullptr);
-  for (int64_t p = 0; p < g.P; ++p) {
-    for (int64_t t0 = 0; t0 < g.L; t0 += TILE) {
-      const int64_t n = min64(TILE, g.L - t0);
-      const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
-      const BackwardRows<V> fn = pick_backward<V>(nv, tail != 0);
-      const T* gx = g.x + p * g.x_p + t0;
-      const T* x = a.x + p * a.x_p + t0;
-      T* y = g.y + p * g.y_p + t0 * g.y_t;
-      if (!blocked) {
-        fn(gx, x, a.x_ld, y, g.y_k, g.y_t, g.ptr, 1, g.idx, g.ld, g.vals, a.dw, r0, r1,
-           V::mask(tail), static_cast<int>(n), nullptr, false, false);
-        continue;
-      }
-      for (int64_t b = 0; b < g.nb; ++b)
-        fn(gx, x, a.x_ld, y, g.y_k, g.y_t, g.bptr + b, g.nb + 1, g.idx, g.ld, g.vals, a.dw, r0,
-           r1, V::mask(tail), static_cast<int>(n), part.get(), b > 0, b + 1 < g.nb);
-    }
-  }
+  row_passes<T>(g, r1 - r0, 4 * W, [&](int64_t p, int64_t t0, int64_t n, const int64_t* ptr,
+                                       int64_t ps, T* part, bool from_part, bool to_part) {
+    const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
+    pick_backward<V>(nv, tail != 0)(g.x + p * g.x_p + t0, a.x + p * a.x_p + t0, a.x_ld,
+                                    g.y + p * g.y_p + t0 * g.y_t, g.y_k, g.y_t, ptr, ps, g.idx,
+                                    g.ld, g.vals, a.dw, r0, r1, V::mask(tail),
+                                    static_cast<int>(n), part, from_part, to_part);
+  });
 }
 
 // ---- sddmm: dw[j] = <dy row, x tap> for the kept taps only -----------------------------------------
