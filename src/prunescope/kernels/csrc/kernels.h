@@ -22,9 +22,9 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 // Rows of up to 64 lanes written transposed (y[lane * y_t + row], rows contiguous) go through a
 // buffer of 16 rows and 8 x 8 register transposes: each lane's 16 outputs land as one 64-byte run,
 // a whole cache line, eight lanes at a time. Lanes 2^k bytes apart (1024 or 4096 features) share
-// one L1 set: with 8-row runs every line was written in two halves, evicted in between (forward,
-// one thread, 95-98%, in one process alternating call by call: 1024 -> 1024 at batch 64-256
-// 1.06-1.11x and 768 -> 3072 1.07x faster with 16 rows; 1000 -> 1000, 3072 -> 768 and
+// one L1 set: with 8-row runs every line was written in two halves, likely evicted in between
+// (forward, one thread, 95-98%, in one process alternating call by call: 1024 -> 1024 at batch
+// 64-256 1.06-1.11x and 768 -> 3072 1.07x faster with 16 rows; 1000 -> 1000, 3072 -> 768 and
 // 4096 -> 4096 within 1%).
 constexpr int kBufLanes = 64;
 constexpr int kBufRows = 16;
