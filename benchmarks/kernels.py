@@ -100,7 +100,7 @@ def best_sparseprop_layer(dense: nn.Module, x: torch.Tensor, sparseprop
     """SparseProp's layer as its own ``sparsify_conv2d_auto`` would pick it for this layer and
     input, and its ``vectorizing_over_on`` (None for a Linear). Its conv has two kernels, and the
     faster one differs by shape (``vectorizing_over_on=True`` took 42-124 ms forward + backward at
-    256->256 on 8 x 8 and 98-95%, against 17-25 ms with False; at 64->64 on 32 x 32 it was about
+    256->256 on 8 x 8 and 95-98%, against 17-25 ms with False; at 64->64 on 32 x 32 it was about
     1.6x the faster), so each conv case takes the faster correct one, timed forward + backward
     (the median of 5 after a warm-up call)."""
     if isinstance(dense, nn.Linear):

@@ -225,8 +225,9 @@ def _compile_and_link(tmp: Path, target: Path) -> None:
 def _self_check(ops: Any) -> bool:
     """Run a small Linear (its backward both fused and for the weight gradient alone) and two
     Conv2d (one batch innermost, one on NCHW planes: widths of 16 columns or more), forward and
-    backward, through ``ops`` and compare with the dense computation. Gradients are on whatever
-    mode the caller is in: the first sparse layer may well run under ``torch.inference_mode``."""
+    backward, through ``ops`` and compare with the dense computation. Gradients are enabled for
+    the check whatever the caller's mode: the first sparse layer may run under
+    ``torch.inference_mode``."""
     with torch.inference_mode(False), torch.enable_grad():
         return _check_against_dense(ops)
 

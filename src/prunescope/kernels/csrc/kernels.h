@@ -63,6 +63,14 @@ constexpr int64_t kPrefetchTaps = 8;
 template <class V, int NT>
 constexpr bool kPrefetch = NT * V::W * sizeof(typename V::T) >= 64;
 
+// Requests tap j's run of NT vectors (x + idx[j] * ld) into L1, one prefetch per cache line.
+template <class V, int NT>
+void request_run(const typename V::T* x, const int32_t* idx, int64_t j, int64_t ld) {
+  const typename V::T* run = x + static_cast<int64_t>(idx[j]) * ld;
+  for (int v = 0; v < NT * V::W; v += 64 / static_cast<int>(sizeof(typename V::T)))
+    V::prefetch(run + v);
+}
+
 // A row's finished sums (NV vectors and an optional masked tail) go to the partial sums between
 // column blocks (to_part: all lanes, the padded ones are never stored to y), or to y: lanes
 // contiguous (y_t == 1), or transposed through buf, whose rows from `group` on are stored as
@@ -115,10 +123,7 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
     for (; j + U <= j1; j += U) {
       if (kPrefetch<V, NT>)
         for (int u = 0; u < U; ++u)
-          if (j + u + kPrefetchTaps < pf_end) {
-            const T* next = x + static_cast<int64_t>(idx[j + u + kPrefetchTaps]) * ld;
-            for (int v = 0; v < NT * W; v += 64 / static_cast<int>(sizeof(T))) V::prefetch(next + v);
-          }
+          if (j + u + kPrefetchTaps < pf_end) request_run<V, NT>(x, idx, j + u + kPrefetchTaps, ld);
       for (int u = 0; u < U; ++u) {
         const T* xp = x + static_cast<int64_t>(idx[j + u]) * ld;
         const R w = V::set1(vals[j + u]);
@@ -240,10 +245,7 @@ void backward_rows(const typename V::T* __restrict g, const typename V::T* __res
     for (; j + 4 <= j1; j += 4) {
       if (kPrefetch<V, NT>)
         for (int t = 0; t < 4; ++t)
-          if (j + t + kPrefetchTaps < pf_end) {
-            const T* next = g + static_cast<int64_t>(idx[j + t + kPrefetchTaps]) * ld;
-            for (int v = 0; v < NT * W; v += 64 / static_cast<int>(sizeof(T))) V::prefetch(next + v);
-          }
+          if (j + t + kPrefetchTaps < pf_end) request_run<V, NT>(g, idx, j + t + kPrefetchTaps, ld);
       R d[4];
       for (int t = 0; t < 4; ++t) {
         const T* gp = g + static_cast<int64_t>(idx[j + t]) * ld;

@@ -443,8 +443,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
     pack_tiles_into<T>(xt, I, I, t, packed);
     xt = packed;
   }
+  const at::Tensor cvals = need_dx ? in_column_order<T>(values, cperm) : at::Tensor();
   if (need_dw && need_dx && B > 0) {
-    const at::Tensor cvals = in_column_order<T>(values, cperm);
     at::Tensor dwc = at::zeros({values.numel()}, values.options());
     dx = linear_backward_fused<T>(dyt, xt, I, K, cptr, crow, cvals, t, dwc, dy.options());
     dw = at::empty_like(dwc);
@@ -457,11 +457,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
                       dw.mutable_data_ptr<T>(), 0, 0, false},
                      t, K, column_blocks<T>(ptr, idx, I, t));
   }
-  if (need_dx && !dx.defined()) {
-    const at::Tensor cvals = in_column_order<T>(values, cperm);
-    dx = gather_tiles<T>(dyt, K, cptr, crow, cvals.const_data_ptr<T>(),
-                         nullptr, t, dy.options());
-  }
+  if (need_dx && !dx.defined())
+    dx = gather_tiles<T>(dyt, K, cptr, crow, cvals.const_data_ptr<T>(), nullptr, t, dy.options());
   if (need_db) db = at::sum(dy, {0});
   return {dx, dw, db};
 }
