@@ -331,6 +331,53 @@ def test_conv2d_direct_path_on_two_threads(variant, batch, dtype, request):
                             rtol=RTOL if dtype == torch.float32 else 1e-12)
 
 
+GROUPED_CASES = [  # (stride, width, threads, dtype, x_grad, w_grad, b_grad)
+    (1, 12, 1, torch.float32, True, True, True),
+    (1, 12, 2, torch.float32, True, True, True),
+    (1, 12, 2, torch.float64, True, True, True),
+    (1, 12, 2, torch.float32, False, True, True),  # a first layer
+    (1, 12, 1, torch.float32, True, False, False),  # frozen weights and bias
+    (2, 20, 1, torch.float64, True, True, True),
+    (2, 20, 2, torch.float32, True, True, True),
+    (2, 20, 2, torch.float32, True, False, True),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_conv2d_batch_innermost_in_groups_of_images(variant, case, request):
+    """256 input channels make the batch-innermost path (rows under 16 columns, or strided)
+    compute 20 images in several groups, the last one smaller, on any L2 size up to the 4 MiB
+    that ops.cpp's groups_of assumes at most: on one thread, and on two, each thread taking whole
+    groups and summing its own weight and bias gradients. Only the gradients asked for are
+    computed, and they equal the reference."""
+    stride, width, threads, dtype, x_grad, w_grad, b_grad = case
+    _use_threads(threads, request)
+    generator = torch.Generator().manual_seed(stride * 100 + threads)
+    layer = nn.Conv2d(256, 8, 3, stride, padding=1).to(dtype)
+    mask = random_mask(layer.weight.shape, 0.1, generator)
+    mask[1] = False  # an all-pruned output channel
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(layer, mask)
+    sparse.values.requires_grad_(w_grad)
+    sparse.bias.requires_grad_(b_grad)
+    x = torch.randn(20, 256, width, width, generator=generator, dtype=dtype)
+    x_ref, x_sp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    rtol = RTOL if dtype == torch.float32 else 1e-12
+    expected, actual = layer(x_ref), sparse(x_sp)
+    assert_close(actual, expected, rtol)
+    grad = torch.randn(expected.shape, generator=generator, dtype=dtype)
+    expected.backward(grad)
+    actual.backward(grad)
+    if x_grad:
+        assert_close(x_sp.grad, x_ref.grad, rtol)
+    if w_grad:
+        assert_close(sparse.values.grad, layer.weight.grad[mask], rtol)
+    if b_grad:
+        assert_close(sparse.bias.grad, layer.bias.grad, rtol)
+    assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
+
+
 def test_conv2d_direct_path_never_reads_past_a_row(variant):
     """A row of 20 columns ends in a vector of which 4 lanes are the row's: the other 4 read the
     next columns (here an Inf in the last input column). The taps of the kernel's first column never

@@ -4,11 +4,13 @@
 //
 // The batch is always the innermost (vector) dimension, so each kept weight is an AXPY or a dot
 // product over contiguous lanes. Linear: activations as [batch tiles][features][T lanes] (see
-// lane_tiles). Conv2d: the input packed as [C, Hp, sw, ceil(Wp / sw), N] (zero-padded, columns
-// split by stride phase, so every kept tap reads one contiguous run of Q * N lanes per output
-// row), the output computed as [K, P, Q, N] and transposed to [N, K, P, Q]. geom = [C, K, R, S, sh,
-// sw, pt, pb, pl, pr, dh, dw, groups]. Threads split the rows (output or input channels) into
-// ranges of equal work, with no synchronisation inside a range. See docs/kernels.md.
+// lane_tiles). Conv2d: directly on NCHW planes (stride 1, rows of 16 columns or more), else the
+// batch in groups of n images, each group's input packed as [C, Hp, sw, ceil(Wp / sw), n]
+// (zero-padded, columns split by stride phase, so every kept tap reads one contiguous run of
+// Q * n lanes per output row), its output computed as [K, P, Q, n] and transposed to
+// [n, K, P, Q]. geom = [C, K, R, S, sh, sw, pt, pb, pl, pr, dh, dw, groups]. Threads split the
+// rows (output or input channels) into ranges of equal work, with no synchronisation inside a
+// range, or take whole images or groups. See docs/kernels.md.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,6 +25,7 @@
 #include <algorithm>
 #include <limits>
 #include <memory>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -574,20 +577,17 @@ void pack_margins(const T* src, int64_t N, int64_t C, int64_t H, int64_t W, int6
   });
 }
 
-// The input [N, C, H, W] packed as [C, Hp, sw, Wj, N]: zero-padded, columns split by stride phase.
+// The images of src [N, C, H, W] (g.N of them, the next image C * H * W elements on) packed into
+// dst as [C, Hp, sw, Wj, N]: zero-padded, columns split by stride phase.
 template <class T>
-at::Tensor pack_input(const at::Tensor& x, const Geom& g) {
-  const at::Tensor xc = x.contiguous();
-  const T* src = xc.const_data_ptr<T>();
+void pack_group(const T* src, const Geom& g, T* dst) {
   if (g.sw == 1) {
-    at::Tensor out = at::empty({g.C * g.plane()}, x.options());
-    pack_margins<T>(src, g.N, g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr, out.mutable_data_ptr<T>());
-    return out;
+    pack_margins<T>(src, g.N, g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr, dst);
+    return;
   }
-  at::Tensor out = at::zeros({g.C * g.plane()}, x.options());
-  T* dst = out.mutable_data_ptr<T>();
   const int64_t chw = g.C * g.H * g.W;
   at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+    std::fill(dst + c0 * g.plane(), dst + c1 * g.plane(), T(0));
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t h = 0; h < g.H; ++h)
         for (int64_t w = 0; w < g.W; ++w) {
@@ -598,7 +598,6 @@ at::Tensor pack_input(const at::Tensor& x, const Geom& g) {
           for (int64_t n = 0; n < g.N; ++n) d[n] = s[n * chw];
         }
   });
-  return out;
 }
 
 // at(c, r, s) for each kept tap j of each output channel (taps = (c_in_group * R + r) * S + s,
@@ -644,9 +643,13 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
 // with their zero margins into a buffer of the thread's own (one image's activations, kept in the
 // core's L2 cache while every output channel reads it), and an output row is a run of Q
 // contiguous columns, so neither the input nor the output changes layout and threads split the
-// batch. The batch-innermost path spends four passes over memory on layouts, more than the
+// batch. The batch-innermost path spent four passes over memory on layouts, more than the
 // arithmetic of a 98%-sparse layer: 64 -> 64 channels at 32 x 32, batch 32, one thread, forward
-// + backward 24.2 ms there, 7.6 ms here (SparseProp 16.5-20.1 ms). Rows narrower than 16
+// + backward 24.2 ms there, 7.6 ms here (SparseProp 16.5-20.1 ms). Computing it in groups of
+// images (see groups_of) narrowed the gap, not closed it: forward + backward in one process,
+// the two paths alternating call by call, batch 32, the grouped path took 1.4-2.0x the direct
+// path's time at 64 -> 64 on 32 x 32 (90-98%) and 1.03-1.12x at 128 -> 128 on 16 x 16 (95%),
+// one and two threads. Rows narrower than 16
 // columns fill their vectors poorly and give the weight gradient short dot products: at 10 x 10
 // and 12 x 12 (80%, forward + backward) this path took 36 and 11 ms against 21 and 9 ms batch
 // innermost; at 16 x 16 it was faster (43 against 51 ms, 128 channels). Strided convolutions,
@@ -765,6 +768,122 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
   return {dx, dw, db};
 }
 
+// ---- Conv2d: batch innermost, in groups of images --------------------------------------------------
+// The batch-innermost path computes the batch in groups of images. A group's packed input, which
+// every output row's taps read, stays in the core's L2 cache, and one group's pack, gather and
+// unpack (backward: pack of the output gradient, weight gradient, input gradient, unpack) run one
+// after the other while their buffers are in cache: the whole batch's layouts were written to
+// memory and read back, four passes over memory per layer that cost more than the arithmetic of
+// a 95-98%-sparse layer. Threads take whole groups where there are at least as many groups as
+// threads, else share each group's rows.
+// Measured (256 -> 256 at 8 x 8, 98%, batch 32, one thread, one process, pack + gather + unpack
+// for 32 images in groups of 2, 4, 8, 16 and 32): 3.5, 2.8, 1.9, 2.6 and 3.3 ms. Below a whole
+// tile of 64 lanes (8 images of 8 columns) the gather's rows fill few vectors; above the L2
+// cache the packed input streams from L3. The weight gradient sums a channel's P output rows as
+// the segments of one chunk (SddmmArgs::S): one horizontal reduction per eight taps over all the
+// group's lanes, not per output row (its weight gradient took 1.8-2.0 ms that way, 3.6-3.9 ms
+// with each output row a pass). The same layer's forward + backward, alternating processes, the
+// whole batch at once against groups of 8: 11.6-11.8 against 7.4-8.6 ms on one thread, 6.6-7.7
+// against 4.3-4.5 ms on two; at 95% and 80%, two threads, 9.6-10.1 against 7.5-8.0 ms and
+// 27.8-31.8 against 24.9-27.9 ms.
+constexpr int64_t kGroupLanes = 64;
+
+struct Groups {
+  Geom g;
+  int64_t nb, count;
+  int64_t first(int64_t i) const { return i * nb; }
+  Geom geom(int64_t i) const {
+    Geom s = g;
+    s.N = std::min(nb, g.N - first(i));
+    return s;
+  }
+  bool ragged() const { return count > 1 && g.N % nb != 0; }
+  int64_t packed_image() const { return g.C * g.Hp * g.sw * g.Wj; }  // one image's packed input
+};
+
+// At least one whole tile of lanes (Q * nb >= kGroupLanes), more while the group's packed input
+// fits the slab (slab_bytes), in whole vectors of 8 lanes (Q * nb a multiple of 8); the forward
+// and the backward of one layer always agree (the saved input is packed group by group).
+template <class T>
+Groups groups_of(const Geom& g) {
+  const int64_t image = g.C * g.Hp * g.sw * g.Wj * static_cast<int64_t>(sizeof(T));
+  int64_t nb = std::max((kGroupLanes + g.Q - 1) / g.Q, slab_bytes() / std::max<int64_t>(image, 1));
+  const int64_t step = 8 / std::gcd<int64_t>(g.Q, 8);
+  nb = std::clamp<int64_t>((nb + step - 1) / step * step, 1, std::max<int64_t>(g.N, 1));
+  return {g, nb, (g.N + nb - 1) / nb};
+}
+
+// Per group size (tap offsets depend on the images in a group): the groups' common size and the
+// last group's where it differs.
+template <class V>
+struct PerSize {
+  V full, last;
+  bool ragged;
+  const V& of(const Groups& gr, int64_t i) const {
+    return ragged && i + 1 == gr.count ? last : full;
+  }
+};
+
+template <class F>
+auto per_size(const Groups& gr, const F& make) -> PerSize<decltype(make(gr.g))> {
+  using V = decltype(make(gr.g));
+  if (gr.count == 0) return {V{}, V{}, false};
+  return {make(gr.geom(0)), gr.ragged() ? make(gr.geom(gr.count - 1)) : V{}, gr.ragged()};
+}
+
+// Threads over whole groups where there are at least as many groups as threads and the call is
+// worth a second thread, else one chunk (each group's kernels then share out its rows).
+int64_t group_chunks(const Groups& gr, int64_t work) {
+  const int64_t threads = at::get_num_threads();
+  return work >= kSerialWork && threads > 1 && gr.count >= threads ? threads : 1;
+}
+
+// body(group, chunk) for every group, chunk by chunk (one thread each).
+template <class F>
+void run_groups(const Groups& gr, int64_t chunks, const F& body) {
+  const auto range = [&](int64_t c) {
+    for (int64_t i = gr.count * c / chunks; i < gr.count * (c + 1) / chunks; ++i) body(i, c);
+  };
+  if (chunks == 1) {
+    range(0);  // not through parallel_for: the group's own kernels use every thread
+    return;
+  }
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) range(c);
+  });
+}
+
+template <class T>
+std::tuple<at::Tensor, at::Tensor> grouped_forward(const at::Tensor& x, const at::Tensor& values,
+                                                   const at::Tensor& bias, const at::Tensor& ptr,
+                                                   const at::Tensor& taps, const Geom& g) {
+  const Groups gr = groups_of<T>(g);
+  const auto off = per_size(gr, [&](const Geom& s) { return tap_offsets(ptr, taps, s); });
+  const at::Tensor xc = x.contiguous();
+  at::Tensor xt = at::empty({g.C * g.plane()}, x.options());
+  at::Tensor y = at::empty({g.N, g.K, g.P, g.Q}, x.options());
+  const int64_t kpq = g.K * g.P * g.Q, chw = g.C * g.H * g.W;
+  const T* src = xc.const_data_ptr<T>();
+  T* packed = xt.mutable_data_ptr<T>();
+  T* out = y.mutable_data_ptr<T>();
+  const int64_t work = values.numel() * g.P * g.L();
+  run_groups(gr, group_chunks(gr, work), [&](int64_t i, int64_t) {
+    const Geom s = gr.geom(i);
+    T* xs = packed + gr.first(i) * gr.packed_image();
+    pack_group<T>(src + gr.first(i) * chw, s, xs);
+    T* ys = scratch<T>(kOutSlot, s.K * s.P * s.L());
+    const ps::GatherArgs<T> a{xs, s.sh * s.row(), ys, s.P * s.L(), s.L(),
+                              ptr.const_data_ptr<int64_t>(), off.of(gr, i).data(), 1,
+                              values.const_data_ptr<T>(),
+                              bias.defined() ? bias.const_data_ptr<T>() : nullptr, s.P, s.L()};
+    parallel_rows(a.ptr, s.K, s.P * s.L(), [&](int64_t r0, int64_t r1) {
+      kernels<T>().gather(a, r0, r1);
+    });
+    transpose2d<T>(ys, s.N, out + gr.first(i) * kpq, kpq, kpq, s.N);
+  });
+  return {y, xt};
+}
+
 template <class T>
 std::tuple<at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const at::Tensor& values,
                                                      const std::optional<at::Tensor>& bias,
@@ -772,84 +891,141 @@ std::tuple<at::Tensor, at::Tensor> conv_forward_impl(const at::Tensor& x, const 
                                                      const at::Tensor& taps,
                                                      at::IntArrayRef geom) {
   const Geom g = make_geom(x.sizes(), geom);
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   if (direct_conv(g)) {
     const at::Tensor xc = x.contiguous();
-    return {direct_forward<T>(xc, values, bias.has_value() ? bias->contiguous() : at::Tensor(),
-                              ptr, taps, g),
-            xc};
+    return {direct_forward<T>(xc, values, b, ptr, taps, g), xc};
   }
-  at::Tensor xt = pack_input<T>(x, g);
-  const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
-  T* yt = scratch<T>(kOutSlot, g.K * g.P * g.L());
-  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  ps::GatherArgs<T> a{xt.const_data_ptr<T>(), g.sh * g.row(), yt,
-                      g.P * g.L(), g.L(), ptr.const_data_ptr<int64_t>(), off.data(), 1,
-                      values.const_data_ptr<T>(), b.defined() ? b.const_data_ptr<T>() : nullptr,
-                      g.P, g.L()};
-  if (g.L() > 0)
-    parallel_rows(a.ptr, g.K, g.P * g.L(), [&](int64_t r0, int64_t r1) {
-      kernels<T>().gather(a, r0, r1);
-    });
-  return {unpack_rows<T>(yt, x.options(), {g.N, g.K, g.P, g.Q}), xt};
+  return grouped_forward<T>(x, values, b, ptr, taps, g);
 }
 
-// Input gradient of a stride-1 convolution: the forward gather over the transposed structure
-// (rows = input channels, taps flipped), reading the output gradient packed with zero margins.
+// One group's input gradient, stride 1: the forward gather over the transposed structure (rows =
+// input channels, taps flipped), reading the output gradient packed with zero margins, unpacked
+// into dx (the group's first image).
 template <class T>
-at::Tensor input_grad_gather(const T* dyb, const Geom& g, const Padded& e,
-                             const at::Tensor& values, const at::Tensor& taps,
-                             const at::Tensor& cptr, const at::Tensor& cperm,
-                             const at::Tensor& crow, const at::TensorOptions& options) {
-  const std::vector<int32_t> off = flipped_offsets(taps, cperm, crow, g, e, g.N);
-  const int64_t lanes = g.W * g.N;
-  T* dxt = scratch<T>(kGradInSlot, g.C * g.H * lanes);
-  const at::Tensor cvals = in_column_order<T>(values, cperm);
-  ps::GatherArgs<T> a{dyb, e.cols() * g.N, dxt, g.H * lanes, lanes,
-                      cptr.const_data_ptr<int64_t>(), off.data(), 1,
-                      cvals.const_data_ptr<T>(), nullptr, g.H, lanes};
-  if (lanes > 0)
-    parallel_rows(a.ptr, g.C, g.H * lanes, [&](int64_t r0, int64_t r1) {
-      kernels<T>().gather(a, r0, r1);
-    });
-  return unpack_rows<T>(dxt, options, {g.N, g.C, g.H, g.W});
+void input_grad_gather(const T* dyb, const Geom& s, const Padded& e, const int32_t* off,
+                       const T* cvals, const int64_t* cptr, T* dx) {
+  const int64_t lanes = s.W * s.N, chw = s.C * s.H * s.W;
+  T* dxt = scratch<T>(kGradInSlot, s.C * s.H * lanes);
+  const ps::GatherArgs<T> a{dyb, e.cols() * s.N, dxt, s.H * lanes, lanes, cptr, off, 1, cvals,
+                            nullptr, s.H, lanes};
+  parallel_rows(cptr, s.C, s.H * lanes, [&](int64_t r0, int64_t r1) {
+    kernels<T>().gather(a, r0, r1);
+  });
+  transpose2d<T>(dxt, s.N, dx, chw, chw, s.N);
 }
 
-// Input gradient of a strided convolution: scatter into the phase-split packed layout, unpack.
-template <class T>
-at::Tensor input_grad_scatter(const T* dyb, const Geom& g, const at::Tensor& values,
-                              const at::Tensor& ptr, const at::Tensor& taps,
-                              const at::Tensor& cptr, const at::Tensor& cperm,
-                              const at::Tensor& crow, const at::TensorOptions& options) {
-  const std::vector<int32_t> fwd = tap_offsets(ptr, taps, g);
+// The scatter's source (output gradient) and destination (phase-split packed input) offset of
+// each tap of the transposed structure.
+struct ScatterOffsets {
+  std::vector<int32_t> src, dst;
+};
+
+ScatterOffsets scatter_offsets(const at::Tensor& ptr, const at::Tensor& taps,
+                               const at::Tensor& cperm, const at::Tensor& crow, const Geom& s) {
+  const std::vector<int32_t> fwd = tap_offsets(ptr, taps, s);
   const int32_t* perm = cperm.const_data_ptr<int32_t>();
   const int32_t* krow = crow.const_data_ptr<int32_t>();
-  std::vector<int32_t> src(taps.numel()), dst(taps.numel());
+  ScatterOffsets o{std::vector<int32_t>(taps.numel()), std::vector<int32_t>(taps.numel())};
   for (int64_t m = 0; m < taps.numel(); ++m) {
-    src[m] = static_cast<int32_t>(krow[m] * g.P * g.L());
-    dst[m] = fwd[perm[m]];
+    o.src[m] = static_cast<int32_t>(krow[m] * s.P * s.L());
+    o.dst[m] = fwd[perm[m]];
   }
-  T* dxp = scratch<T>(kGradInSlot, g.C * g.plane());
-  std::fill(dxp, dxp + g.C * g.plane(), T(0));
-  ps::ScatterArgs<T> a{dyb, g.L(), dxp, g.sh * g.row(), cptr.const_data_ptr<int64_t>(),
-                       src.data(), dst.data(), values.const_data_ptr<T>(), perm, g.P, g.L()};
-  parallel_rows(a.ptr, g.C, g.P * g.L(), [&](int64_t r0, int64_t r1) {
+  return o;
+}
+
+// One group's input gradient, strided: scatter into the phase-split packed layout, unpacked into
+// dx (the group's first image).
+template <class T>
+void input_grad_scatter(const T* dyb, const Geom& s, const ScatterOffsets& o,
+                        const at::Tensor& values, const at::Tensor& cptr,
+                        const at::Tensor& cperm, T* dx) {
+  T* dxp = scratch<T>(kGradInSlot, s.C * s.plane());
+  std::fill(dxp, dxp + s.C * s.plane(), T(0));
+  const ps::ScatterArgs<T> a{dyb, s.L(), dxp, s.sh * s.row(), cptr.const_data_ptr<int64_t>(),
+                             o.src.data(), o.dst.data(), values.const_data_ptr<T>(),
+                             cperm.const_data_ptr<int32_t>(), s.P, s.L()};
+  parallel_rows(a.ptr, s.C, s.P * s.L(), [&](int64_t r0, int64_t r1) {
     kernels<T>().scatter(a, r0, r1);
   });
-  at::Tensor dx = at::empty({g.N, g.C, g.H, g.W}, options);
-  T* out = dx.mutable_data_ptr<T>();
-  const int64_t chw = g.C * g.H * g.W;
-  at::parallel_for(0, g.C, 1, [&](int64_t c0, int64_t c1) {
+  const int64_t chw = s.C * s.H * s.W;
+  at::parallel_for(0, s.C, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
-      for (int64_t h = 0; h < g.H; ++h)
-        for (int64_t w = 0; w < g.W; ++w) {
-          const int64_t col = w + g.pl;
-          const T* s = dxp + c * g.plane() + (h + g.pt) * g.row() + (col % g.sw) * g.phase() +
-                       (col / g.sw) * g.N;
-          T* d = out + (c * g.H + h) * g.W + w;
-          for (int64_t n = 0; n < g.N; ++n) d[n * chw] = s[n];
+      for (int64_t h = 0; h < s.H; ++h)
+        for (int64_t w = 0; w < s.W; ++w) {
+          const int64_t col = w + s.pl;
+          const T* src = dxp + c * s.plane() + (h + s.pt) * s.row() + (col % s.sw) * s.phase() +
+                         (col / s.sw) * s.N;
+          T* d = dx + (c * s.H + h) * s.W + w;
+          for (int64_t n = 0; n < s.N; ++n) d[n * chw] = src[n];
         }
   });
-  return dx;
+}
+
+// Group by group (as the forward packed the saved input): the output gradient packed (with zero
+// margins where the input gradient gathers), the weight gradient's sampled products and the bias
+// gradient's plane sums added into the chunk's own partial sums, the input gradient unpacked into
+// dx.
+template <class T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_backward(
+    const at::Tensor& dyc, const at::Tensor& xt, const Geom& g, const at::Tensor& values,
+    const at::Tensor& ptr, const at::Tensor& taps, const at::Tensor& cptr,
+    const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
+  const Groups gr = groups_of<T>(g);
+  const bool gather_dx = need_dx && g.sh == 1 && g.sw == 1;
+  const Padded e = gradient_planes(g, gather_dx);
+  const auto dw_off = per_size(gr, [&](const Geom& s) {
+    return need_dw ? tap_offsets(ptr, taps, s) : std::vector<int32_t>();
+  });
+  const auto flipped = per_size(gr, [&](const Geom& s) {
+    return gather_dx ? flipped_offsets(taps, cperm, crow, s, e, s.N) : std::vector<int32_t>();
+  });
+  const auto scattered = per_size(gr, [&](const Geom& s) {
+    return need_dx && !gather_dx ? scatter_offsets(ptr, taps, cperm, crow, s) : ScatterOffsets{};
+  });
+  const at::Tensor cvals = gather_dx ? in_column_order<T>(values, cperm) : at::Tensor();
+  const int64_t work = values.numel() * g.P * g.L() * (need_dx + need_dw);
+  const int64_t chunks = group_chunks(gr, work);
+  const int64_t nw = need_dw ? values.numel() : 0, nbias = need_db ? g.K : 0;
+  at::Tensor partial = at::zeros({chunks, nw + nbias}, values.options());  // per chunk: dw, db
+  at::Tensor dx = need_dx ? at::empty({g.N, g.C, g.H, g.W}, dyc.options()) : at::Tensor();
+  const int64_t kpq = g.K * g.P * g.Q, chw = g.C * g.H * g.W;
+  const T* dy = dyc.const_data_ptr<T>();
+  run_groups(gr, chunks, [&](int64_t i, int64_t c) {
+    const Geom s = gr.geom(i);
+    const int64_t Qb = e.cols();
+    T* dyb = scratch<T>(kGradSlot, s.K * e.plane() * s.N);
+    pack_margins<T>(dy + gr.first(i) * kpq, s.N, s.K, s.P, s.Q, e.top, e.bottom, e.left,
+                    e.right, dyb);
+    T* sums = partial.mutable_data_ptr<T>() + c * (nw + nbias);
+    if (need_dw) {
+      const ps::SddmmArgs<T> a{dyb + (e.top * Qb + e.left) * s.N, e.plane() * s.N, 0, Qb * s.N,
+                               xt.const_data_ptr<T>() + gr.first(i) * gr.packed_image(), 0,
+                               s.sh * s.row(), s.P, ptr.const_data_ptr<int64_t>(),
+                               dw_off.of(gr, i).data(), 1, sums, 1, s.L(), true};
+      parallel_rows(a.ptr, s.K, s.P * s.L(), [&](int64_t r0, int64_t r1) {
+        kernels<T>().sddmm_long(a, r0, r1);
+      });
+    }
+    if (need_db) {  // the packed gradient's margins are zero: a channel's sum is one plane's
+      const at::Tensor planes = at::sum(at::from_blob(dyb, {s.K, e.plane() * s.N}, dyc.options()),
+                                        {1});
+      const T* p = planes.const_data_ptr<T>();
+      for (int64_t k = 0; k < s.K; ++k) sums[nw + k] += p[k];
+    }
+    if (gather_dx)
+      input_grad_gather<T>(dyb, s, e, flipped.of(gr, i).data(), cvals.const_data_ptr<T>(),
+                           cptr.const_data_ptr<int64_t>(),
+                           dx.mutable_data_ptr<T>() + gr.first(i) * chw);
+    else if (need_dx)
+      input_grad_scatter<T>(dyb, s, scattered.of(gr, i), values, cptr, cperm,
+                            dx.mutable_data_ptr<T>() + gr.first(i) * chw);
+  });
+  const at::Tensor total = chunks == 1 ? partial[0] : partial.sum(0);
+  at::Tensor dw, db;
+  if (need_dw) dw = total.narrow(0, 0, nw);
+  if (need_db) db = total.narrow(0, nw, nbias);
+  return {dx, dw, db};
 }
 
 template <class T>
@@ -868,37 +1044,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv_backward_impl(
                               need_dx, need_dw, need_db);
   }
   TORCH_CHECK(xt.numel() == g.C * g.plane(), "the saved input does not fit the geometry");
-  // zero margins around the output gradient let the stride-1 input gradient read every tap
-  const bool gather_dx = need_dx && g.sh == 1 && g.sw == 1;
-  const Padded e = gradient_planes(g, gather_dx);
-  const int64_t Qb = e.cols();
-  const at::Tensor dyc = dy.contiguous();
-  T* dyb = scratch<T>(kGradSlot, g.K * e.plane() * g.N);
-  pack_margins<T>(dyc.const_data_ptr<T>(), g.N, g.K, g.P, g.Q, e.top, e.bottom, e.left, e.right,
-                  dyb);
-  at::Tensor dx, dw, db;
-  if (need_dw) {
-    dw = at::empty({values.numel()}, values.options());
-    const std::vector<int32_t> off = tap_offsets(ptr, taps, g);
-    ps::SddmmArgs<T> a{dyb + (e.top * Qb + e.left) * g.N, e.plane() * g.N, Qb * g.N, 0,
-                       xt.const_data_ptr<T>(), g.sh * g.row(), 0, 1, ptr.const_data_ptr<int64_t>(),
-                       off.data(), 1, dw.mutable_data_ptr<T>(), g.P, g.L(), false};
-    if (g.L() > 0) {
-      parallel_rows(a.ptr, g.K, g.P * g.L(), [&](int64_t r0, int64_t r1) {
-        kernels<T>().sddmm_long(a, r0, r1);
-      });
-    } else {
-      dw.zero_();
-    }
-  }
-  if (need_dx)
-    dx = gather_dx ? input_grad_gather<T>(dyb, g, e, values, taps, cptr, cperm, crow,
-                                          dy.options())
-                   : input_grad_scatter<T>(dyb, g, values, ptr, taps, cptr, cperm, crow,
-                                           dy.options());
-  // the packed gradient's margins are zero: each output channel's sum is one contiguous plane
-  if (need_db) db = at::sum(at::from_blob(dyb, {g.K, e.plane() * g.N}, dy.options()), {1});
-  return {dx, dw, db};
+  return grouped_backward<T>(dy.contiguous(), xt, g, values, ptr, taps, cptr, cperm, crow,
+                             need_dx, need_dw, need_db);
 }
 
 // The sparse kernels' dtypes.
