@@ -532,12 +532,15 @@ std::vector<int32_t> flipped_offsets(const at::Tensor& taps, const at::Tensor& c
   const int32_t* t = taps.const_data_ptr<int32_t>();
   const int32_t* perm = cperm.const_data_ptr<int32_t>();
   const int32_t* krow = crow.const_data_ptr<int32_t>();
+  std::vector<int64_t> in_plane;  // by tap index (see tap_offsets: no division per tap)
+  in_plane.reserve(g.cg() * g.R * g.S);
+  for (int64_t c = 0; c < g.cg(); ++c)
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s)
+        in_plane.push_back((e.top + g.pt - r * g.dh) * e.cols() + e.left + g.pl - s * g.dw);
   std::vector<int32_t> off(taps.numel());
-  for (int64_t m = 0; m < taps.numel(); ++m) {
-    const int64_t tap = t[perm[m]], r = (tap / g.S) % g.R, s = tap % g.S;
-    off[m] = static_cast<int32_t>((krow[m] * e.plane() + (e.top + g.pt - r * g.dh) * e.cols() +
-                                   e.left + g.pl - s * g.dw) * n);
-  }
+  for (int64_t m = 0; m < taps.numel(); ++m)
+    off[m] = static_cast<int32_t>((krow[m] * e.plane() + in_plane[t[perm[m]]]) * n);
   return off;
 }
 
@@ -601,19 +604,23 @@ void pack_group(const T* src, const Geom& g, T* dst) {
 }
 
 // at(c, r, s) for each kept tap j of each output channel (taps = (c_in_group * R + r) * S + s,
-// c the input channel): the tap's offset in a layout of the input.
+// c the input channel): the tap's offset in a layout of the input, looked up in a table over
+// every (c, r, s). Splitting each tap index by the runtime R and S took four integer divisions a
+// tap: 93 us per call for the 11.8k taps of 256 -> 256 (3 x 3) at 98%, 4% of its forward.
 template <class F>
 std::vector<int32_t> tap_offsets(const at::Tensor& ptr, const at::Tensor& taps, const Geom& g,
                                  const F& at) {
   const int64_t* p = ptr.const_data_ptr<int64_t>();
   const int32_t* t = taps.const_data_ptr<int32_t>();
+  std::vector<int64_t> table;
+  table.reserve(g.C * g.R * g.S);
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s) table.push_back(at(c, r, s));
   std::vector<int32_t> off(taps.numel());
   for (int64_t k = 0; k < g.K; ++k) {
-    const int64_t c0 = (k / g.kg()) * g.cg();
-    for (int64_t j = p[k]; j < p[k + 1]; ++j) {
-      const int64_t c = c0 + t[j] / (g.R * g.S), r = (t[j] / g.S) % g.R, s = t[j] % g.S;
-      off[j] = static_cast<int32_t>(at(c, r, s));
-    }
+    const int64_t* group = table.data() + (k / g.kg()) * g.cg() * g.R * g.S;
+    for (int64_t j = p[k]; j < p[k + 1]; ++j) off[j] = static_cast<int32_t>(group[t[j]]);
   }
   return off;
 }
