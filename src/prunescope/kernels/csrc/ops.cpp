@@ -655,7 +655,7 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
 // + backward 24.2 ms there, 7.6 ms here (SparseProp 16.5-20.1 ms). Computing it in groups of
 // images (see groups_of) narrowed the gap, not closed it: forward + backward in one process,
 // the two paths alternating call by call, batch 32, the grouped path took 1.4-2.0x the direct
-// path's time at 64 -> 64 on 32 x 32 (90-98%) and 1.03-1.12x at 128 -> 128 on 16 x 16 (95%),
+// path's time at 64 -> 64 on 32 x 32 (90-98%) and 1.08-1.12x at 128 -> 128 on 16 x 16 (95%),
 // one and two threads. Rows narrower than 16
 // columns fill their vectors poorly and give the weight gradient short dot products: at 10 x 10
 // and 12 x 12 (80%, forward + backward) this path took 36 and 11 ms against 21 and 9 ms batch
