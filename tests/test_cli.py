@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import subprocess
@@ -22,6 +23,7 @@ from prunescope.criteria import CRITERIA
 from prunescope.errors import ConfigError
 from prunescope.mask import Mask
 from prunescope.schedules import SCHEDULES
+from prunescope.train import TrainConfig
 
 RUN_FILES = ("config.yaml", "results.json", "accuracy_vs_sparsity.png")
 SUBCOMMANDS = ("demo", "run", "train", "prune", "transfer", "evaluate", "inspect", "export",
@@ -227,6 +229,28 @@ def test_prune_command_writes_mask_model_and_result(finished, tmp_path, capsys, 
     else:
         assert result["accuracy"] == result["accuracy_before_finetune"]
         assert result["finetune"] is None
+
+
+def test_prune_stage_key_leaves_out_fields_added_later_at_their_default(finished, tmp_path,
+                                                                        capsys):
+    """The prune stage is keyed as Run.key keys configs (keys.key_fields): fine-tuning fields
+    added after runs were first keyed (ADDED_LATER) stay out of the key at their default, so a
+    stage written before they existed is still reused on resume; the result records them all."""
+    out = tmp_path / "pruned"
+    args = ("prune", "--checkpoint", finished["out"] / "dense" / "model.safetensors",
+            "--sparsity", "0.8", "--out", out, "--finetune-epochs", 1, "--no-progress")
+    code, stdout, err = cli(capsys, *args)
+    assert code == 0, err
+    added_later = {f.name for f in dataclasses.fields(TrainConfig)
+                   if f.metadata.get("added_later")}
+    stage = json.loads((out / "stage.json").read_text())
+    assert added_later and not added_later & set(stage["finetune"])
+    assert stage["finetune"]["epochs"] == 1
+    first = json.loads(stdout)
+    assert added_later <= set(first["finetune"])
+    code, stdout, err = cli(capsys, *args)  # the same stage again: read back, not recomputed
+    assert code == 0, err
+    assert json.loads(stdout) == first
 
 
 def test_prune_and_evaluate_on_sparse_kernels_match_the_dense_path(finished, tmp_path, capsys,

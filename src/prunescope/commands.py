@@ -19,6 +19,7 @@ from torch import nn
 
 from prunescope import checkpoint, data, devices, stages
 from prunescope.errors import CheckpointError, ConfigError
+from prunescope.keys import key_fields
 from prunescope.mask import Mask
 from prunescope.pipeline import FINETUNE, PruneSpec, compress
 from prunescope.run import Run, Scoring, Stopwatch, Targets, registry_model, sparsity_report
@@ -143,16 +144,18 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
     spec.check(run, model, sparsity)
     fields = {"criterion": criterion, "allocation": allocation, "pattern": pattern,
               "source": str(path)}
-    key = {"source": stages.source_key(path), **asdict(spec), "sparsity": sparsity,
+    # keyed as Run.key keys configs: fields added later stay out while at their default, so a
+    # stage written before they existed is still reused on resume
+    key = {"source": stages.source_key(path), **key_fields(spec), "sparsity": sparsity,
            "bn_recalibration": bn_recalibration, "min_density": min_density, "seed": seed,
-           "finetune": asdict(finetune) if finetune else None}
+           "finetune": key_fields(finetune) if finetune else None}
 
     def compute() -> list[dict[str, Any]]:
         watch = Stopwatch(run)
         result = compress(run, model, out, spec=spec, sparsity=sparsity, start=start,
                           bn_batches=bn_recalibration, finetune=finetune, fields=fields,
                           desc="fine-tune")
-        return [{**_as_summary(result), "finetune": key["finetune"],
+        return [{**_as_summary(result), "finetune": asdict(finetune) if finetune else None,
                  "seconds": watch.seconds()}]
 
     return stages.run([out], key, compute)[0]
@@ -202,7 +205,7 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int | No
               "reinitialised": sorted(set(fresh) - set(copied)), "dataset": dataset,
               "transferred": len(copied)}
     key = {"source": stages.source_key(path), "dataset": dataset, "data_root": data_root,
-           "seed": seed, "train": asdict(config)}
+           "seed": seed, "train": key_fields(config)}  # as in prune_checkpoint
 
     def compute() -> list[dict[str, Any]]:
         watch = Stopwatch(run)
