@@ -235,7 +235,9 @@ def test_prune_stage_key_leaves_out_fields_added_later_at_their_default(finished
                                                                         capsys):
     """The prune stage is keyed as Run.key keys configs (keys.key_fields): fine-tuning fields
     added after runs were first keyed (ADDED_LATER) stay out of the key at their default, so a
-    stage written before they existed is still reused on resume; the result records them all."""
+    stage written before they existed is still reused on resume; the result records them all.
+    A stage keyed the way prunescope keyed it before (every field, at its default too) is
+    reused as well, not refused as another configuration."""
     out = tmp_path / "pruned"
     args = ("prune", "--checkpoint", finished["out"] / "dense" / "model.safetensors",
             "--sparsity", "0.8", "--out", out, "--finetune-epochs", 1, "--no-progress")
@@ -251,6 +253,12 @@ def test_prune_stage_key_leaves_out_fields_added_later_at_their_default(finished
     code, stdout, err = cli(capsys, *args)  # the same stage again: read back, not recomputed
     assert code == 0, err
     assert json.loads(stdout) == first
+    older = {**stage, "finetune": first["finetune"]}  # as prunescope keyed it before
+    (out / "stage.json").write_text(json.dumps(older))
+    code, stdout, err = cli(capsys, *args)
+    assert code == 0, err
+    assert json.loads(stdout) == first
+    assert json.loads((out / "stage.json").read_text()) == older  # left as it was
 
 
 def test_prune_and_evaluate_on_sparse_kernels_match_the_dense_path(finished, tmp_path, capsys,

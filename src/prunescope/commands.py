@@ -145,10 +145,12 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
     fields = {"criterion": criterion, "allocation": allocation, "pattern": pattern,
               "source": str(path)}
     # keyed as Run.key keys configs: fields added later stay out while at their default, so a
-    # stage written before they existed is still reused on resume
+    # stage written before they existed is still reused on resume; the alias is the key
+    # prunescope wrote before (every field, those at their default too)
     key = {"source": stages.source_key(path), **key_fields(spec), "sparsity": sparsity,
            "bn_recalibration": bn_recalibration, "min_density": min_density, "seed": seed,
            "finetune": key_fields(finetune) if finetune else None}
+    alias = {**key, "finetune": asdict(finetune) if finetune else None}
 
     def compute() -> list[dict[str, Any]]:
         watch = Stopwatch(run)
@@ -158,7 +160,7 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
         return [{**_as_summary(result), "finetune": asdict(finetune) if finetune else None,
                  "seconds": watch.seconds()}]
 
-    return stages.run([out], key, compute)[0]
+    return stages.run([out], key, compute, aliases=[alias])[0]
 
 
 def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int | None = None,
@@ -206,6 +208,7 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int | No
               "transferred": len(copied)}
     key = {"source": stages.source_key(path), "dataset": dataset, "data_root": data_root,
            "seed": seed, "train": key_fields(config)}  # as in prune_checkpoint
+    alias = {**key, "train": asdict(config)}
 
     def compute() -> list[dict[str, Any]]:
         watch = Stopwatch(run)
@@ -213,7 +216,7 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int | No
                           finetune=config, fields=fields, desc="transfer")
         return [{**_as_summary(result), "train": asdict(config), "seconds": watch.seconds()}]
 
-    return stages.run([out], key, compute)[0]
+    return stages.run([out], key, compute, aliases=[alias])[0]
 
 
 def _as_summary(result: dict[str, Any]) -> dict[str, Any]:

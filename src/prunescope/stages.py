@@ -46,25 +46,29 @@ def finished(directory: Path) -> dict[str, Any] | None:
 def check(directories: Sequence[Path], key: Mapping[str, Any]) -> None:
     """Raise the ConfigError :func:`run` would raise for this stage, writing nothing."""
     for directory in directories:
-        _compare(directory, normal(key), resumable=True)
+        _compare(directory, [normal(key)], resumable=True)
 
 
 def run(directories: Sequence[Path], key: Mapping[str, Any],
-        compute: Callable[[], Sequence[dict[str, Any]]]) -> list[dict[str, Any]]:
+        compute: Callable[[], Sequence[dict[str, Any]]], *,
+        aliases: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """The stage's results, one per directory: read back when finished with the same key, else
     computed by ``compute()`` (which returns them in the same order) and written.
 
+    ``aliases``: keys an older prunescope wrote for this same stage (a config keyed another
+    way); a directory holding one of them holds this stage, and its key file is left as it is.
     Under torchrun rank 0 alone inspects, clears and writes; the other processes wait for it
     and then read the same decision from the files (so every process runs ``compute`` or none).
     """
     key = normal(key)
+    names = [key, *(normal(alias) for alias in aliases)]
     if distributed.is_writer():
-        held = [_compare(d, key, resumable=False) for d in directories]  # all raise first
+        held = [_compare(d, names, resumable=False) for d in directories]  # all raise first
         for directory, holds_key in zip(directories, held, strict=True):
             if not holds_key:
                 write_json(directory / KEY, key)
     distributed.barrier()
-    done = [finished(d) if _stored(d) == key else None for d in directories]
+    done = [finished(d) if _stored(d) in names else None for d in directories]
     if all(result is not None for result in done):
         return done  # type: ignore[return-value]
     results = list(compute())
@@ -92,13 +96,15 @@ def _stored(directory: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _compare(directory: Path, key: dict[str, Any], *, resumable: bool) -> bool:
-    """True when ``directory`` holds this stage (finished or resumable); removes a stale
-    unfinished stage (unless only checking); raises for a finished stage of another key."""
+def _compare(directory: Path, names: Sequence[dict[str, Any]], *, resumable: bool) -> bool:
+    """True when ``directory`` holds this stage (finished or resumable) under one of its
+    ``names`` (its key first, then its aliases); removes a stale unfinished stage (unless only
+    checking); raises for a finished stage of another key."""
     if not directory.exists() or not any(directory.iterdir()):
         return False
     stored = _stored(directory)
-    if stored == key:
+    key = names[0]
+    if stored in names:
         return True
     if stored is None or (directory / RESULT).is_file():
         raise ConfigError(_refusal(directory, stored, key))
