@@ -951,14 +951,13 @@ void input_grad_gather(const T* dyb, const Geom& s, const Padded& e, const int32
 }
 
 // The scatter's source (output gradient) and destination (phase-split packed input) offset of
-// each tap of the transposed structure.
+// each tap of the transposed structure, from the forward's tap offsets `fwd` for the same group.
 struct ScatterOffsets {
   std::vector<int32_t> src, dst;
 };
 
-ScatterOffsets scatter_offsets(const at::Tensor& ptr, const at::Tensor& taps,
+ScatterOffsets scatter_offsets(const std::vector<int32_t>& fwd, const at::Tensor& taps,
                                const at::Tensor& cperm, const at::Tensor& crow, const Geom& s) {
-  const std::vector<int32_t> fwd = tap_offsets(ptr, taps, s);
   const int32_t* perm = cperm.const_data_ptr<int32_t>();
   const int32_t* krow = crow.const_data_ptr<int32_t>();
   ScatterOffsets o{std::vector<int32_t>(taps.numel()), std::vector<int32_t>(taps.numel())};
@@ -1009,14 +1008,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_backward(
   const Groups gr = groups_of<T>(g);
   const bool gather_dx = need_dx && g.sh == 1 && g.sw == 1;
   const Padded e = gradient_planes(g, gather_dx);
-  const auto dw_off = per_size(gr, [&](const Geom& s) {
-    return need_dw ? tap_offsets(ptr, taps, s) : std::vector<int32_t>();
+  const bool scatter_dx = need_dx && !gather_dx;
+  const auto fwd_off = per_size(gr, [&](const Geom& s) {  // the weight gradient's and the scatter's
+    return need_dw || scatter_dx ? tap_offsets(ptr, taps, s) : std::vector<int32_t>();
   });
   const auto flipped = per_size(gr, [&](const Geom& s) {
     return gather_dx ? flipped_offsets(taps, cperm, crow, s, e, s.N) : std::vector<int32_t>();
   });
-  const auto scattered = per_size(gr, [&](const Geom& s) {
-    return need_dx && !gather_dx ? scatter_offsets(ptr, taps, cperm, crow, s) : ScatterOffsets{};
+  const auto scattered = per_size(gr, [&](const Geom& s) {  // s: a whole group or the last one
+    return scatter_dx ? scatter_offsets(fwd_off.of(gr, s.N == gr.nb ? 0 : gr.count - 1), taps,
+                                        cperm, crow, s)
+                      : ScatterOffsets{};
   });
   const at::Tensor cvals = gather_dx ? in_column_order<T>(values, cperm) : at::Tensor();
   const int64_t work = values.numel() * g.P * g.L() * (need_dx + need_dw);
@@ -1037,7 +1039,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_backward(
       const ps::SddmmArgs<T> a{dyb + (e.top * Qb + e.left) * s.N, e.plane() * s.N, 0, Qb * s.N,
                                xt.const_data_ptr<T>() + gr.first(i) * gr.packed_image(), 0,
                                s.sh * s.row(), s.P, ptr.const_data_ptr<int64_t>(),
-                               dw_off.of(gr, i).data(), 1, sums, 1, s.L(), true};
+                               fwd_off.of(gr, i).data(), 1, sums, 1, s.L(), true};
       parallel_rows(a.ptr, s.K, s.P * s.L(), [&](int64_t r0, int64_t r1) {
         kernels<T>().sddmm_long(a, r0, r1);
       });
@@ -1052,7 +1054,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_backward(
       input_grad_gather<T>(dyb, s, e, flipped.of(gr, i).data(), cvals.const_data_ptr<T>(),
                            cptr.const_data_ptr<int64_t>(),
                            dx.mutable_data_ptr<T>() + gr.first(i) * chw);
-    else if (need_dx)
+    else if (scatter_dx)
       input_grad_scatter<T>(dyb, s, scattered.of(gr, i), values, cptr, cperm,
                             dx.mutable_data_ptr<T>() + gr.first(i) * chw);
   });
