@@ -85,6 +85,28 @@ def check_against_reference(layer: nn.Module, sparse: nn.Module, mask: torch.Ten
         assert_close(sparse.bias.grad, dense.bias.grad, rtol)
 
 
+def check_gradients_asked_for(layer: nn.Module, sparse: nn.Module, mask: torch.Tensor,
+                              x: torch.Tensor, grad: torch.Tensor, x_grad: bool, w_grad: bool,
+                              b_grad: bool, rtol: float = RTOL) -> torch.Tensor:
+    """Only the gradients asked for (input, kept weights, bias) are computed, and each equals
+    the dense layer's (its weight already masked). Returns the sparse layer's input."""
+    sparse.values.requires_grad_(w_grad)
+    sparse.bias.requires_grad_(b_grad)
+    x_ref, x_sp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
+    expected, actual = layer(x_ref), sparse(x_sp)
+    assert_close(actual, expected, rtol)
+    expected.backward(grad)
+    actual.backward(grad)
+    if x_grad:
+        assert_close(x_sp.grad, x_ref.grad, rtol)
+    if w_grad:
+        assert_close(sparse.values.grad, layer.weight.grad[mask], rtol)
+    if b_grad:
+        assert_close(sparse.bias.grad, layer.bias.grad, rtol)
+    assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
+    return x_sp
+
+
 # -- formats --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape,groups", [((5, 7), 1), ((6, 4, 3, 3), 1), ((6, 2, 3, 1), 2)])
 def test_compress_round_trip_and_transposed_structure(shape, groups):
@@ -239,21 +261,11 @@ def test_linear_computes_only_the_gradients_asked_for(variant, x_grad, w_grad, b
     with torch.no_grad():
         layer.weight.mul_(mask)
     sparse = SparseLinear.from_dense(layer, mask)
-    sparse.values.requires_grad_(w_grad)
-    sparse.bias.requires_grad_(b_grad)
     x = torch.randn(70, n_in, generator=generator)
-    x_ref, x_sp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
     grad = torch.randn(70, n_out, generator=generator)
-    layer(x_ref).backward(grad)
-    sparse(x_sp).backward(grad)
+    x_sp = check_gradients_asked_for(layer, sparse, mask, x, grad, x_grad, w_grad, b_grad)
     if x_grad:
-        assert_close(x_sp.grad, x_ref.grad)
         assert torch.all(x_sp.grad[:, 3] == 0)
-    if w_grad:
-        assert_close(sparse.values.grad, layer.weight.grad[mask])
-    if b_grad:
-        assert_close(sparse.bias.grad, layer.bias.grad)
-    assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
 
 
 # -- Conv2d ---------------------------------------------------------------------------------------
@@ -359,23 +371,11 @@ def test_conv2d_batch_innermost_in_groups_of_images(variant, case, request):
     with torch.no_grad():
         layer.weight.mul_(mask)
     sparse = SparseConv2d.from_dense(layer, mask)
-    sparse.values.requires_grad_(w_grad)
-    sparse.bias.requires_grad_(b_grad)
     x = torch.randn(21, 256, width, width, generator=generator, dtype=dtype)
-    x_ref, x_sp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
-    rtol = RTOL if dtype == torch.float32 else 1e-12
-    expected, actual = layer(x_ref), sparse(x_sp)
-    assert_close(actual, expected, rtol)
-    grad = torch.randn(expected.shape, generator=generator, dtype=dtype)
-    expected.backward(grad)
-    actual.backward(grad)
-    if x_grad:
-        assert_close(x_sp.grad, x_ref.grad, rtol)
-    if w_grad:
-        assert_close(sparse.values.grad, layer.weight.grad[mask], rtol)
-    if b_grad:
-        assert_close(sparse.bias.grad, layer.bias.grad, rtol)
-    assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
+    side = (width - 1) // stride + 1  # 3 x 3, padding 1
+    grad = torch.randn(21, 8, side, side, generator=generator, dtype=dtype)
+    check_gradients_asked_for(layer, sparse, mask, x, grad, x_grad, w_grad, b_grad,
+                              RTOL if dtype == torch.float32 else 1e-12)
 
 
 def test_conv2d_direct_path_never_reads_past_a_row(variant):
@@ -412,20 +412,9 @@ def test_conv2d_direct_path_computes_only_the_gradients_asked_for(variant, x_gra
     with torch.no_grad():
         layer.weight.mul_(mask)
     sparse = SparseConv2d.from_dense(layer, mask)
-    sparse.values.requires_grad_(w_grad)
-    sparse.bias.requires_grad_(b_grad)
     x = torch.randn(2, 3, 5, 17, generator=generator)
-    x_ref, x_sp = x.clone().requires_grad_(x_grad), x.clone().requires_grad_(x_grad)
     grad = torch.randn(2, 4, 5, 17, generator=generator)
-    layer(x_ref).backward(grad)
-    sparse(x_sp).backward(grad)
-    if x_grad:
-        assert_close(x_sp.grad, x_ref.grad)
-    if w_grad:
-        assert_close(sparse.values.grad, layer.weight.grad[mask])
-    if b_grad:
-        assert_close(sparse.bias.grad, layer.bias.grad)
-    assert (sparse.values.grad is None) != w_grad and (sparse.bias.grad is None) != b_grad
+    check_gradients_asked_for(layer, sparse, mask, x, grad, x_grad, w_grad, b_grad)
 
 
 @pytest.mark.parametrize("width", [6, 20])
