@@ -232,6 +232,21 @@ def test_linear_inference_matches_reference(variant, rows, n_in, n_out, dtype, t
                  RTOL if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_empty_batch(variant, threads, request):
+    """No rows: an empty output and input gradient, zero weight and bias gradients (the bias
+    gradient is summed while the output gradient is packed, so it must start from zero)."""
+    _use_threads(threads, request)
+    layer = nn.Linear(300, 200)
+    sparse = SparseLinear.from_dense(layer, torch.ones(200, 300, dtype=torch.bool))
+    x = torch.randn(0, 300, requires_grad=True)
+    y = sparse(x)
+    assert y.shape == (0, 200)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert not sparse.values.grad.any() and not sparse.bias.grad.any()
+
+
 def test_linear_float64_and_non_contiguous_input(variant):
     generator = torch.Generator().manual_seed(4)
     layer = nn.Linear(10, 6).double()

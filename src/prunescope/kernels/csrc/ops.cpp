@@ -216,20 +216,35 @@ Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
 }
 
 // src [B, C] (row stride srs) -> [tiles][C][T], the last tile's unused lanes zero. One parallel
-// region over (tile, block of 128 columns).
+// region over (tile, block of 128 columns). With `sums`, also sums[c] = the sum of src's column c
+// over the B rows (a Linear's bias gradient, from the output gradient while the packing has its
+// block in cache; sums must hold zeros): a work item is then one block with all its tiles, so
+// no two threads add to the same sums.
 template <class T>
-void pack_tiles_into(const T* src, int64_t srs, int64_t C, const Tiles& t, T* dst) {
-  const int64_t blocks = (C + 127) / 128;
-  at::parallel_for(0, t.count() * blocks, std::max<int64_t>(1, (1 << 16) / (128 * t.T)),
+void pack_tiles_into(const T* src, int64_t srs, int64_t C, const Tiles& t, T* dst,
+                     T* sums = nullptr) {
+  const int64_t blocks = (C + 127) / 128, per_item = sums ? t.count() : 1;
+  const int64_t items = sums ? blocks : t.count() * blocks;
+  const int64_t item_lanes = 128 * t.T * std::max<int64_t>(per_item, 1);
+  at::parallel_for(0, items, std::max<int64_t>(1, (1 << 16) / item_lanes),
                    [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i = b / blocks, c0 = (b % blocks) * 128, c1 = std::min(c0 + 128, C);
-      T* slab = dst + i * C * t.T;
-      kernels<T>().transpose(src + i * t.T * srs + c0, srs, slab + c0 * t.T, t.T, 0,
-                             t.width(i), c1 - c0);
-      if (t.width(i) < t.T)
-        for (int64_t c = c0; c < c1; ++c)
-          std::fill(slab + c * t.T + t.width(i), slab + (c + 1) * t.T, T(0));
+    for (int64_t item = b0; item < b1; ++item) {
+      const int64_t block = sums ? item : item % blocks, c0 = block * 128;
+      const int64_t c1 = std::min(c0 + 128, C);
+      const int64_t first = sums ? 0 : item / blocks;
+      for (int64_t i = first; i < first + per_item; ++i) {
+        const T* rows = src + i * t.T * srs;
+        T* slab = dst + i * C * t.T;
+        kernels<T>().transpose(rows + c0, srs, slab + c0 * t.T, t.T, 0, t.width(i), c1 - c0);
+        if (t.width(i) < t.T)
+          for (int64_t c = c0; c < c1; ++c)
+            std::fill(slab + c * t.T + t.width(i), slab + (c + 1) * t.T, T(0));
+        if (!sums) continue;
+        T tile_sums[128] = {};  // a tile's sums first, then the total: two levels of rounding
+        for (int64_t r = 0; r < t.width(i); ++r)
+          for (int64_t c = c0; c < c1; ++c) tile_sums[c - c0] += rows[r * srs + c];
+        for (int64_t c = c0; c < c1; ++c) sums[c] += tile_sums[c - c0];
+      }
     }
   });
 }
@@ -465,8 +480,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
   const Tiles t = backward_tiles(B, I, K);
   const at::Tensor dyc = dy.contiguous();
   T* dyt = scratch<T>(kGradSlot, t.count() * K * t.T);
-  pack_tiles_into<T>(dyc.const_data_ptr<T>(), K, K, t, dyt);
   at::Tensor dx, dw, db;
+  if (need_db) db = at::zeros({K}, dy.options());
+  pack_tiles_into<T>(dyc.const_data_ptr<T>(), K, K, t, dyt,
+                     need_db ? db.mutable_data_ptr<T>() : nullptr);
   const T* xt = saved.const_data_ptr<T>();
   if (need_dw && saved.dim() == 2) {  // the input as it came (see linear_train_forward_impl)
     T* packed = scratch<T>(kOutSlot, t.count() * I * t.T);
@@ -489,7 +506,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_backward_impl(
   }
   if (need_dx && !dx.defined())
     dx = gather_tiles<T>(dyt, K, cptr, crow, cvals.const_data_ptr<T>(), nullptr, t, dy.options());
-  if (need_db) db = at::sum(dy, {0});
   return {dx, dw, db};
 }
 
