@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -42,6 +43,38 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 
                 fn()
             times[name].append((time.perf_counter() - start) * 1e3 / inner)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def balanced_orders(names: list[str]) -> list[list[str]]:
+    """Orders for rounds of one call each, ``len(names) - 1`` of them (the first ``names`` itself),
+    that played one after another and over again put every name directly after every other name
+    exactly once per cycle, and never after itself. A call's speed depends on the caches the call
+    before it left (a dense layer's backward evicts much of what a sparse one reuses), so each
+    implementation must follow each other equally often: a plain rotation of three names puts the
+    second one after the first in two rounds of three, the third in one. Found by a depth-first
+    search over permutations (instant for the handful of implementations a benchmark compares)."""
+    if len(names) <= 1:
+        return [list(names)]
+    orders, used = [list(names)], set(itertools.pairwise(names))
+
+    def extend() -> bool:
+        if len(orders) == len(names) - 1:
+            return (orders[-1][-1], names[0]) not in used
+        for order in itertools.permutations(names):
+            edges = list(itertools.pairwise([orders[-1][-1], *order]))
+            if any(a == b or (a, b) in used for a, b in edges) or len(set(edges)) < len(edges):
+                continue
+            orders.append(list(order))
+            used.update(edges)
+            if extend():
+                return True
+            orders.pop()
+            used.difference_update(edges)
+        return False
+
+    if not extend():  # not reached for 2 to 6 names (checked)
+        raise ValueError(f"no balanced order of {len(names)} implementations")
+    return orders
 
 
 def machine() -> dict[str, object]:

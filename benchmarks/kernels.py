@@ -6,7 +6,8 @@ random mask with the exact count); fp32; 1 and 2 threads; the forward pass (no g
 forward + backward (input, weight and bias gradients).
 
 Noise: the implementations of a case run in interleaved rounds (one call of each per round, the
-order rotated from round to round), and every ratio (dense / prunescope, SparseProp / prunescope)
+rounds' orders balanced so that each implementation runs directly after each other one equally
+often: ``common.balanced_orders``), and every ratio (dense / prunescope, SparseProp / prunescope)
 is computed within a round, so a burst of other work slows both sides of a ratio alike; a case
 reports the median ratio and its spread (min, quartiles, max over the rounds). The FLOP-ideal
 fraction of a case is its speedup over dense divided by 1/(1 - sparsity). Each case also runs
@@ -48,7 +49,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import RESULTS, interleaved_medians, machine, markdown_table, write_json_file
+from common import (
+    RESULTS,
+    balanced_orders,
+    interleaved_medians,
+    machine,
+    markdown_table,
+    write_json_file,
+)
 from torch import nn
 
 import prunescope
@@ -184,22 +192,29 @@ def float64_reference(dense: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
     return {"y": y.detach(), "dx": xd.grad, "dw": layer.weight.grad, "db": layer.bias.grad}
 
 
-def repeats_for(seconds: float) -> int:
-    """Rounds for ~0.5 s per implementation and case, between 7 and 41 (odd: a true median)."""
-    return int(min(41, max(7, 0.5 / max(seconds, 1e-6)))) | 1
+def repeats_for(seconds: float, implementations: int) -> int:
+    """Rounds for ~0.5 s per implementation and case, between 7 and 41, rounded up to whole
+    cycles of :func:`common.balanced_orders` (with three implementations an even count; the
+    median is then the mean of the middle two)."""
+    rounds = int(min(41, max(7, 0.5 / max(seconds, 1e-6))))
+    cycle = max(1, implementations - 1)
+    return -(-rounds // cycle) * cycle
 
 
 def interleaved_rounds(runs: dict[str, Callable], rounds: int, warmup: int = 2
                        ) -> dict[str, list[float]]:
-    """Ms of one call of each function per round; the order rotates from round to round (round
-    r starts with the r-th function), so no implementation always runs first or after another."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    """Ms of one call of each function per round, the rounds' orders from
+    :func:`common.balanced_orders`: each implementation runs directly after each other one
+    equally often (over whole cycles), so none is timed more often than another in the caches a
+    slower one left behind. The warm-up plays the cycle's last order, so the first timed round
+    follows it as every later cycle does."""
+    orders = balanced_orders(list(runs))
+    for _ in range(warmup):
+        for name in orders[-1]:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[:r % len(names)]:
+        for name in orders[r % len(orders)]:
             start = time.perf_counter()
             runs[name]()
             times[name].append((time.perf_counter() - start) * 1e3)
@@ -249,7 +264,7 @@ def bench_case(layer_kind, shape, batch, sparsity, threads, sparseprop, *, rule:
         runs = {impl: runner(layer, x, grad, pass_) for impl, layer in impls.items()}
         start = time.perf_counter()
         runs["dense"]()
-        times = interleaved_rounds(runs, repeats_for(time.perf_counter() - start))
+        times = interleaved_rounds(runs, repeats_for(time.perf_counter() - start, len(runs)))
         vs_dense = spread(paired_ratios(times, "dense", "prunescope"))
         record = {
             "layer": layer_kind, "shape": name, "batch": batch, "sparsity": sparsity,
