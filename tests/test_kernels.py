@@ -719,3 +719,35 @@ def test_to_sparse_leaves_unsupported_layers_dtypes_and_devices_dense():
     assert "not torch.float16 on cpu" in reasons[0] and "on meta" in reasons[1]
     assert "no sparse kernel for Conv1d.weight" in reasons[2]
 
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Linear(16, 16384), (70, 16)),  # widening: the input itself kept for backward
+    (lambda: nn.Linear(64, 64), (70, 64)),  # the input packed by the forward
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 8, 20)),  # direct path: the input itself
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (2, 3, 8, 6)),  # batch innermost: a packed copy
+])
+def test_input_changed_in_place_after_forward_is_never_a_silent_wrong_gradient(variant, make,
+                                                                              shape):
+    """Changing the layer's input in place between forward and backward either raises autograd's
+    error (where the kernels kept the input itself, as nn.Linear and nn.Conv2d do) or leaves the
+    gradients those of the input the forward saw (where they kept a packed copy); never
+    gradients of the changed input."""
+    generator = torch.Generator().manual_seed(11)
+    layer = make()
+    mask = random_mask(layer.weight.shape, 0.5, generator)
+    sparse = (SparseLinear if isinstance(layer, nn.Linear) else SparseConv2d).from_dense(layer,
+                                                                                         mask)
+    x = torch.randn(shape, generator=generator)
+    sparse(x.clone()).sum().backward()
+    expected = sparse.values.grad.clone()
+    sparse.values.grad = None
+    h = x.clone()
+    y = sparse(h)
+    h.mul_(2)
+    try:
+        y.sum().backward()
+    except RuntimeError as error:
+        assert "modified by an inplace operation" in str(error)
+        return
+    assert_close(sparse.values.grad, expected, RTOL)

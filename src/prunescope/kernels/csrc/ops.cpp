@@ -1627,10 +1627,13 @@ void refuse_double_backward() {
 
 // What both autograd nodes keep for the backward pass: the weights, the packed input the weight
 // gradient reads, and the index structure (ptr, idx, cptr, cperm, crow).
+// The input as the backward reads it goes through save_for_backward, as the values do: where the
+// kernels keep the input itself (a widening Linear, the direct convolution), changing it in
+// place before the backward raises autograd's error instead of giving the changed input's
+// gradients (a packed copy is the kernels' own and never changes).
 void save_for_kernels(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& xt,
                       std::vector<at::Tensor> structure) {
-  ctx->save_for_backward({values});
-  ctx->saved_data["xt"] = xt;
+  ctx->save_for_backward({values, xt});
   ctx->saved_data["structure"] = std::move(structure);
 }
 
@@ -1641,8 +1644,8 @@ struct SavedForKernels {
 
 SavedForKernels saved_for_kernels(AutogradContext* ctx) {
   refuse_double_backward();
-  return {ctx->get_saved_variables()[0], ctx->saved_data["xt"].toTensor(),
-          ctx->saved_data["structure"].toTensorVector()};
+  const variable_list saved = ctx->get_saved_variables();
+  return {saved[0], saved[1], ctx->saved_data["structure"].toTensorVector()};
 }
 
 // Gradients for x, values and bias, then none for the `rest` non-differentiable inputs.
