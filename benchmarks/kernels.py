@@ -193,9 +193,9 @@ def float64_reference(dense: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> 
 
 
 def repeats_for(seconds: float, implementations: int) -> int:
-    """Rounds for ~0.5 s per implementation and case, between 7 and 41, rounded up to whole
-    cycles of :func:`common.balanced_orders` (with three implementations an even count; the
-    median is then the mean of the middle two)."""
+    """Rounds for ~0.5 s per implementation and case: between 7 and 41, then rounded up to whole
+    cycles of :func:`common.balanced_orders` (with three implementations 8 to 42, an even count:
+    the median is then the mean of the middle two)."""
     rounds = int(min(41, max(7, 0.5 / max(seconds, 1e-6))))
     cycle = max(1, implementations - 1)
     return -(-rounds // cycle) * cycle
