@@ -219,8 +219,8 @@ Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
 // src [B, C] (row stride srs) -> [tiles][C][T], the last tile's unused lanes zero. One parallel
 // region over (tile, block of 128 columns). With `sums`, also sums[c] = the sum of src's column c
 // over the B rows (a Linear's bias gradient, from the output gradient while the packing has its
-// block in cache), accumulated in double: a float32 sum over all rows in order lost up to
-// 17x the accuracy of torch's own sum at 200000 rows. A work item is then one block with all its
+// block in cache): each tile's sums in T, their total in double (the tiles' float32 sums added
+// in order lost up to 17x the accuracy of torch's own sum at 200000 rows). A work item is then one block with all its
 // tiles, so no two threads write the same sums.
 template <class T>
 void pack_tiles_into(const T* src, int64_t srs, int64_t C, const Tiles& t, T* dst,
@@ -243,8 +243,10 @@ void pack_tiles_into(const T* src, int64_t srs, int64_t C, const Tiles& t, T* ds
           for (int64_t c = c0; c < c1; ++c)
             std::fill(slab + c * t.T + t.width(i), slab + (c + 1) * t.T, T(0));
         if (!sums) continue;
+        T tile[128] = {};  // a tile's sums in T (at most 64 rows), vectorised; the total in double
         for (int64_t r = 0; r < t.width(i); ++r)
-          for (int64_t c = c0; c < c1; ++c) totals[c - c0] += rows[r * srs + c];
+          for (int64_t c = c0; c < c1; ++c) tile[c - c0] += rows[r * srs + c];
+        for (int64_t c = c0; c < c1; ++c) totals[c - c0] += tile[c - c0];
       }
       if (sums)
         for (int64_t c = c0; c < c1; ++c) sums[c] = static_cast<T>(totals[c - c0]);
