@@ -220,8 +220,8 @@ Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
 // region over (tile, block of 128 columns). With `sums`, also sums[c] = the sum of src's column c
 // over the B rows (a Linear's bias gradient, from the output gradient while the packing has its
 // block in cache): each tile's sums in T, their total in double (the tiles' float32 sums added
-// in order lost up to 17x the accuracy of torch's own sum at 200000 rows). A work item is then one block with all its
-// tiles, so no two threads write the same sums.
+// in order lost up to 17x the accuracy of torch's own sum at 200000 rows). A work item is then
+// one block with all its tiles, so no two threads write the same sums.
 template <class T>
 void pack_tiles_into(const T* src, int64_t srs, int64_t C, const Tiles& t, T* dst,
                      T* sums = nullptr) {
@@ -1634,13 +1634,12 @@ void refuse_double_backward() {
               "the sparse kernels have no double backward; run with PRUNESCOPE_KERNELS=reference");
 }
 
-// What both autograd nodes keep for the backward pass: the weights, the packed input the weight
-// gradient reads, and the index structure (ptr, idx, cptr, cperm, crow).
-// The input as the backward reads it (undefined where the backward needs none) goes through
-// save_for_backward, as the values do: where the kernels keep the input itself (a widening
-// Linear, the direct convolution), changing it in place before the backward raises autograd's
-// error instead of giving the changed input's gradients (a packed copy is the kernels' own and
-// never changes).
+// What both autograd nodes keep for the backward pass: the weights, the input as the weight
+// gradient reads it (packed, or as it came; undefined where the backward needs none), and the
+// index structure (ptr, idx, cptr, cperm, crow). The input goes through save_for_backward, as the
+// values do: where the kernels keep the input itself (a widening Linear, the direct
+// convolution), changing it in place before the backward raises autograd's error instead of
+// giving the changed input's gradients (a packed copy is the kernels' own and never changes).
 void save_for_kernels(AutogradContext* ctx, const at::Tensor& values, const at::Tensor& xt,
                       std::vector<at::Tensor> structure) {
   ctx->save_for_backward({values, xt});
