@@ -233,6 +233,20 @@ def test_linear_inference_matches_reference(variant, rows, n_in, n_out, dtype, t
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+def test_linear_weights_larger_than_the_slab_budget(variant, threads, request):
+    """839k kept weights (3.4 MB, above the slab budget of any L2 up to the 4 MiB the rule
+    allows): the permutations into the transposed structure's order and back request their
+    random side ahead (ops.cpp, permute_ahead); the gradients still equal the reference."""
+    _use_threads(threads, request)
+    generator = torch.Generator().manual_seed(14)
+    layer = nn.Linear(2048, 2048)
+    mask = random_mask(layer.weight.shape, 0.2, generator)
+    sparse = SparseLinear.from_dense(layer, mask)
+    assert sparse.values.numel() * 4 > 3 << 20
+    check_against_reference(layer, sparse, mask, torch.randn(5, 2048, generator=generator))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 def test_linear_empty_batch(variant, threads, request):
     """No rows: an empty output and input gradient, zero weight and bias gradients (the bias
     gradient is summed while the output gradient is packed, so it must start from zero)."""

@@ -148,6 +148,20 @@ T* scratch(Slot slot, int64_t n) {
 // random read or write, so a thread's share is worth it from a few thousand elements on.
 constexpr int64_t kPermuteGrain = 1 << 14;
 
+// Where the permuted values are larger than the slab budget (so their random side comes from L3
+// or memory), each permutation requests the element kPermuteAhead places ahead into the cache:
+// 4096 -> 4096 at 95%, batch 64, one thread, forward + backward, one process alternating call by
+// call: 1.10x faster (quartiles of the pairs 1.06-1.14), 1.05x with cold caches, 1.04x on two
+// threads and at 98%; where they fit (1024 -> 1024, 84 KB) 0.96-1.02x, so no requests there.
+// 64 ahead against 32: 1.01-1.04x.
+constexpr int64_t kPermuteAhead = 64;
+int64_t slab_bytes();
+
+template <class T>
+bool permute_ahead(const at::Tensor& values) {
+  return values.numel() * static_cast<int64_t>(sizeof(T)) > slab_bytes();
+}
+
 // The weights in the transposed structure's order (input channel by input channel).
 template <class T>
 at::Tensor in_column_order(const at::Tensor& values, const at::Tensor& cperm) {
@@ -155,8 +169,15 @@ at::Tensor in_column_order(const at::Tensor& values, const at::Tensor& cperm) {
   const T* v = values.const_data_ptr<T>();
   const int32_t* perm = cperm.const_data_ptr<int32_t>();
   T* o = out.mutable_data_ptr<T>();
+  const bool ahead = permute_ahead<T>(values);
   at::parallel_for(0, values.numel(), kPermuteGrain, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) o[m] = v[perm[m]];
+    int64_t m = m0;
+    if (ahead)
+      for (; m + kPermuteAhead < m1; ++m) {
+        __builtin_prefetch(v + perm[m + kPermuteAhead]);
+        o[m] = v[perm[m]];
+      }
+    for (; m < m1; ++m) o[m] = v[perm[m]];
   });
   return out;
 }
@@ -168,8 +189,15 @@ void from_column_order(const at::Tensor& src, const at::Tensor& cperm, at::Tenso
   const T* s = src.const_data_ptr<T>();
   const int32_t* perm = cperm.const_data_ptr<int32_t>();
   T* d = dst.mutable_data_ptr<T>();
+  const bool ahead = permute_ahead<T>(src);
   at::parallel_for(0, src.numel(), kPermuteGrain, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) d[perm[m]] = s[m];
+    int64_t m = m0;
+    if (ahead)
+      for (; m + kPermuteAhead < m1; ++m) {
+        __builtin_prefetch(d + perm[m + kPermuteAhead], 1);  // for writing
+        d[perm[m]] = s[m];
+      }
+    for (; m < m1; ++m) d[perm[m]] = s[m];
   });
 }
 
