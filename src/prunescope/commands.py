@@ -150,15 +150,15 @@ def prune_checkpoint(path: Path, out: Path, *, criterion: str = "magnitude",
     key = {"source": stages.source_key(path), **key_fields(spec), "sparsity": sparsity,
            "bn_recalibration": bn_recalibration, "min_density": min_density, "seed": seed,
            "finetune": key_fields(finetune) if finetune else None}
-    alias = {**key, "finetune": asdict(finetune) if finetune else None}
+    recorded = asdict(finetune) if finetune else None  # every field, as the result records it
+    alias = {**key, "finetune": recorded}
 
     def compute() -> list[dict[str, Any]]:
         watch = Stopwatch(run)
         result = compress(run, model, out, spec=spec, sparsity=sparsity, start=start,
                           bn_batches=bn_recalibration, finetune=finetune, fields=fields,
                           desc="fine-tune")
-        return [{**_as_summary(result), "finetune": asdict(finetune) if finetune else None,
-                 "seconds": watch.seconds()}]
+        return [{**_as_summary(result), "finetune": recorded, "seconds": watch.seconds()}]
 
     return stages.run([out], key, compute, aliases=[alias])[0]
 
@@ -208,13 +208,14 @@ def transfer_checkpoint(path: Path, dataset: str, out: Path, *, epochs: int | No
               "transferred": len(copied)}
     key = {"source": stages.source_key(path), "dataset": dataset, "data_root": data_root,
            "seed": seed, "train": key_fields(config)}  # as in prune_checkpoint
-    alias = {**key, "train": asdict(config)}
+    recorded = asdict(config)  # every field, as the result records it
+    alias = {**key, "train": recorded}
 
     def compute() -> list[dict[str, Any]]:
         watch = Stopwatch(run)
         result = compress(run, model, out, spec=None, sparsity=None, start=mask,
                           finetune=config, fields=fields, desc="transfer")
-        return [{**_as_summary(result), "train": asdict(config), "seconds": watch.seconds()}]
+        return [{**_as_summary(result), "train": recorded, "seconds": watch.seconds()}]
 
     return stages.run([out], key, compute, aliases=[alias])[0]
 

@@ -244,6 +244,18 @@ Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
   return {B, T, B / T, B % T};
 }
 
+// Lane tile i of src [B, C] (row stride srs), columns [c0, c1), into its slab [C][T]; the lanes
+// past a narrower last tile's width are zero.
+template <class T>
+void pack_tile(const T* src, int64_t srs, const Tiles& t, int64_t i, int64_t c0, int64_t c1,
+               T* slab) {
+  kernels<T>().transpose(src + i * t.T * srs + c0, srs, slab + c0 * t.T, t.T, 0, t.width(i),
+                         c1 - c0);
+  if (t.width(i) < t.T)
+    for (int64_t c = c0; c < c1; ++c)
+      std::fill(slab + c * t.T + t.width(i), slab + (c + 1) * t.T, T(0));
+}
+
 // src [B, C] (row stride srs) -> [tiles][C][T], the last tile's unused lanes zero. One parallel
 // region over (tile, block of 128 columns). With `sums`, also sums[c] = the sum of src's column c
 // over the B rows (a Linear's bias gradient, from the output gradient while the packing has its
@@ -264,13 +276,9 @@ void pack_tiles_into(const T* src, int64_t srs, int64_t C, const Tiles& t, T* ds
       const int64_t first = sums ? 0 : item / blocks;
       double totals[128] = {};
       for (int64_t i = first; i < first + per_item; ++i) {
-        const T* rows = src + i * t.T * srs;
-        T* slab = dst + i * C * t.T;
-        kernels<T>().transpose(rows + c0, srs, slab + c0 * t.T, t.T, 0, t.width(i), c1 - c0);
-        if (t.width(i) < t.T)
-          for (int64_t c = c0; c < c1; ++c)
-            std::fill(slab + c * t.T + t.width(i), slab + (c + 1) * t.T, T(0));
+        pack_tile<T>(src, srs, t, i, c0, c1, dst + i * C * t.T);
         if (!sums) continue;
+        const T* rows = src + i * t.T * srs;
         T tile[128] = {};  // a tile's sums in T (at most 64 rows), vectorised; the total in double
         for (int64_t r = 0; r < t.width(i); ++r)
           for (int64_t c = c0; c < c1; ++c) tile[c - c0] += rows[r * srs + c];
@@ -404,7 +412,7 @@ bool tiles_shared(const Tiles& t) {
 }
 
 // y = W x + b tile by tile: each thread takes whole lane tiles, packs each into a slab (one of its
-// own, or the tile's place in `packed`, padded lanes zeroed, where the backward reads it later)
+// own, or the tile's place in `packed`, where the backward reads it later)
 // and computes every output row for it while the slab is in cache, in one parallel region.
 template <class T>
 at::Tensor tiled_forward(const at::Tensor& xc, const at::Tensor& values, const at::Tensor& b,
@@ -424,10 +432,7 @@ at::Tensor tiled_forward(const at::Tensor& xc, const at::Tensor& values, const a
     ps::GatherArgs<T> tile = a;
     for (int64_t p = p0; p < p1; ++p) {
       T* slab = packed ? packed + p * I * t.T : own.get();
-      kernels<T>().transpose(src + p * t.T * I, I, slab, t.T, 0, t.width(p), I);
-      if (packed && t.width(p) < t.T)
-        for (int64_t c = 0; c < I; ++c)
-          std::fill(slab + c * t.T + t.width(p), slab + (c + 1) * t.T, T(0));
+      pack_tile<T>(src, I, t, p, 0, I, slab);
       tile.x = slab, tile.y = out + p * t.T * K, tile.L = t.width(p);
       kernels<T>().gather(tile, 0, K);
     }
