@@ -20,14 +20,17 @@ inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // ---- gather: y = W x over the kept taps of each row ---------------------------------------------
 // Rows of up to 64 lanes written transposed (y[lane * y_t + row], rows contiguous) go through a
-// buffer of 16 rows and 8 x 8 register transposes: each lane's 16 outputs land as one 64-byte run,
-// a whole cache line, eight lanes at a time. Lanes 2^k bytes apart (1024 or 4096 features) share
-// one L1 set: with 8-row runs every line was written in two halves, likely evicted in between
-// (forward, one thread, 95-98%, in one process alternating call by call: 1024 -> 1024 at batch
-// 64-256 1.06-1.11x and 768 -> 3072 1.07x faster with 16 rows; 1000 -> 1000, 3072 -> 768 and
-// 4096 -> 4096 within 1%).
+// buffer of 64 rows and 8 x 8 register transposes: each lane's 64 outputs land as one 256-byte
+// run (four whole cache lines), eight lanes at a time. Lanes 2^k bytes apart (1024 or 4096
+// features) share one L1 set: with 8-row runs every line was written in two halves, likely
+// evicted in between (16 rows against 8: 1.06-1.11x faster forward at 1024 -> 1024, batch
+// 64-256). 64 rows against 16 (one process alternating call by call, 60 pairs, 95-98%): forward,
+// one thread, 1.12-1.15x at 1024 -> 1024 batch 64, 1.06x at batch 256, 1.08x at 768 -> 3072,
+// 1.06x at 4096 -> 4096, 1.03x at 3072 -> 768; forward + backward on two threads 1.01-1.10x,
+// with cold caches (the dense layer's step before every call) 1.03-1.05x. 128 rows (32 KiB, a
+// whole L1) against 64: 1.00-1.05x, within the noise.
 constexpr int kBufLanes = 64;
-constexpr int kBufRows = 16;
+constexpr int kBufRows = 64;
 
 // Rows in whole blocks of 8 and lanes in blocks of 8 through register transposes, the rest scalar.
 template <class V>
