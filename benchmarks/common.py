@@ -28,24 +28,32 @@ def median_ms(fn: Callable[[], object], *, repeats: int = 7, warmup: int = 2) ->
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 15,
-                        warmup: int = 2, inner: int = 1) -> dict[str, float]:
-    """Median ms per call of each function over ``repeats`` rounds (rounded up to whole cycles of
-    :func:`balanced_orders`), one timed block of ``inner`` calls of each per round: machine drift
+def interleaved_times(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 2,
+                      inner: int = 1) -> dict[str, list[float]]:
+    """Ms per call of each function in each round, one timed block of ``inner`` calls of each per
+    round; ``rounds`` is rounded up to whole cycles of :func:`balanced_orders`. Machine drift
     (other processes, frequency changes) hits every implementation alike, and each runs directly
     after each other one equally often, so none is timed more often in the caches a slower one
-    left behind. The warm-up plays the cycle's last order, as ``kernels.interleaved_rounds``."""
+    left behind. The warm-up plays the cycle's last order, so the first timed round follows it as
+    every later cycle does."""
     orders = balanced_orders(list(fns))
     for _ in range(warmup):
         for name in orders[-1]:
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for r in range(-(-repeats // len(orders)) * len(orders)):
+    for r in range(-(-rounds // len(orders)) * len(orders)):
         for name in orders[r % len(orders)]:
             start = time.perf_counter()
             for _ in range(inner):
                 fns[name]()
             times[name].append((time.perf_counter() - start) * 1e3 / inner)
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 15,
+                        warmup: int = 2, inner: int = 1) -> dict[str, float]:
+    """Median ms per call of each function over :func:`interleaved_times`' rounds."""
+    times = interleaved_times(fns, repeats, warmup=warmup, inner=inner)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

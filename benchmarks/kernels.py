@@ -51,8 +51,8 @@ from pathlib import Path
 import torch
 from common import (
     RESULTS,
-    balanced_orders,
     interleaved_medians,
+    interleaved_times,
     machine,
     markdown_table,
     write_json_file,
@@ -201,26 +201,6 @@ def repeats_for(seconds: float, implementations: int) -> int:
     return -(-rounds // cycle) * cycle
 
 
-def interleaved_rounds(runs: dict[str, Callable], rounds: int, warmup: int = 2
-                       ) -> dict[str, list[float]]:
-    """Ms of one call of each function per round, the rounds' orders from
-    :func:`common.balanced_orders`: each implementation runs directly after each other one
-    equally often (over whole cycles), so none is timed more often than another in the caches a
-    slower one left behind. The warm-up plays the cycle's last order, so the first timed round
-    follows it as every later cycle does."""
-    orders = balanced_orders(list(runs))
-    for _ in range(warmup):
-        for name in orders[-1]:
-            runs[name]()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for r in range(rounds):
-        for name in orders[r % len(orders)]:
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def spread(values: list[float]) -> dict[str, float]:
     """Median, min, quartiles and max of ``values``."""
     q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive") \
@@ -264,7 +244,7 @@ def bench_case(layer_kind, shape, batch, sparsity, threads, sparseprop, *, rule:
         runs = {impl: runner(layer, x, grad, pass_) for impl, layer in impls.items()}
         start = time.perf_counter()
         runs["dense"]()
-        times = interleaved_rounds(runs, repeats_for(time.perf_counter() - start, len(runs)))
+        times = interleaved_times(runs, repeats_for(time.perf_counter() - start, len(runs)))
         vs_dense = spread(paired_ratios(times, "dense", "prunescope"))
         record = {
             "layer": layer_kind, "shape": name, "batch": batch, "sparsity": sparsity,
