@@ -429,6 +429,37 @@ def test_conv2d_direct_path_never_reads_past_a_row(variant):
     assert_close(first_column, layer.weight.grad[..., 0])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_conv2d_direct_backward_with_an_infinite_input(variant, threads, request):
+    """Both gradients come from one pass whose products include input positions that the
+    reference never multiplies (an Inf there would make NaN of a finite sum); an image with a
+    value that is not finite gets its weight gradient the reference's way, and the batch's other
+    images keep the fused pass: the sum over both equals the reference, Infs included."""
+    _use_threads(threads, request)
+    generator = torch.Generator().manual_seed(31)
+    layer = nn.Conv2d(8, 6, 3, padding=1)
+    mask = random_mask(layer.weight.shape, 0.5, generator)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    sparse = SparseConv2d.from_dense(layer, mask)
+    x = torch.randn(4, 8, 20, 24, generator=generator)
+    x[2, 3, 0, 23] = float("inf")  # a corner: most taps never reach it
+    x_ref, x_sp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected, actual = layer(x_ref), sparse(x_sp)
+    grad = torch.randn(expected.shape, generator=generator)
+    expected.backward(grad)
+    actual.backward(grad)
+    weight_grad = formats.densify(sparse.values.grad, sparse.mask)
+    reference = torch.where(mask, layer.weight.grad, 0.0)
+    finite = torch.isfinite(reference)
+    assert finite.sum() > finite.numel() // 2 and not finite.all()
+    assert torch.equal(torch.isfinite(weight_grad), finite)
+    assert torch.equal(weight_grad[~finite], reference[~finite])  # the same signed Infs (or NaN)
+    assert_close(weight_grad[finite], reference[finite])
+    assert_close(x_sp.grad, x_ref.grad)
+    assert_close(sparse.bias.grad, layer.bias.grad)
+
+
 @pytest.mark.parametrize("x_grad,w_grad,b_grad", [(False, True, True), (True, False, True),
                                                    (True, True, False), (False, False, True)])
 def test_conv2d_direct_path_computes_only_the_gradients_asked_for(variant, x_grad, w_grad,

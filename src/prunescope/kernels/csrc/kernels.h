@@ -7,6 +7,7 @@
 // no scatters, full-width vector loads. See docs/kernels.md.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
@@ -665,6 +666,130 @@ void direct_sddmm(const DirectSddmmArgs<typename V::T>& a, int64_t k0, int64_t k
   }
 }
 
+// Both gradients of one image in one pass over the transposed structure (stride 1): the input
+// gradient as `direct` computes it (a block of RB rows x NV vectors of input channel c, over the
+// flipped taps reading the output gradient with margins), and each tap's weight gradient from the
+// same loads: the output gradient's vector a tap reads for input position (p, q) multiplies the
+// input at (p, q) (held in registers for the block), and the block's products are added into
+// the tap's own vector of partial sums. Every output gradient run is loaded once for both
+// products, and the input is read in place, without margins: positions past a row's end are
+// loaded under the mask m from both operands, so another row's values never enter a sum.
+// Returns the sum of the block's inputs times zero: NaN where one of them is not finite.
+template <class V, int NV, int RB, bool TAIL>
+typename V::R direct_backward_block(const typename V::T* __restrict g, int64_t gs,
+                           typename V::T* __restrict dx, const typename V::T* __restrict x,
+                           int64_t Q, const int32_t* __restrict off,
+                           const typename V::T* __restrict vals, int64_t j0, int64_t j1,
+                           typename V::T* __restrict dwv, typename V::M m) {
+  using R = typename V::R;
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const T* rows[RB];
+  for (int r = 0; r < RB; ++r) rows[r] = g + r * gs;
+  R xv[RB][NV], acc[RB][NV];
+  R check = V::zero();
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v) {
+      const T* xr = x + r * Q + v * W;
+      xv[r][v] = TAIL && v == NV - 1 ? V::loadm(xr, m) : V::load(xr);
+      check = V::add(check, V::mul(xv[r][v], V::zero()));
+      acc[r][v] = V::zero();
+    }
+  for (int64_t j = j0; j < j1; ++j) {
+    const int64_t o = off[j];
+    const R w = V::set1(vals[j]);
+    R sum[2] = {V::zero(), V::zero()};
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) {
+        const T* gr = rows[r] + o + v * W;
+        const R d = TAIL && v == NV - 1 ? V::loadm(gr, m) : V::load(gr);
+        acc[r][v] = V::fma(w, d, acc[r][v]);
+        sum[(r * NV + v) & 1] = V::fma(d, xv[r][v], sum[(r * NV + v) & 1]);
+      }
+    T* s = dwv + j * W;
+    V::store(s, V::add(V::load(s), V::add(sum[0], sum[1])));
+  }
+  for (int r = 0; r < RB; ++r) {
+    T* dr = dx + r * Q;
+    for (int v = 0; v < (TAIL ? NV - 1 : NV); ++v) V::store(dr + v * W, acc[r][v]);
+    if (TAIL) V::storem(dr + (NV - 1) * W, acc[r][NV - 1], m);
+  }
+  return check;
+}
+
+template <class V>
+using DirectBackwardBlock = typename V::R (*)(const typename V::T*, int64_t, typename V::T*,
+                                     const typename V::T*, int64_t, const int32_t*,
+                                     const typename V::T*, int64_t, int64_t, typename V::T*,
+                                     typename V::M);
+
+// Rows per block of the fused backward: its registers hold the block's input as well as the
+// input gradient's accumulators, so blocks are half as tall as the forward's.
+constexpr int direct_backward_rows(int nv) { return nv == 1 ? 4 : nv == 2 ? 2 : 1; }
+
+template <class V, bool TAIL>
+DirectBackwardBlock<V> pick_direct_backward_block(int nv, int rows) {
+  static constexpr DirectBackwardBlock<V> by_shape[kDirectChunk][4] = {
+      {&direct_backward_block<V, 1, 1, TAIL>, &direct_backward_block<V, 1, 2, TAIL>,
+       &direct_backward_block<V, 1, 3, TAIL>, &direct_backward_block<V, 1, 4, TAIL>},
+      {&direct_backward_block<V, 2, 1, TAIL>, &direct_backward_block<V, 2, 2, TAIL>, nullptr,
+       nullptr},
+      {&direct_backward_block<V, 3, 1, TAIL>, nullptr, nullptr, nullptr},
+      {&direct_backward_block<V, kDirectChunk, 1, TAIL>, nullptr, nullptr, nullptr}};
+  return by_shape[nv - 1][rows - 1];
+}
+
+// The fused backward reads the input in place, channel after channel at the same rows, 4 KiB or
+// more apart: each block's input lines are requested this many channels ahead.
+constexpr int64_t kDirectInputAhead = 4;
+
+// Input channels [c0, c1) of one image: a.g is the input gradient's `direct` call (a.g.x the
+// output gradient with margins, a.g.y the image's input gradient, a.g.P x a.g.Q its planes),
+// a.x the image's input planes, a.dw the taps' weight gradient in the transposed structure's
+// order (added to) unless the input holds a value that is not finite: then, since the products
+// here include the input's positions that the reference never multiplies (those whose tap
+// falls in the output gradient's zero margin: an Inf there would give NaN where the reference's
+// sum is finite), the weight gradient is left untouched and false returned, for the caller to
+// compute it the other way. a.dwv holds one vector per tap of these rows.
+template <class V>
+bool direct_backward(const DirectBackwardArgs<typename V::T>& a, int64_t c0, int64_t c1) {
+  using T = typename V::T;
+  constexpr int W = V::W;
+  const DirectArgs<T>& d = a.g;
+  const int64_t j0 = d.ptr[c0], j1 = d.ptr[c1], plane = d.P * d.Q;
+  std::fill(a.dwv + j0 * W, a.dwv + j1 * W, T(0));
+  typename V::R check = V::zero();
+  for (int64_t q0 = 0; q0 < d.Q; q0 += kDirectChunk * W) {
+    const int64_t n = min64(kDirectChunk * W, d.Q - q0);
+    const int nv = static_cast<int>((n + W - 1) / W), tail = static_cast<int>(n % W);
+    const typename V::M m = V::mask(tail);
+    const int rb = direct_backward_rows(nv);
+    for (int64_t p0 = 0; p0 < d.P; p0 += rb) {
+      const int rows = static_cast<int>(min64(rb, d.P - p0));
+      const DirectBackwardBlock<V> fn = tail ? pick_direct_backward_block<V, true>(nv, rows)
+                                             : pick_direct_backward_block<V, false>(nv, rows);
+      for (int64_t c = c0; c < c1; ++c) {
+        const int64_t at = c * plane + p0 * d.Q + q0;
+        if (c + kDirectInputAhead < c1)
+          for (int r = 0; r < rows; ++r)
+            for (int64_t i = 0; i < n; i += 64 / static_cast<int64_t>(sizeof(T)))
+              V::prefetch(a.x + at + kDirectInputAhead * plane + r * d.Q + i);
+        check = V::add(check, fn(d.x + p0 * d.xs + q0, d.xs, d.y + at, a.x + at, d.Q, d.off,
+                                 d.vals, d.ptr[c], d.ptr[c + 1], a.dwv, m));
+      }
+    }
+  }
+  if (V::hsum(check) != T(0)) return false;
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    typename V::R s[8];
+    for (int i = 0; i < 8; ++i) s[i] = V::load(a.dwv + (j + i) * W);
+    V::reduce8_add(s, a.dw + j);
+  }
+  for (; j < j1; ++j) a.dw[j] += V::hsum(V::load(a.dwv + j * W));
+  return true;
+}
+
 // ---- transpose: dst[c * drs + r] = src[r * srs + c] ------------------------------------------------
 // 8 x 8 register transposes, in blocks of up to 128 source rows swept 8 columns at a time: each
 // destination row then receives long contiguous runs while only 8 of them are written at once (the
@@ -713,7 +838,8 @@ void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_
 template <class V>
 Kernels<typename V::T> kernels() {
   return {&gather<V>, &sddmm_short<V>,  &backward<V>,   &sddmm_long<V>, &scatter<V>,
-          &direct<V>, &direct_sddmm<V>, &pad_planes<V>, &transpose<V>};
+          &direct<V>, &direct_sddmm<V>, &direct_backward<V>, &pad_planes<V>,
+          &transpose<V>};
 }
 
 }  // namespace

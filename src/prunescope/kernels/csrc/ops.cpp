@@ -131,7 +131,10 @@ void transpose2d(const T* src, int64_t srs, T* dst, int64_t drs, int64_t R, int6
 // allocated anew (a 98%-sparse 64->64 3x3 conv at 32x32, batch 32: 1430 -> 1047 minor faults
 // per forward + backward). A thread keeps one buffer per slot, as large as the largest its calls
 // needed (three times a layer's largest activation at most). Slots of one call never overlap.
-enum Slot { kOutSlot = 0, kGradSlot = 1, kGradInSlot = 2, kImageSlot = 3, kGradImageSlot = 4, kSlots = 5 };
+enum Slot {
+  kOutSlot = 0, kGradSlot = 1, kGradInSlot = 2, kImageSlot = 3, kGradImageSlot = 4, kTapSumSlot = 5,
+  kRowSumSlot = 6, kSlots = 7
+};
 
 template <class T>
 T* scratch(Slot slot, int64_t n) {
@@ -778,6 +781,10 @@ void parallel_items(int64_t items, int64_t work, const F& fn) {
   at::parallel_for(0, items, 1, fn);
 }
 
+// The widest vector of any kernel table (float32 on AVX2): the fused backward's scratch holds one
+// per tap.
+constexpr int64_t kMaxLanes = 8;
+
 template <class T>
 at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const at::Tensor& bias,
                           const at::Tensor& ptr, const at::Tensor& taps, const Geom& g) {
@@ -809,10 +816,18 @@ at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const 
   return y;
 }
 
-// Image by image on each thread: the weight gradient from the image's padded input and its
-// output gradient (summed into the thread's own row of partial sums), and the input gradient as
-// the forward over the transposed structure (rows = input channels, taps flipped), reading the
-// output gradient with zero margins wide enough for every tap.
+// Image by image on each thread. With both gradients wanted, one pass over the transposed
+// structure computes them (kernels.h, direct_backward): the input gradient as the forward over
+// the flipped taps, reading the output gradient with zero margins wide enough for every tap, and
+// each tap's weight gradient from the same loads times the input read in place. Otherwise the
+// weight gradient alone from the image's padded input and its output gradient (a first layer),
+// or the input gradient alone (frozen weights). Weight and bias gradients are summed into each
+// thread's own row of partial sums. The fused pass reads every output gradient run once for both
+// products and the input without copying it into margins; against the two passes (backward
+// alone, one process alternating call by call, 60 pairs, batch 32, one thread): 64 -> 64 at
+// 32 x 32 1.08x faster at 98%, 1.13x at 95%, 1.25x at 80%; 128 -> 128 at 16 x 16, 95%, 1.66x.
+// Requesting each block's input lines kDirectInputAhead channels ahead made it 1.20x faster at
+// 98% (reading the input in place, channel after channel 4 KiB apart, waited on memory).
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& dyc, const at::Tensor& xc, const Geom& g, const at::Tensor& values,
@@ -820,20 +835,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
   const Padded d{g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr};
   const Padded e = gradient_planes(g, true);
-  const std::vector<int32_t> off = direct_offsets(ptr, taps, g, d);
-  const std::vector<int32_t> flipped = flipped_offsets(taps, cperm, crow, g, e, 1);
-  const at::Tensor cvals = in_column_order<T>(values, cperm);
+  const bool fused = need_dx && need_dw;
+  const std::vector<int32_t> off = need_dw ? direct_offsets(ptr, taps, g, d)
+                                           : std::vector<int32_t>();
+  const std::vector<int32_t> flipped = need_dx ? flipped_offsets(taps, cperm, crow, g, e, 1)
+                                               : std::vector<int32_t>();
+  const at::Tensor cvals = need_dx ? in_column_order<T>(values, cperm) : at::Tensor();
   const std::vector<int64_t> zeros_ptr(g.K + 1, 0);
   const int64_t threads = at::get_num_threads();
   const int64_t work = values.numel() * g.P * g.Q * g.N * (need_dx + need_dw);
   const int64_t chunks = work < kSerialWork ? 1 : std::min(threads, g.N);
   at::Tensor dx, dw, db;
-  // each chunk's own partial sums: [chunks, kept weights + output channels]
+  // each chunk's own partial sums: [chunks, kept weights + output channels], the weights in the
+  // transposed structure's order where the pass is fused
   const int64_t nw = need_dw ? values.numel() : 0, nb = need_db ? g.K : 0;
   at::Tensor partial = at::zeros({chunks, nw + nb}, values.options());
   if (need_dx) dx = at::empty({g.N, g.C, g.H, g.W}, dyc.options());
   const T* x = xc.const_data_ptr<T>();
   const T* dy = dyc.const_data_ptr<T>();
+  // image n's weight gradient into dw (row order) and / or its bias gradient into db (nullable),
+  // from the padded output gradient
+  auto weight_gradient = [&](int64_t n, T* dw_sums, T* db_sums) {
+    T* image = scratch<T>(kImageSlot, d.size());
+    if (dw_sums) pad_image(x + n * g.C * g.H * g.W, d, image);
+    const T* grad = scratch<T>(kGradImageSlot, e.size());
+    ps::DirectSddmmArgs<T> a{grad + e.top * e.cols() + e.left, e.plane(), e.cols(), image,
+                             d.cols(), g.P, g.Q, ptr.const_data_ptr<int64_t>(), off.data(),
+                             dw_sums, db_sums};
+    if (!dw_sums) a.ptr = zeros_ptr.data();  // no taps: the bias gradient alone
+    kernels<T>().direct_sddmm(a, 0, g.K);
+  };
+  // image n's input gradient: the forward over the flipped taps, from the padded output gradient
+  auto dx_args = [&](int64_t n) {
+    return ps::DirectArgs<T>{scratch<T>(kGradImageSlot, e.size()), e.cols(),
+                             dx.mutable_data_ptr<T>() + n * g.C * g.H * g.W, g.H, g.W,
+                             cptr.const_data_ptr<int64_t>(), flipped.data(),
+                             cvals.const_data_ptr<T>(), nullptr};
+  };
   parallel_items(chunks, work, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t n = g.N * c / chunks; n < g.N * (c + 1) / chunks; ++n) {
@@ -841,25 +879,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
         T* grad = scratch<T>(kGradImageSlot, e.size());
         pad_image(dy + n * g.K * g.P * g.Q, e, grad);
         T* sums = partial.mutable_data_ptr<T>() + c * (nw + nb);
-        if (need_dw || need_db) {
-          T* image = scratch<T>(kImageSlot, d.size());
-          if (need_dw) pad_image(x + n * g.C * g.H * g.W, d, image);
-          ps::DirectSddmmArgs<T> a{grad + e.top * e.cols() + e.left, e.plane(), e.cols(),
-                                   image, d.cols(), g.P, g.Q, ptr.const_data_ptr<int64_t>(),
-                                   off.data(), sums, need_db ? sums + nw : nullptr};
-          if (!need_dw) a.ptr = zeros_ptr.data();  // no taps: the bias gradient alone
-          kernels<T>().direct_sddmm(a, 0, g.K);
+        if (!fused) {
+          if (need_dw || need_db)
+            weight_gradient(n, need_dw ? sums : nullptr, need_db ? sums + nw : nullptr);
+          if (need_dx) kernels<T>().direct(dx_args(n), 0, g.C);
+          continue;
         }
-        if (need_dx) {
-          const ps::DirectArgs<T> a{grad, e.cols(), dx.mutable_data_ptr<T>() + n * g.C * g.H * g.W,
-                                    g.H, g.W, cptr.const_data_ptr<int64_t>(), flipped.data(),
-                                    cvals.const_data_ptr<T>(), nullptr};
-          kernels<T>().direct(a, 0, g.C);
+        if (!kernels<T>().direct_backward({dx_args(n), x + n * g.C * g.H * g.W, sums,
+                                           scratch<T>(kTapSumSlot, nw * kMaxLanes)},
+                                          0, g.C)) {
+          // an input that is not finite: its weight gradient as the reference sums it
+          T* rows = scratch<T>(kRowSumSlot, nw);
+          std::fill_n(rows, nw, T(0));
+          weight_gradient(n, rows, nullptr);
+          const int32_t* perm = cperm.const_data_ptr<int32_t>();
+          for (int64_t m = 0; m < nw; ++m) sums[m] += rows[perm[m]];
         }
+        if (need_db) weight_gradient(n, nullptr, sums + nw);
       }
   });
   const at::Tensor total = chunks == 1 ? partial[0] : partial.sum(0);
-  if (need_dw) dw = total.narrow(0, 0, nw);
+  if (need_dw) dw = fused ? from_column_order<T>(total.narrow(0, 0, nw), cperm)
+                          : total.narrow(0, 0, nw);
   if (need_db) db = total.narrow(0, nw, nb);
   return {dx, dw, db};
 }

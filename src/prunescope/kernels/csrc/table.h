@@ -109,6 +109,22 @@ struct DirectSddmmArgs {
   T* db = nullptr;  // nullable: db[k] += the sum of row k's dy plane (the bias gradient)
 };
 
+// Both gradients of a stride-1 direct convolution for one image, in one pass over the transposed
+// structure: g is the input gradient's `direct` call (rows = input channels, g.x the output
+// gradient with margins, g.y the image's input gradient [C, P, Q], flipped taps); x is the
+// image's input [C, P, Q] without margins; for each tap j of the rows,
+// dw[j] += sum_{p < P, q < Q} x[c * P * Q + p * Q + q] * g.x[g.off[j] + p * g.xs + q], the weight
+// gradient in the transposed structure's order. dwv: scratch of one vector (Table::lanes
+// elements) per tap. Returns false, dw untouched, where x holds a value that is not finite (the
+// products include positions the reference never multiplies: see kernels.h).
+template <class T>
+struct DirectBackwardArgs {
+  DirectArgs<T> g;
+  const T* x;
+  T* dw;
+  T* dwv;
+};
+
 template <class T>
 struct Kernels {
   void (*gather)(const GatherArgs<T>&, int64_t r0, int64_t r1);
@@ -118,6 +134,7 @@ struct Kernels {
   void (*scatter)(const ScatterArgs<T>&, int64_t r0, int64_t r1);
   void (*direct)(const DirectArgs<T>&, int64_t k0, int64_t k1);
   void (*direct_sddmm)(const DirectSddmmArgs<T>&, int64_t k0, int64_t k1);
+  bool (*direct_backward)(const DirectBackwardArgs<T>&, int64_t c0, int64_t c1);
   // dst = the C planes of src [C, H, W] inside zero margins (top, bottom, left, right)
   void (*pad)(const T* src, int64_t C, int64_t H, int64_t W, int64_t top, int64_t bottom,
               int64_t left, int64_t right, T* dst);
