@@ -823,11 +823,12 @@ at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const 
 // weight gradient alone from the image's padded input and its output gradient (a first layer),
 // or the input gradient alone (frozen weights). Weight and bias gradients are summed into each
 // thread's own row of partial sums. The fused pass reads every output gradient run once for both
-// products and the input without copying it into margins; against the two passes (backward
-// alone, one process alternating call by call, 60 pairs, batch 32, one thread): 64 -> 64 at
-// 32 x 32 1.08x faster at 98%, 1.13x at 95%, 1.25x at 80%; 128 -> 128 at 16 x 16, 95%, 1.66x.
-// Requesting each block's input lines kDirectInputAhead channels ahead made it 1.20x faster at
-// 98% (reading the input in place, channel after channel 4 KiB apart, waited on memory).
+// products and the input without copying it into margins. Against the two passes (one process
+// alternating call by call, batch 32): the backward alone 1.38x faster at 98%, 1.39x at 95%,
+// 1.46x at 80% (64 -> 64 at 32 x 32, one thread; 1.38-1.41x on two), 1.76x at 128 -> 128 on
+// 16 x 16, 95%, 1.31x at 64 -> 64 on 56 x 56, 90%, batch 8; forward + backward, each call after
+// the dense layer's step, 1.29x, 1.27x and 1.24x at 98%, 95% and 80% (one thread), 1.22x at
+// 98% and 95% (two).
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& dyc, const at::Tensor& xc, const Geom& g, const at::Tensor& values,
