@@ -326,11 +326,14 @@ def test_conv2d_matches_reference(variant, case, density):
     check_against_reference(layer, sparse, mask, x)
 
 
-# Stride-1 convolutions whose output rows have at least 16 columns run directly on the NCHW
-# planes (ops.cpp, direct_conv): rows in register blocks, column chunks of 4 vectors, a masked
-# last vector; the cases above (narrower or strided) run batch innermost.
+# Stride-1 convolutions whose output rows fill their vectors (8 columns or more with at most one
+# lane in eight unused, or 16 or more) run directly on the NCHW planes (ops.cpp, direct_conv):
+# rows in register blocks, column chunks of 4 vectors, a masked last vector; the cases above
+# (narrower, partly filled or strided) run batch innermost.
 DIRECT_CASES = [  # (in, out, kernel, padding, dilation, groups, batch, height, width)
     (3, 5, 3, 1, 1, 1, 3, 9, 16),  # one chunk of 2 vectors, rows in blocks of 6 and a rest of 3
+    (4, 6, 3, 1, 1, 1, 2, 11, 8),  # one whole vector per row
+    (3, 4, 3, 1, 1, 1, 2, 6, 14),  # 14 columns: two vectors, the second masked, 2 lanes unused
     (4, 6, 3, 1, 1, 1, 2, 13, 20),  # a masked last vector
     (4, 4, 3, 0, 1, 1, 2, 10, 18),  # no padding: 16 output columns from 18
     (5, 3, (5, 3), (2, 1), 1, 1, 2, 8, 45),  # two column chunks (4 vectors, then 2 with a mask)
@@ -386,10 +389,11 @@ GROUPED_CASES = [  # (stride, width, threads, dtype, x_grad, w_grad, b_grad)
 
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_conv2d_batch_innermost_in_groups_of_images(variant, case, request):
-    """256 input channels make the batch-innermost path (rows under 16 columns, or strided)
-    compute 21 images in several groups, the last one smaller (groups_of in ops.cpp takes an
-    even number of images here, 6 to 16 by the L2 size it reads, within 4 MiB): on one thread,
-    and on two, each thread taking whole groups and summing its own weight and bias gradients.
+    """256 input channels make the batch-innermost path (rows of 12 columns, which leave a
+    quarter of their vectors unused, or strided) compute 21 images in several groups, the last
+    one smaller (groups_of in ops.cpp takes an even number of images here, 6 to 16 by the L2 size
+    it reads, within 4 MiB): on one thread, and on two, each thread taking whole groups and
+    summing its own weight and bias gradients.
     Only the gradients asked for are computed, and they equal the reference."""
     stride, width, threads, dtype, x_grad, w_grad, b_grad = case
     _use_threads(threads, request)

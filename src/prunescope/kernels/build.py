@@ -224,7 +224,7 @@ def _compile_and_link(tmp: Path, target: Path) -> None:
 # -- self-check -----------------------------------------------------------------------------------
 def _self_check(ops: Any) -> bool:
     """Run a small Linear (its backward both fused and for the weight gradient alone) and two
-    Conv2d (one batch innermost, one on NCHW planes: widths of 16 columns or more), forward and
+    Conv2d (one batch innermost, one on NCHW planes: 17 columns fill their vectors), forward and
     backward, through ``ops`` and compare with the dense computation. Gradients are enabled for
     the check whatever the caller's mode: the first sparse layer may run under
     ``torch.inference_mode``."""

@@ -4,7 +4,7 @@
 //
 // The batch is always the innermost (vector) dimension, so each kept weight is an AXPY or a dot
 // product over contiguous lanes. Linear: activations as [batch tiles][features][T lanes] (see
-// lane_tiles). Conv2d: directly on NCHW planes (stride 1, rows of 16 columns or more), else the
+// lane_tiles). Conv2d: directly on NCHW planes (stride 1, rows that fill their vectors), else the
 // batch in groups of n images, each group's input packed as [C, Hp, sw, ceil(Wp / sw), n]
 // (zero-padded, columns split by stride phase, so every kept tap reads one contiguous run of
 // Q * n lanes per output row), its output computed as [K, P, Q, n] and transposed to
@@ -737,7 +737,7 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
   return out;
 }
 
-// ---- Conv2d: direct on NCHW planes (stride 1, rows of at least 16 columns) -------------------------
+// ---- Conv2d: direct on NCHW planes (stride 1, rows that fill their vectors) -------------------------
 // Such a convolution computes each image from its own planes: the image's channels are copied
 // with their zero margins into a buffer of the thread's own (one image's activations, kept in the
 // core's L2 cache while every output channel reads it), and an output row is a run of Q
@@ -748,13 +748,23 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
 // images (see groups_of) narrowed the gap, not closed it: forward + backward in one process,
 // the two paths alternating call by call, batch 32, the grouped path took 1.4-2.0x the direct
 // path's time at 64 -> 64 on 32 x 32 (90-98%) and 1.08-1.12x at 128 -> 128 on 16 x 16 (95%),
-// one and two threads. Rows narrower than 16
-// columns fill their vectors poorly and give the weight gradient short dot products: at 10 x 10
-// and 12 x 12 (80%, forward + backward) this path took 36 and 11 ms against 21 and 9 ms batch
-// innermost; at 16 x 16 it was faster (43 against 51 ms, 128 channels). Strided convolutions,
-// whose output rows read every sw-th column, also keep the batch-innermost path.
-constexpr int64_t kDirectMinWidth = 16;
-bool direct_conv(const Geom& g) { return g.sh == 1 && g.sw == 1 && g.Q >= kDirectMinWidth; }
+// one and two threads. Narrow rows fill their vectors poorly: at 10 x 10 and 12 x 12 (80%,
+// forward + backward, before the fused backward) this path took 36 and 11 ms against 21 and 9 ms
+// batch innermost. Since the backward is one fused pass, rows of at least 8 columns that leave
+// at most one lane in eight of their vectors unused are faster here too (batch 32, forward +
+// backward after the dense layer's step, one process alternating call by call, against the
+// grouped path): 256 -> 256 at 8 x 8 1.10x at 98%, 1.05x at 90% (one thread), 1.08x and 1.05x at
+// 98% and 95% (two); 14 x 14, 95%: 1.10x and 1.20x; but 12 x 12 (a quarter of the lanes unused)
+// 1.03x, 10 x 10 0.91x, and 512 -> 512 at 7 x 7 0.92x. Strided convolutions, whose output rows
+// read every sw-th column, also keep the batch-innermost path.
+constexpr int64_t kDirectMinWidth = 8;
+// The widest vector of any kernel table (float32 on AVX2): a row's lanes, and the fused
+// backward's scratch holds one per tap.
+constexpr int64_t kMaxLanes = 8;
+bool direct_conv(const Geom& g) {
+  const int64_t lanes = (g.Q + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
+  return g.sh == 1 && g.sw == 1 && g.Q >= kDirectMinWidth && 8 * g.Q >= 7 * lanes;
+}
 
 // Offset of each kept tap in one image's padded input planes d.
 std::vector<int32_t> direct_offsets(const at::Tensor& ptr, const at::Tensor& taps, const Geom& g,
@@ -780,10 +790,6 @@ void parallel_items(int64_t items, int64_t work, const F& fn) {
   }
   at::parallel_for(0, items, 1, fn);
 }
-
-// The widest vector of any kernel table (float32 on AVX2): the fused backward's scratch holds one
-// per tap.
-constexpr int64_t kMaxLanes = 8;
 
 template <class T>
 at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const at::Tensor& bias,
