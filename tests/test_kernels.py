@@ -66,6 +66,14 @@ def random_mask(shape, density: float, generator: torch.Generator) -> torch.Tens
     return torch.rand(shape, generator=generator) < density
 
 
+def pruned_conv(layer: nn.Conv2d, density: float, generator: torch.Generator):
+    """A random mask of ``density``, the layer's pruned weights zeroed, and its sparse twin."""
+    mask = random_mask(layer.weight.shape, density, generator)
+    with torch.no_grad():
+        layer.weight.mul_(mask)
+    return mask, SparseConv2d.from_dense(layer, mask)
+
+
 def check_against_reference(layer: nn.Module, sparse: nn.Module, mask: torch.Tensor,
                             x: torch.Tensor, rtol: float = RTOL) -> None:
     """Forward, input gradient, weight gradient (kept entries) and bias gradient agree."""
@@ -442,10 +450,7 @@ def test_conv2d_direct_backward_with_an_infinite_input(variant, threads, request
     _use_threads(threads, request)
     generator = torch.Generator().manual_seed(31)
     layer = nn.Conv2d(8, 6, 3, padding=1)
-    mask = random_mask(layer.weight.shape, 0.5, generator)
-    with torch.no_grad():
-        layer.weight.mul_(mask)
-    sparse = SparseConv2d.from_dense(layer, mask)
+    mask, sparse = pruned_conv(layer, 0.5, generator)
     x = torch.randn(4, 8, 20, 24, generator=generator)
     x[2, 3, 0, 23] = float("inf")  # a corner: most taps never reach it
     x_ref, x_sp = x.clone().requires_grad_(), x.clone().requires_grad_()
@@ -472,10 +477,7 @@ def test_conv2d_direct_path_computes_only_the_gradients_asked_for(variant, x_gra
     reference."""
     generator = torch.Generator().manual_seed(17)
     layer = nn.Conv2d(3, 4, 3, padding=1)
-    mask = random_mask(layer.weight.shape, 0.5, generator)
-    with torch.no_grad():
-        layer.weight.mul_(mask)
-    sparse = SparseConv2d.from_dense(layer, mask)
+    mask, sparse = pruned_conv(layer, 0.5, generator)
     x = torch.randn(2, 3, 5, 17, generator=generator)
     grad = torch.randn(2, 4, 5, 17, generator=generator)
     check_gradients_asked_for(layer, sparse, mask, x, grad, x_grad, w_grad, b_grad)
