@@ -377,6 +377,26 @@ def test_conv2d_direct_path_matches_reference(variant, case, density):
     check_against_reference(layer, sparse, mask, x)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_conv2d_direct_forward_in_parts_of_the_input_channels(variant, threads, dtype, request):
+    """64 input channels at 32 columns: a block's input rows (43 KB in float32, 87 KB in
+    float64) exceed the L1 budget, so the forward takes the channels in parts (ops.cpp,
+    channel_parts: 2 and 4 here), each part adding to the block's stored output; an output channel
+    without taps in some parts, and one without any, included."""
+    _use_threads(threads, request)
+    generator = torch.Generator().manual_seed(64)
+    layer = nn.Conv2d(64, 6, 3, padding=1).to(dtype)
+    mask = random_mask(layer.weight.shape, 0.5, generator)
+    mask[1] = False  # no taps at all
+    mask[2, 8:] = False  # taps in the first part only
+    mask[3, :40] = False  # taps in the last parts only
+    sparse = SparseConv2d.from_dense(layer, mask)
+    x = torch.randn(3, 64, 7, 32, generator=generator, dtype=dtype)
+    check_against_reference(layer, sparse, mask, x,
+                            rtol=RTOL if dtype == torch.float32 else 1e-12)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_conv2d_direct_path_on_two_threads(variant, batch, dtype, request):

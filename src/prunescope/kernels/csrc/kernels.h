@@ -515,7 +515,9 @@ void scatter(const ScatterArgs<typename V::T>& a, int64_t r0, int64_t r1) {
 // input vectors (register blocking over output rows). Loads are whole vectors (the lanes past Q
 // read the next row or the image's slack and are never stored); the last vector of a row whose
 // width is not a whole number of vectors is stored under the mask m.
-template <class V, int NV, int RB, bool TAIL>
+// With ADD the accumulators start from the block's stored output (a later part of the input
+// channels), else from init.
+template <class V, int NV, int RB, bool TAIL, bool ADD>
 void direct_block(const typename V::T* __restrict x, int64_t xs, typename V::T* __restrict y,
                   int64_t Q, const int32_t* __restrict off, const typename V::T* __restrict vals,
                   int64_t j0, int64_t j1, typename V::T init, typename V::M m) {
@@ -526,7 +528,10 @@ void direct_block(const typename V::T* __restrict x, int64_t xs, typename V::T* 
   for (int r = 0; r < RB; ++r) rows[r] = x + r * xs;
   R acc[RB][NV];
   for (int r = 0; r < RB; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::set1(init);
+    for (int v = 0; v < NV; ++v) {
+      const T* yv = y + r * Q + v * W;
+      acc[r][v] = !ADD ? V::set1(init) : TAIL && v == NV - 1 ? V::loadm(yv, m) : V::load(yv);
+    }
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t o = off[j];
     const R w = V::set1(vals[j]);
@@ -550,27 +555,38 @@ using DirectBlock = void (*)(const typename V::T*, int64_t, typename V::T*, int6
 constexpr int direct_rows(int nv) { return nv == 1 ? 8 : nv == 2 ? 6 : nv == 3 ? 4 : 3; }
 constexpr int kDirectChunk = 4;  // vectors per column chunk
 
-template <class V, int NV, bool TAIL>
+template <class V, int NV, bool TAIL, bool ADD>
 DirectBlock<V> direct_block_rows(int rows) {
   static constexpr DirectBlock<V> by_rows[8] = {
-      &direct_block<V, NV, 1, TAIL>, &direct_block<V, NV, 2, TAIL>, &direct_block<V, NV, 3, TAIL>,
-      &direct_block<V, NV, 4, TAIL>, &direct_block<V, NV, 5, TAIL>, &direct_block<V, NV, 6, TAIL>,
-      &direct_block<V, NV, 7, TAIL>, &direct_block<V, NV, 8, TAIL>};
+      &direct_block<V, NV, 1, TAIL, ADD>, &direct_block<V, NV, 2, TAIL, ADD>,
+      &direct_block<V, NV, 3, TAIL, ADD>, &direct_block<V, NV, 4, TAIL, ADD>,
+      &direct_block<V, NV, 5, TAIL, ADD>, &direct_block<V, NV, 6, TAIL, ADD>,
+      &direct_block<V, NV, 7, TAIL, ADD>, &direct_block<V, NV, 8, TAIL, ADD>};
   return by_rows[rows - 1];
 }
 
-template <class V, bool TAIL>
+template <class V, bool TAIL, bool ADD>
 DirectBlock<V> pick_direct_block(int nv, int rows) {
   switch (nv) {
-    case 1: return direct_block_rows<V, 1, TAIL>(rows);
-    case 2: return direct_block_rows<V, 2, TAIL>(rows);
-    case 3: return direct_block_rows<V, 3, TAIL>(rows);
-    default: return direct_block_rows<V, kDirectChunk, TAIL>(rows);
+    case 1: return direct_block_rows<V, 1, TAIL, ADD>(rows);
+    case 2: return direct_block_rows<V, 2, TAIL, ADD>(rows);
+    case 3: return direct_block_rows<V, 3, TAIL, ADD>(rows);
+    default: return direct_block_rows<V, kDirectChunk, TAIL, ADD>(rows);
   }
 }
 
+template <class V>
+DirectBlock<V> pick_direct_block(int nv, int rows, bool tail, bool add) {
+  return tail ? add ? pick_direct_block<V, true, true>(nv, rows)
+                    : pick_direct_block<V, true, false>(nv, rows)
+              : add ? pick_direct_block<V, false, true>(nv, rows)
+                    : pick_direct_block<V, false, false>(nv, rows);
+}
+
 // Column chunk by chunk, block of rows by block, every output channel of [k0, k1) in turn: the
-// input rows one block reads stay in the fastest cache while all channels read them.
+// input rows one block reads stay in the fastest cache while all channels read them. Where they
+// would not fit L1, the input channels come in parts (a.split), each part's taps for every
+// output channel, the output stored and reloaded between parts.
 template <class V>
 void direct(const DirectArgs<typename V::T>& a, int64_t k0, int64_t k1) {
   constexpr int W = V::W;
@@ -581,11 +597,14 @@ void direct(const DirectArgs<typename V::T>& a, int64_t k0, int64_t k1) {
     const int rb = direct_rows(nv);
     for (int64_t p0 = 0; p0 < a.P; p0 += rb) {
       const int rows = static_cast<int>(min64(rb, a.P - p0));
-      const DirectBlock<V> fn = tail ? pick_direct_block<V, true>(nv, rows)
-                                     : pick_direct_block<V, false>(nv, rows);
-      for (int64_t k = k0; k < k1; ++k)
-        fn(a.x + p0 * a.xs + c0, a.xs, a.y + (k * a.P + p0) * a.Q + c0, a.Q, a.off, a.vals,
-           a.ptr[k], a.ptr[k + 1], a.bias ? a.bias[k] : typename V::T(0), m);
+      for (int64_t h = 0; h < a.parts; ++h) {
+        const DirectBlock<V> fn = pick_direct_block<V>(nv, rows, tail, h > 0);
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t* taps = a.split ? a.split + k * (a.parts + 1) + h : a.ptr + k;
+          fn(a.x + p0 * a.xs + c0, a.xs, a.y + (k * a.P + p0) * a.Q + c0, a.Q, a.off, a.vals,
+             taps[0], taps[1], a.bias ? a.bias[k] : typename V::T(0), m);
+        }
+      }
     }
   }
 }

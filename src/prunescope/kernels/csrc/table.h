@@ -93,6 +93,10 @@ struct DirectArgs {
   const int32_t* off;
   const T* vals;
   const T* bias;  // nullable
+  // optional parts of the input channels: row k's taps in part h are [split[k * (parts + 1) + h],
+  // ... + 1); each block of rows is accumulated part after part (the output stored between)
+  const int64_t* split = nullptr;
+  int64_t parts = 1;
 };
 
 // The weight gradient of the same convolution for one image: dw[j] += sum_{p < P, q < Q}
