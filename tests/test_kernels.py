@@ -473,13 +473,16 @@ def test_conv2d_direct_path_never_reads_past_a_row(variant):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("where", ["input", "output gradient"])
-def test_conv2d_direct_backward_with_a_value_not_finite(variant, threads, where, request):
+@pytest.mark.parametrize("first_layer", [False, True])
+def test_conv2d_direct_backward_with_a_value_not_finite(variant, threads, where, first_layer,
+                                                        request):
     """Both gradients come from one pass whose products include input positions that the
     reference never multiplies (an Inf there would make NaN of a finite sum): an image whose input
     is not finite gets its weight gradient the other way, and the batch's other images keep the
     one pass, so the sum over both equals the reference, Infs included. Like the reference, the
     pass never multiplies the output gradient with the input's zero padding: an Inf in the output
-    gradient gives the reference's Infs, not NaN."""
+    gradient gives the reference's Infs, not NaN. A first layer (no input gradient) takes the
+    same pass without the input gradient."""
     _use_threads(threads, request)
     generator = torch.Generator().manual_seed(31)
     layer = nn.Conv2d(8, 6, 3, padding=1)
@@ -487,11 +490,12 @@ def test_conv2d_direct_backward_with_a_value_not_finite(variant, threads, where,
     x = torch.randn(4, 8, 20, 24, generator=generator)
     if where == "input":
         x[2, 3, 0, 23] = float("inf")  # a corner: most taps never reach it
-    x_ref, x_sp = x.clone().requires_grad_(), x.clone().requires_grad_()
+    x_ref = x.clone().requires_grad_(not first_layer)
+    x_sp = x.clone().requires_grad_(not first_layer)
     expected, actual = layer(x_ref), sparse(x_sp)
     grad = torch.randn(expected.shape, generator=generator)
     if where == "output gradient":
-        grad[1, 2, 0, 0] = float("inf")  # beside the padding: taps reaching up or left get NaN
+        grad[1, 2, 0, 0] = float("inf")  # beside the padding: some taps meet it there only
     expected.backward(grad)
     actual.backward(grad)
     weight_grad = formats.densify(sparse.values.grad, sparse.mask)
@@ -499,13 +503,16 @@ def test_conv2d_direct_backward_with_a_value_not_finite(variant, threads, where,
     finite = torch.isfinite(reference)
     assert finite.sum() > finite.numel() // 4 and not finite.all()
     assert_close_or_same_non_finite(weight_grad, reference)
+    assert_close_or_same_non_finite(sparse.bias.grad, layer.bias.grad)
+    if first_layer:
+        assert x_sp.grad is None
+        return
     # the input gradient: where the reference's is finite, the same; beside the Inf the
     # reference's pruned zeros make NaN (0 * Inf) of what the kept taps alone make finite or Inf
     finite_dx = torch.isfinite(x_ref.grad)
     assert (where == "input") == bool(finite_dx.all())
     assert torch.isfinite(x_sp.grad[finite_dx]).all()
     assert_close(x_sp.grad[finite_dx], x_ref.grad[finite_dx])
-    assert_close_or_same_non_finite(sparse.bias.grad, layer.bias.grad)
 
 
 @pytest.mark.parametrize("x_grad,w_grad,b_grad", [(False, True, True), (True, False, True),

@@ -693,8 +693,9 @@ void direct_sddmm(const DirectSddmmArgs<typename V::T>& a, int64_t k0, int64_t k
 // the tap's own vector of partial sums. Every output gradient run is loaded once for both
 // products, and the input is read in place, without margins: positions past a row's end are
 // loaded under the mask m from both operands, so another row's values never enter a sum.
-// Returns the sum of the block's inputs times zero: NaN where one of them is not finite.
-template <class V, int NV, int RB, bool TAIL>
+// Returns the sum of the block's inputs times zero: NaN where one of them is not finite. Without
+// DX (a first layer: no input gradient wanted) the weight gradient alone, dx and vals unused.
+template <class V, int NV, int RB, bool TAIL, bool DX>
 typename V::R direct_backward_block(const typename V::T* __restrict g, int64_t gs,
                            typename V::T* __restrict dx, const typename V::T* __restrict x,
                            int64_t Q, const int32_t* __restrict off,
@@ -716,18 +717,19 @@ typename V::R direct_backward_block(const typename V::T* __restrict g, int64_t g
     }
   for (int64_t j = j0; j < j1; ++j) {
     const int64_t o = off[j];
-    const R w = V::set1(vals[j]);
+    const R w = DX ? V::set1(vals[j]) : V::zero();
     R sum[2] = {V::zero(), V::zero()};
     for (int r = 0; r < RB; ++r)
       for (int v = 0; v < NV; ++v) {
         const T* gr = rows[r] + o + v * W;
         const R d = TAIL && v == NV - 1 ? V::loadm(gr, m) : V::load(gr);
-        acc[r][v] = V::fma(w, d, acc[r][v]);
+        if (DX) acc[r][v] = V::fma(w, d, acc[r][v]);
         sum[(r * NV + v) & 1] = V::fma(d, xv[r][v], sum[(r * NV + v) & 1]);
       }
     T* s = dwv + j * W;
     V::store(s, V::add(V::load(s), V::add(sum[0], sum[1])));
   }
+  if (!DX) return check;
   for (int r = 0; r < RB; ++r) {
     T* dr = dx + r * Q;
     for (int v = 0; v < (TAIL ? NV - 1 : NV); ++v) V::store(dr + v * W, acc[r][v]);
@@ -746,16 +748,24 @@ using DirectBackwardBlock = typename V::R (*)(const typename V::T*, int64_t, typ
 // input gradient's accumulators, so blocks are half as tall as the forward's.
 constexpr int direct_backward_rows(int nv) { return nv == 1 ? 4 : nv == 2 ? 2 : 1; }
 
-template <class V, bool TAIL>
+template <class V, bool TAIL, bool DX>
 DirectBackwardBlock<V> pick_direct_backward_block(int nv, int rows) {
   static constexpr DirectBackwardBlock<V> by_shape[kDirectChunk][4] = {
-      {&direct_backward_block<V, 1, 1, TAIL>, &direct_backward_block<V, 1, 2, TAIL>,
-       &direct_backward_block<V, 1, 3, TAIL>, &direct_backward_block<V, 1, 4, TAIL>},
-      {&direct_backward_block<V, 2, 1, TAIL>, &direct_backward_block<V, 2, 2, TAIL>, nullptr,
-       nullptr},
-      {&direct_backward_block<V, 3, 1, TAIL>, nullptr, nullptr, nullptr},
-      {&direct_backward_block<V, kDirectChunk, 1, TAIL>, nullptr, nullptr, nullptr}};
+      {&direct_backward_block<V, 1, 1, TAIL, DX>, &direct_backward_block<V, 1, 2, TAIL, DX>,
+       &direct_backward_block<V, 1, 3, TAIL, DX>, &direct_backward_block<V, 1, 4, TAIL, DX>},
+      {&direct_backward_block<V, 2, 1, TAIL, DX>, &direct_backward_block<V, 2, 2, TAIL, DX>,
+       nullptr, nullptr},
+      {&direct_backward_block<V, 3, 1, TAIL, DX>, nullptr, nullptr, nullptr},
+      {&direct_backward_block<V, kDirectChunk, 1, TAIL, DX>, nullptr, nullptr, nullptr}};
   return by_shape[nv - 1][rows - 1];
+}
+
+template <class V>
+DirectBackwardBlock<V> pick_direct_backward_block(int nv, int rows, bool tail, bool dx) {
+  return tail ? dx ? pick_direct_backward_block<V, true, true>(nv, rows)
+                   : pick_direct_backward_block<V, true, false>(nv, rows)
+              : dx ? pick_direct_backward_block<V, false, true>(nv, rows)
+                   : pick_direct_backward_block<V, false, false>(nv, rows);
 }
 
 // Channel by channel, block of rows by block (the forward's order, block of rows by block with
@@ -768,7 +778,8 @@ DirectBackwardBlock<V> pick_direct_backward_block(int nv, int rows) {
 constexpr int64_t kDirectInputAhead = 2;
 
 // Input channels [c0, c1) of one image: a.g is the input gradient's `direct` call (a.g.x the
-// output gradient with margins, a.g.y the image's input gradient, a.g.P x a.g.Q its planes),
+// output gradient with margins, a.g.y the image's input gradient or null for the weight gradient
+// alone, a.g.P x a.g.Q its planes),
 // a.x the image's input planes, a.dw the taps' weight gradient in the transposed structure's
 // order (added to) unless the input holds a value that is not finite: then, since the products
 // here include the input's positions that the reference never multiplies (those whose tap
@@ -791,15 +802,14 @@ bool direct_backward(const DirectBackwardArgs<typename V::T>& a, int64_t c0, int
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t p0 = 0; p0 < d.P; p0 += rb) {
         const int rows = static_cast<int>(min64(rb, d.P - p0));
-        const DirectBackwardBlock<V> fn = tail ? pick_direct_backward_block<V, true>(nv, rows)
-                                               : pick_direct_backward_block<V, false>(nv, rows);
+        const DirectBackwardBlock<V> fn = pick_direct_backward_block<V>(nv, rows, tail, d.y);
         const int64_t at = c * plane + p0 * d.Q + q0;
         for (int r = 0; r < rows; ++r) {
           const int64_t ahead = at + (kDirectInputAhead * rb + r) * d.Q;  // maybe the next plane
           for (int64_t i = 0; i < n && ahead + i < c1 * plane; i += 64 / int64_t{sizeof(T)})
             V::prefetch(a.x + ahead + i);
         }
-        check = V::add(check, fn(d.x + p0 * d.xs + q0, d.xs, d.y + at, a.x + at, d.Q, d.off,
+        check = V::add(check, fn(d.x + p0 * d.xs + q0, d.xs, d.y ? d.y + at : nullptr, a.x + at, d.Q, d.off,
                                  d.vals, d.ptr[c], d.ptr[c + 1], a.dwv, m));
       }
   }

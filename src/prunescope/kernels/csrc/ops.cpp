@@ -875,19 +875,25 @@ at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const 
   return y;
 }
 
-// Image by image on each thread. With both gradients wanted, one pass over the transposed
-// structure computes them (kernels.h, direct_backward): the input gradient as the forward over
-// the flipped taps, reading the output gradient with zero margins wide enough for every tap, and
-// each tap's weight gradient from the same loads times the input read in place. Otherwise the
-// weight gradient alone from the image's padded input and its output gradient (a first layer),
-// or the input gradient alone (frozen weights). Weight and bias gradients are summed into each
-// thread's own row of partial sums. The fused pass reads every output gradient run once for both
-// products and the input without copying it into margins. Against the two passes (one process
-// alternating call by call, batch 32): the backward alone 1.38x faster at 98%, 1.39x at 95%,
-// 1.46x at 80% (64 -> 64 at 32 x 32, one thread; 1.38-1.41x on two), 1.76x at 128 -> 128 on
-// 16 x 16, 95%, 1.31x at 64 -> 64 on 56 x 56, 90%, batch 8; forward + backward, each call after
-// the dense layer's step, 1.29x, 1.27x and 1.24x at 98%, 95% and 80% (one thread), 1.22x at
-// 98% and 95% (two).
+// Image by image on each thread. The weight gradient comes from one pass over the transposed
+// structure (kernels.h, direct_backward), which computes the input gradient too where it is
+// wanted: the input gradient as the forward over the flipped taps, reading the output gradient
+// with zero margins wide enough for every tap, and each tap's weight gradient from the same loads
+// times the input read in place. An image whose input is not finite takes the weight gradient as
+// a sampled product over its padded input instead (see there); frozen weights take the input
+// gradient alone. Weight and bias gradients are summed into each thread's own row of partial
+// sums. The one pass reads every output gradient run once for both products and the input
+// without copying it into margins. Against the two passes before it (one process alternating call
+// by call, batch 32): the backward alone 1.38x faster at 98%, 1.39x at 95%, 1.46x at 80% (64 -> 64
+// at 32 x 32, one thread; 1.38-1.41x on two), 1.76x at 128 -> 128 on 16 x 16, 95%, 1.31x at
+// 64 -> 64 on 56 x 56, 90%, batch 8; forward + backward, each call after the dense layer's step,
+// 1.29x, 1.27x and 1.24x at 98%, 95% and 80% (one thread), 1.22x at 98% and 95% (two). The weight
+// gradient alone (an input without gradient: a first layer, or the first trainable layer after a
+// frozen part), against the sampled product: 1.20x and 1.18x at 64 -> 64 on 32 x 32, 95% and 80%,
+// 1.98x at 256 -> 256 on 8 x 8, 90%, but 0.94x for a first layer of 3 input channels (64 output
+// channels, 50%), kept for one behaviour on every layer: like PyTorch's convolution the pass never
+// multiplies the output gradient with the input's zero padding (an Inf in the output gradient
+// gives Inf or finite where the sampled product over the padded input gives NaN).
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& dyc, const at::Tensor& xc, const Geom& g, const at::Tensor& values,
@@ -895,11 +901,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
   const Padded d{g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr};
   const Padded e = gradient_planes(g, true);
-  const bool fused = need_dx && need_dw;
   const std::vector<int32_t> off = need_dw ? direct_offsets(ptr, taps, g, d)
                                            : std::vector<int32_t>();
-  const std::vector<int32_t> flipped = need_dx ? flipped_offsets(taps, cperm, crow, g, e, 1)
-                                               : std::vector<int32_t>();
+  const std::vector<int32_t> flipped = need_dx || need_dw
+                                           ? flipped_offsets(taps, cperm, crow, g, e, 1)
+                                           : std::vector<int32_t>();
   const at::Tensor cvals = need_dx ? in_column_order<T>(values, cperm) : at::Tensor();
   const std::vector<int64_t> zeros_ptr(g.K + 1, 0);
   const int64_t threads = at::get_num_threads();
@@ -907,7 +913,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
   const int64_t chunks = work < kSerialWork ? 1 : std::min(threads, g.N);
   at::Tensor dx, dw, db;
   // each chunk's own partial sums: [chunks, kept weights + output channels], the weights in the
-  // transposed structure's order where the pass is fused
+  // transposed structure's order
   const int64_t nw = need_dw ? values.numel() : 0, nb = need_db ? g.K : 0;
   at::Tensor partial = at::zeros({chunks, nw + nb}, values.options());
   if (need_dx) dx = at::empty({g.N, g.C, g.H, g.W}, dyc.options());
@@ -928,9 +934,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
   // image n's input gradient: the forward over the flipped taps, from the padded output gradient
   auto dx_args = [&](int64_t n) {
     return ps::DirectArgs<T>{scratch<T>(kGradImageSlot, e.size()), e.cols(),
-                             dx.mutable_data_ptr<T>() + n * g.C * g.H * g.W, g.H, g.W,
-                             cptr.const_data_ptr<int64_t>(), flipped.data(),
-                             cvals.const_data_ptr<T>(), nullptr};
+                             need_dx ? dx.mutable_data_ptr<T>() + n * g.C * g.H * g.W : nullptr,
+                             g.H, g.W, cptr.const_data_ptr<int64_t>(), flipped.data(),
+                             need_dx ? cvals.const_data_ptr<T>() : nullptr, nullptr};
   };
   parallel_items(chunks, work, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
@@ -939,9 +945,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
         T* grad = scratch<T>(kGradImageSlot, e.size());
         pad_image(dy + n * g.K * g.P * g.Q, e, grad);
         T* sums = partial.mutable_data_ptr<T>() + c * (nw + nb);
-        if (!fused) {
-          if (need_dw || need_db)
-            weight_gradient(n, need_dw ? sums : nullptr, need_db ? sums + nw : nullptr);
+        if (!need_dw) {
+          if (need_db) weight_gradient(n, nullptr, sums + nw);
           if (need_dx) kernels<T>().direct(dx_args(n), 0, g.C);
           continue;
         }
@@ -959,8 +964,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
       }
   });
   const at::Tensor total = chunks == 1 ? partial[0] : partial.sum(0);
-  if (need_dw) dw = fused ? from_column_order<T>(total.narrow(0, 0, nw), cperm)
-                          : total.narrow(0, 0, nw);
+  if (need_dw) dw = from_column_order<T>(total.narrow(0, 0, nw), cperm);
   if (need_db) db = total.narrow(0, nw, nb);
   return {dx, dw, db};
 }

@@ -115,7 +115,8 @@ struct DirectSddmmArgs {
 
 // Both gradients of a stride-1 direct convolution for one image, in one pass over the transposed
 // structure: g is the input gradient's `direct` call (rows = input channels, g.x the output
-// gradient with margins, g.y the image's input gradient [C, P, Q], flipped taps); x is the
+// gradient with margins, g.y the image's input gradient [C, P, Q] or null for the weight gradient
+// alone, flipped taps); x is the
 // image's input [C, P, Q] without margins; for each tap j of the rows,
 // dw[j] += sum_{p < P, q < Q} x[c * P * Q + p * Q + q] * g.x[g.off[j] + p * g.xs + q], the weight
 // gradient in the transposed structure's order. dwv: scratch of one vector (Table::lanes
