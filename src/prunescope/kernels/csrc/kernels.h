@@ -744,8 +744,8 @@ using DirectBackwardBlock = typename V::R (*)(const typename V::T*, int64_t, typ
                                      const typename V::T*, int64_t, int64_t, typename V::T*,
                                      typename V::M);
 
-// Rows per block of the fused backward: its registers hold the block's input as well as the
-// input gradient's accumulators, so blocks are half as tall as the forward's.
+// Rows per block of the one-pass backward: its registers hold the block's input as well as the
+// input gradient's accumulators, so blocks are half as tall as the forward's (or less).
 constexpr int direct_backward_rows(int nv) { return nv == 1 ? 4 : nv == 2 ? 2 : 1; }
 
 template <class V, bool TAIL, bool DX>
@@ -779,13 +779,12 @@ constexpr int64_t kDirectInputAhead = 2;
 
 // Input channels [c0, c1) of one image: a.g is the input gradient's `direct` call (a.g.x the
 // output gradient with margins, a.g.y the image's input gradient or null for the weight gradient
-// alone, a.g.P x a.g.Q its planes),
-// a.x the image's input planes, a.dw the taps' weight gradient in the transposed structure's
-// order (added to) unless the input holds a value that is not finite: then, since the products
-// here include the input's positions that the reference never multiplies (those whose tap
-// falls in the output gradient's zero margin: an Inf there would give NaN where the reference's
-// sum is finite), the weight gradient is left untouched and false returned, for the caller to
-// compute it the other way. a.dwv holds one vector per tap of these rows.
+// alone, a.g.P x a.g.Q its planes), a.x the image's input planes, a.dw the taps' weight gradient
+// in the transposed structure's order (added to), a.dwv one vector per tap of these rows. Where
+// the input holds a value that is not finite, the weight gradient is left untouched and false
+// returned, for the caller to compute it the other way: the products here include the input's
+// positions that the reference never multiplies (those whose tap falls in the output gradient's
+// zero margin), and an Inf there would give NaN where the reference's sum is finite.
 template <class V>
 bool direct_backward(const DirectBackwardArgs<typename V::T>& a, int64_t c0, int64_t c1) {
   using T = typename V::T;
@@ -802,15 +801,16 @@ bool direct_backward(const DirectBackwardArgs<typename V::T>& a, int64_t c0, int
     for (int64_t c = c0; c < c1; ++c)
       for (int64_t p0 = 0; p0 < d.P; p0 += rb) {
         const int rows = static_cast<int>(min64(rb, d.P - p0));
-        const DirectBackwardBlock<V> fn = pick_direct_backward_block<V>(nv, rows, tail, d.y);
+        const DirectBackwardBlock<V> fn =
+            pick_direct_backward_block<V>(nv, rows, tail, d.y != nullptr);
         const int64_t at = c * plane + p0 * d.Q + q0;
         for (int r = 0; r < rows; ++r) {
           const int64_t ahead = at + (kDirectInputAhead * rb + r) * d.Q;  // maybe the next plane
           for (int64_t i = 0; i < n && ahead + i < c1 * plane; i += 64 / int64_t{sizeof(T)})
             V::prefetch(a.x + ahead + i);
         }
-        check = V::add(check, fn(d.x + p0 * d.xs + q0, d.xs, d.y ? d.y + at : nullptr, a.x + at, d.Q, d.off,
-                                 d.vals, d.ptr[c], d.ptr[c + 1], a.dwv, m));
+        check = V::add(check, fn(d.x + p0 * d.xs + q0, d.xs, d.y ? d.y + at : nullptr, a.x + at,
+                                 d.Q, d.off, d.vals, d.ptr[c], d.ptr[c + 1], a.dwv, m));
       }
   }
   if (V::hsum(check) != T(0)) return false;

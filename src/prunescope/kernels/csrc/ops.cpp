@@ -737,7 +737,7 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
   return out;
 }
 
-// ---- Conv2d: direct on NCHW planes (stride 1, rows that fill their vectors) -------------------------
+// ---- Conv2d: direct on NCHW planes (stride 1, rows that fill their vectors) ---------------------
 // Such a convolution computes each image from its own planes: the image's channels are copied
 // with their zero margins into a buffer of the thread's own (one image's activations, kept in the
 // core's L2 cache while every output channel reads it), and an output row is a run of Q
@@ -749,8 +749,8 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
 // the two paths alternating call by call, batch 32, the grouped path took 1.4-2.0x the direct
 // path's time at 64 -> 64 on 32 x 32 (90-98%) and 1.08-1.12x at 128 -> 128 on 16 x 16 (95%),
 // one and two threads. Narrow rows fill their vectors poorly: at 10 x 10 and 12 x 12 (80%,
-// forward + backward, before the fused backward) this path took 36 and 11 ms against 21 and 9 ms
-// batch innermost. Since the backward is one fused pass, rows of at least 8 columns that leave
+// forward + backward, before the one-pass backward) this path took 36 and 11 ms against 21 and 9
+// ms batch innermost. Since the backward is one pass, rows of at least 8 columns that leave
 // at most one lane in eight of their vectors unused are faster here too (batch 32, forward +
 // backward after the dense layer's step, one process alternating call by call, against the
 // grouped path): 256 -> 256 at 8 x 8 1.10x at 98%, 1.05x at 90% (one thread), 1.08x and 1.05x at
@@ -758,7 +758,7 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
 // 1.03x, 10 x 10 0.91x, and 512 -> 512 at 7 x 7 0.92x. Strided convolutions, whose output rows
 // read every sw-th column, also keep the batch-innermost path.
 constexpr int64_t kDirectMinWidth = 8;
-// The widest vector of any kernel table (float32 on AVX2): a row's lanes, and the fused
+// The widest vector of any kernel table (float32 on AVX2): a row's lanes, and the one-pass
 // backward's scratch holds one per tap.
 constexpr int64_t kMaxLanes = 8;
 bool direct_conv(const Geom& g) {
