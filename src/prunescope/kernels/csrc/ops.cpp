@@ -920,20 +920,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
   const T* x = xc.const_data_ptr<T>();
   const T* dy = dyc.const_data_ptr<T>();
   // image n's weight gradient into dw (row order) and / or its bias gradient into db (nullable),
-  // from the padded output gradient
-  auto weight_gradient = [&](int64_t n, T* dw_sums, T* db_sums) {
+  // from its padded output gradient grad
+  auto weight_gradient = [&](int64_t n, const T* grad, T* dw_sums, T* db_sums) {
     T* image = scratch<T>(kImageSlot, d.size());
     if (dw_sums) pad_image(x + n * g.C * g.H * g.W, d, image);
-    const T* grad = scratch<T>(kGradImageSlot, e.size());
     ps::DirectSddmmArgs<T> a{grad + e.top * e.cols() + e.left, e.plane(), e.cols(), image,
                              d.cols(), g.P, g.Q, ptr.const_data_ptr<int64_t>(), off.data(),
                              dw_sums, db_sums};
     if (!dw_sums) a.ptr = zeros_ptr.data();  // no taps: the bias gradient alone
     kernels<T>().direct_sddmm(a, 0, g.K);
   };
-  // image n's input gradient: the forward over the flipped taps, from the padded output gradient
-  auto dx_args = [&](int64_t n) {
-    return ps::DirectArgs<T>{scratch<T>(kGradImageSlot, e.size()), e.cols(),
+  // image n's input gradient: the forward over the flipped taps, from its padded output gradient
+  auto dx_args = [&](int64_t n, const T* grad) {
+    return ps::DirectArgs<T>{grad, e.cols(),
                              need_dx ? dx.mutable_data_ptr<T>() + n * g.C * g.H * g.W : nullptr,
                              g.H, g.W, cptr.const_data_ptr<int64_t>(), flipped.data(),
                              need_dx ? cvals.const_data_ptr<T>() : nullptr, nullptr};
@@ -945,22 +944,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
         T* grad = scratch<T>(kGradImageSlot, e.size());
         pad_image(dy + n * g.K * g.P * g.Q, e, grad);
         T* sums = partial.mutable_data_ptr<T>() + c * (nw + nb);
+        if (need_db) weight_gradient(n, grad, nullptr, sums + nw);
         if (!need_dw) {
-          if (need_db) weight_gradient(n, nullptr, sums + nw);
-          if (need_dx) kernels<T>().direct(dx_args(n), 0, g.C);
+          if (need_dx) kernels<T>().direct(dx_args(n, grad), 0, g.C);
           continue;
         }
-        if (!kernels<T>().direct_backward({dx_args(n), x + n * g.C * g.H * g.W, sums,
+        if (!kernels<T>().direct_backward({dx_args(n, grad), x + n * g.C * g.H * g.W, sums,
                                            scratch<T>(kTapSumSlot, nw * kMaxLanes)},
                                           0, g.C)) {
           // an input that is not finite: its weight gradient as the reference sums it
           T* rows = scratch<T>(kRowSumSlot, nw);
           std::fill_n(rows, nw, T(0));
-          weight_gradient(n, rows, nullptr);
+          weight_gradient(n, grad, rows, nullptr);
           const int32_t* perm = cperm.const_data_ptr<int32_t>();
           for (int64_t m = 0; m < nw; ++m) sums[m] += rows[perm[m]];
         }
-        if (need_db) weight_gradient(n, nullptr, sums + nw);
       }
   });
   const at::Tensor total = chunks == 1 ? partial[0] : partial.sum(0);
