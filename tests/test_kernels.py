@@ -34,7 +34,7 @@ def variants() -> list[str]:
     if not chosen.fast:
         return []
     names = []
-    for name in ("generic", "avx2"):
+    for name in ("generic", "avx2", "avx512"):
         try:
             chosen.ops.set_variant(name)
         except RuntimeError:
@@ -44,7 +44,7 @@ def variants() -> list[str]:
     return names
 
 
-@pytest.fixture(params=["generic", "avx2"])
+@pytest.fixture(params=["generic", "avx2", "avx512"])
 def variant(request):
     """Run the test with one instruction-set variant forced (skipped if the CPU lacks it)."""
     if request.param not in variants():
@@ -149,6 +149,7 @@ LINEAR_CASES = [  # (batch, in, out, density)
     (1, 7, 5, 0.5), (3, 1, 4, 1.0), (17, 40, 33, 0.3), (64, 64, 96, 0.1), (70, 33, 130, 0.05),
     (129, 96, 40, 1.0), (200, 300, 20, 0.02), (5, 16, 16, 0.0),
     (70, 24, 45, 0.3),  # 45 output rows: runs of 16, 16 and 13 (8 transposed, 5 stored one by one)
+    (47, 40, 33, 0.3),  # 47 lanes: two 16-lane vectors and a masked tail of 15 (7 on AVX2)
 ]
 
 

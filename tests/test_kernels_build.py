@@ -117,6 +117,7 @@ echo built > "$last"
     assert len(invocations) == len(build.UNITS) + 1  # each unit once, one link
     assert not any("-march=native" in line for line in invocations)
     assert any("-mavx2" in line for line in invocations)
+    assert any("-mavx512f" in line for line in invocations)
     assert not list(target.parent.glob(".build-*"))  # the temporary build directory is gone
 
 

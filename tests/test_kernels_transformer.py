@@ -78,7 +78,7 @@ def fast(monkeypatch):
     monkeypatch.setattr(swap, "_time_pair", lambda *args: (1.0, 0.1))
 
 
-@pytest.mark.parametrize("variant", ["generic", "avx2"])
+@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512"])
 def test_inference_logits_match_the_dense_masked_model(fast, variant):
     ops = backend().ops
     try:

@@ -8,11 +8,12 @@ sources, the flags, the compiler and torch (``$PRUNESCOPE_CACHE``, else
 takes about 20 s on two cores. Concurrent first uses are safe: builders serialise on a
 ``flock`` (released by the kernel if a builder dies) and the library appears by atomic rename.
 
-No ``-march=native``: the kernels are compiled once per instruction set (the baseline x86-64, and
-AVX2+FMA) into one library, and the CPU's features pick one at run time. On load, the chosen
-variant is checked against the reference on a small problem and a failing one is not used.
+No ``-march=native``: the kernels are compiled once per instruction set (the baseline x86-64,
+AVX2+FMA, and AVX-512 F/DQ/VL) into one library, and the CPU's features pick one at run time (the
+widest it has). On load, the chosen variant is checked against the reference on a small problem
+and a failing one is not used.
 
-``PRUNESCOPE_KERNELS`` selects: ``auto`` (default), ``avx2``, ``generic``, or
+``PRUNESCOPE_KERNELS`` selects: ``auto`` (default), ``avx512``, ``avx2``, ``generic``, or
 ``reference`` (the pure-PyTorch path, no compiler needed). Whenever the fast path is not used,
 one line says so (a ``RuntimeWarning``) and everything still works, only slower.
 """
@@ -37,16 +38,17 @@ from typing import Any
 import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
-HEADERS = ("table.h", "vec.h", "kernels.h")
+HEADERS = ("aligned.h", "table.h", "vec.h", "kernels.h")
 # translation unit -> its instruction-set flags (the only place an ISA is chosen)
 UNITS = {
     "ops.cpp": ["-fopenmp"],
     "kern_generic.cpp": [],
     "kern_avx2.cpp": ["-mavx2", "-mfma"],
+    "kern_avx512.cpp": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512vl"],
 }
 COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fno-math-errno", "-Wall", "-Wextra"]
 LIBRARY = "libprunescope_kernels.so"
-MODES = ("auto", "avx2", "generic", "reference")
+MODES = ("auto", "avx512", "avx2", "generic", "reference")
 
 
 class BuildError(RuntimeError):
@@ -55,7 +57,7 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class Backend:
-    """Which implementation the sparse modules run: ``name`` is ``avx2``, ``generic`` or
+    """Which implementation the sparse modules run: ``name`` is ``avx512``, ``avx2``, ``generic`` or
     ``reference``; ``ops`` the loaded operators (None for reference); ``reason``
     why the fast path is not used (empty when it is)."""
 

@@ -12,6 +12,7 @@
 #include <initializer_list>
 #include <memory>
 
+#include "aligned.h"
 #include "table.h"
 #include "vec.h"
 
@@ -184,7 +185,7 @@ GatherRows<V> pick_gather(int nv, bool tail) {
 template <class T, class Pass>
 void row_passes(const GatherArgs<T>& g, int64_t rows, int64_t run, const Pass& pass) {
   const bool blocked = g.bptr != nullptr && g.nb > 1;
-  const std::unique_ptr<T[]> part(blocked ? new T[rows * run] : nullptr);
+  const AlignedArray<T> part = aligned_array<T>(blocked ? rows * run : 0);
   for (int64_t p = 0; p < g.P; ++p)
     for (int64_t t0 = 0; t0 < g.L; t0 += run) {
       const int64_t n = min64(run, g.L - t0);
@@ -201,8 +202,8 @@ template <class V>
 void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
   using T = typename V::T;
   constexpr int W = V::W;
-  constexpr int64_t TILE = 8 * W;
-  static_assert(TILE <= kBufLanes, "a tile must fit the transposing buffer");
+  constexpr int64_t TILE = 8 * W < kBufLanes ? 8 * W : kBufLanes;  // 8 vectors, or 4 of 16 lanes
+  static_assert(TILE % W == 0, "a tile is whole vectors");
   row_passes<T>(a, r1 - r0, TILE, [&](int64_t p, int64_t t0, int64_t n, const int64_t* ptr,
                                       int64_t ps, T* part, bool from_part, bool to_part) {
     const int nv = static_cast<int>(n / W), tail = static_cast<int>(n % W);
@@ -869,11 +870,21 @@ void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_
   }
 }
 
+// A table whose batch-lane kernels (Linear, the batch-innermost convolution, inference) take
+// vectors VL and whose kernels along NCHW rows (the direct convolution, padding, transposes)
+// vectors VR: a direct convolution's vector is a row's run of output columns, and rows of 8 to 32
+// columns fill 8-lane vectors better than 16-lane ones (see ops.cpp, kMaxLanes).
+template <class VL, class VR>
+Kernels<typename VL::T> kernels_split() {
+  static_assert(sizeof(typename VL::T) == sizeof(typename VR::T), "one scalar type");
+  return {&gather<VL>, &sddmm_short<VL>,  &backward<VL>,   &sddmm_long<VL>, &scatter<VL>,
+          &direct<VR>, &direct_sddmm<VR>, &direct_backward<VR>, &pad_planes<VR>,
+          &transpose<VR>};
+}
+
 template <class V>
 Kernels<typename V::T> kernels() {
-  return {&gather<V>, &sddmm_short<V>,  &backward<V>,   &sddmm_long<V>, &scatter<V>,
-          &direct<V>, &direct_sddmm<V>, &direct_backward<V>, &pad_planes<V>,
-          &transpose<V>};
+  return kernels_split<V, V>();
 }
 
 }  // namespace

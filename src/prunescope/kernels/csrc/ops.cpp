@@ -31,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "aligned.h"
 #include "table.h"
 
 namespace {
@@ -40,7 +41,15 @@ bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-const ps::Table* best_table() { return has_avx2() ? ps_table_avx2() : ps_table_generic(); }
+bool has_avx512() {
+  __builtin_cpu_init();  // avx512f also means the OS saves the 512-bit state
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+const ps::Table* best_table() {
+  return has_avx512() ? ps_table_avx512() : has_avx2() ? ps_table_avx2() : ps_table_generic();
+}
 
 const ps::Table*& active() {
   static const ps::Table* table = best_table();
@@ -57,8 +66,11 @@ std::string set_variant(const std::string& name) {
   } else if (name == "avx2") {
     TORCH_CHECK(has_avx2(), "this CPU has no AVX2/FMA; use 'generic' or 'auto'");
     active() = ps_table_avx2();
+  } else if (name == "avx512") {
+    TORCH_CHECK(has_avx512(), "this CPU has no AVX-512 F/DQ/VL; use 'avx2', 'generic' or 'auto'");
+    active() = ps_table_avx512();
   } else {
-    TORCH_CHECK(false, "unknown kernel variant '", name, "'; use auto, generic or avx2");
+    TORCH_CHECK(false, "unknown kernel variant '", name, "'; use auto, generic, avx2 or avx512");
   }
   return active()->name;
 }
@@ -138,11 +150,11 @@ enum Slot {
 
 template <class T>
 T* scratch(Slot slot, int64_t n) {
-  thread_local std::unique_ptr<T[]> buffers[kSlots];
+  thread_local ps::AlignedArray<T> buffers[kSlots];
   thread_local int64_t sizes[kSlots] = {};
   if (sizes[slot] < n) {
     buffers[slot].reset();  // release first: the old and new buffers are never both held
-    buffers[slot].reset(new T[n]);
+    buffers[slot] = ps::aligned_array<T>(n);
     sizes[slot] = n;
   }
   return buffers[slot].get();
@@ -248,9 +260,13 @@ int64_t slab_bytes() {
   return bytes;
 }
 
+// The widest lane tile: one pass of the gather over a row's taps (kernels.h, kBufLanes).
+constexpr int64_t kTileLanes = 64;
+
 Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
   const int64_t slab_floats = slab_bytes() / static_cast<int64_t>(sizeof(float));
-  int64_t vectors = std::clamp<int64_t>(slab_floats / (std::max<int64_t>(rows, 1) * lanes), 1, 8);
+  const int64_t most = kTileLanes / lanes;
+  int64_t vectors = std::clamp<int64_t>(slab_floats / (std::max<int64_t>(rows, 1) * lanes), 1, most);
   if (vectors > 4) vectors = vectors < 8 ? 4 : 8;
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(vectors * lanes, B));
   return {B, T, B / T, B % T};
@@ -440,7 +456,7 @@ at::Tensor tiled_forward(const at::Tensor& xc, const at::Tensor& values, const a
                             b.defined() ? b.const_data_ptr<T>() : nullptr, 1, 0, K,
                             blocks.nb > 1 ? blocks.bptr.data() : nullptr, blocks.nb};
   at::parallel_for(0, t.count(), 1, [&](int64_t p0, int64_t p1) {
-    const std::unique_ptr<T[]> own(packed ? nullptr : new T[I * t.T]);
+    const ps::AlignedArray<T> own = ps::aligned_array<T>(packed ? 0 : I * t.T);
     ps::GatherArgs<T> tile = a;
     for (int64_t p = p0; p < p1; ++p) {
       T* slab = packed ? packed + p * I * t.T : own.get();
@@ -1339,7 +1355,7 @@ at::Tensor linear_lanes_impl(const at::Tensor& x, const at::Tensor& values,
   if (N == 0) return y;
   const at::Tensor xc = x.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
-  const Tiles t{N, std::min<int64_t>(N, 8 * active()->lanes), 0, 0};
+  const Tiles t{N, std::min<int64_t>(N, kTileLanes), 0, 0};
   const Blocks blocks = column_blocks<T>(ptr, idx, I, t);
   ps::GatherArgs<T> a{xc.const_data_ptr<T>(), 0, y.mutable_data_ptr<T>(), to_std ? 1 : N, 0,
                       ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), N,

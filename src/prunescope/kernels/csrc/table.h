@@ -119,9 +119,9 @@ struct DirectSddmmArgs {
 // alone, flipped taps); x is the
 // image's input [C, P, Q] without margins; for each tap j of the rows,
 // dw[j] += sum_{p < P, q < Q} x[c * P * Q + p * Q + q] * g.x[g.off[j] + p * g.xs + q], the weight
-// gradient in the transposed structure's order. dwv: scratch of one vector (Table::lanes
-// elements) per tap. Returns false, dw untouched, where x holds a value that is not finite (the
-// products include positions the reference never multiplies: see kernels.h).
+// gradient in the transposed structure's order. dwv: scratch of one vector (at most kMaxLanes
+// elements, ops.cpp) per tap. Returns false, dw untouched, where x holds a value that is not
+// finite (the products include positions the reference never multiplies: see kernels.h).
 template <class T>
 struct DirectBackwardArgs {
   DirectArgs<T> g;
@@ -150,7 +150,7 @@ struct Kernels {
 
 struct Table {
   const char* name;
-  int lanes;  // float32 lanes per vector
+  int lanes;  // float32 lanes per vector of the batch-lane kernels (Linear, inference)
   Kernels<float> f32;
   Kernels<double> f64;
 };
@@ -160,4 +160,5 @@ struct Table {
 extern "C" {
 const ps::Table* ps_table_generic();
 const ps::Table* ps_table_avx2();
+const ps::Table* ps_table_avx512();
 }

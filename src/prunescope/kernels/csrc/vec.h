@@ -1,13 +1,15 @@
 // SIMD vector abstraction for the sparse kernels: one kernel source (kernels.h), compiled once per
-// instruction set. PS_AVX2 is defined by the translation unit compiled with -mavx2 -mfma; without
-// it, the portable baseline (plain loops the compiler vectorises for the baseline ISA). Compiler
-// flags per translation unit are the only place an ISA is chosen; ops.cpp picks a table at run
-// time from the CPU's features. A new instruction set is one more VecF and one more kern_*.cpp.
+// instruction set. PS_AVX2 is defined by the translation units compiled with -mavx2 -mfma (VecF,
+// 8 lanes), PS_AVX512 by the one compiled with AVX-512 F/DQ/VL as well (VecF16, 16 lanes, and
+// VecF); without either, the portable baseline (plain loops the compiler vectorises for the
+// baseline ISA). Compiler flags per translation unit are the only place an ISA is chosen; ops.cpp
+// picks a table at run time from the CPU's features. A new instruction set is one more vector
+// type and one more kern_*.cpp.
 #pragma once
 
 #include <cstdint>
 
-#if defined(PS_AVX2)
+#if defined(PS_AVX2) || defined(PS_AVX512)
 #include <immintrin.h>
 #endif
 
@@ -94,6 +96,48 @@ struct VecF {
   static T hsum(R v) { return hsum_m256(v); }
   static void reduce8_add(const R* a, T* out) { reduce8_add_m256(a, out); }
   static void reduce4_add(const R* a, T* out) { reduce4_add_m256(a, out); }
+  static void transpose8(const T* src, int64_t srs, T* dst, int64_t drs) {
+    transpose8x8(src, srs, dst, drs);
+  }
+};
+#endif
+
+#if defined(PS_AVX512)
+// 16 lanes of float in one 512-bit register (AVX-512 F and DQ). Horizontal sums fold each vector
+// to its two 256-bit halves' sum and reduce as VecF does; transposes stay 8 x 8 (a buffer's rows
+// are stored as runs of 8 lanes whatever the vector width).
+struct VecF16 {
+  using T = float;
+  using R = __m512;
+  using M = __mmask16;
+  static constexpr int W = 16;
+  static constexpr bool kBlockTranspose = true;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R set1(T v) { return _mm512_set1_ps(v); }
+  static R load(const T* p) { return _mm512_loadu_ps(p); }
+  static M mask(int n) { return static_cast<M>((1u << n) - 1u); }
+  static R loadm(const T* p, M m) { return _mm512_maskz_loadu_ps(m, p); }  // no fault past m
+  static void store(T* p, R v) { _mm512_storeu_ps(p, v); }
+  static void storem(T* p, R v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
+  // max(0, a); like maxps, returns its second operand when either is NaN, so NaN stays NaN
+  static R relu(R a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }
+  static __m256 fold(R v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  }
+  static T hsum(R v) { return hsum_m256(fold(v)); }
+  static void reduce8_add(const R* a, T* out) {
+    const __m256 h[8] = {fold(a[0]), fold(a[1]), fold(a[2]), fold(a[3]),
+                         fold(a[4]), fold(a[5]), fold(a[6]), fold(a[7])};
+    reduce8_add_m256(h, out);
+  }
+  static void reduce4_add(const R* a, T* out) {
+    const __m256 h[4] = {fold(a[0]), fold(a[1]), fold(a[2]), fold(a[3])};
+    reduce4_add_m256(h, out);
+  }
   static void transpose8(const T* src, int64_t srs, T* dst, int64_t drs) {
     transpose8x8(src, srs, dst, drs);
   }

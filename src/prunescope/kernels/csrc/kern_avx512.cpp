@@ -1,0 +1,13 @@
+// The sparse kernels for AVX-512 (compiled with -mavx512f -mavx512dq -mavx512vl besides AVX2 and
+// FMA; chosen at run time only on CPUs that report all of them): the batch-lane kernels on 16-lane
+// vectors, the direct convolution's on 8-lane ones (EVEX-encoded, 32 registers). float64 uses the
+// portable vector, as on AVX2.
+#define PS_AVX2 1
+#define PS_AVX512 1
+#include "kernels.h"
+
+extern "C" const ps::Table* ps_table_avx512() {
+  static const ps::Table table = {"avx512", 16, ps::kernels_split<ps::VecF16, ps::VecF>(),
+                                  ps::kernels<ps::VecGeneric<double, 4>>()};
+  return &table;
+}
