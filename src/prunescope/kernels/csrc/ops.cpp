@@ -229,9 +229,9 @@ at::Tensor from_column_order(const at::Tensor& src, const at::Tensor& cperm) {
 // The batch is cut into tiles of T lanes; a [rows, batch] operand is stored as one [rows, T] slab
 // per tile (the last one padded), so the rows a kernel reads for one tile are contiguous and, with
 // T chosen from the number of rows it reads, fit in three quarters of the core's L2 cache
-// (slab_bytes). T is 1, 2, 3, 4 or 8 vectors: the weight gradient walks a tile in runs of 4
-// vectors, and a 5-vector tile would cost it a second pass over every row's taps for the last
-// vector. Each pass tiles for its own reads: the forward reads the input's `in` rows, the backward
+// (slab_bytes). T is 1, 2, 3, 4 or 8 vectors, at most kTileLanes lanes: the weight gradient walks
+// a tile in runs of 4 vectors, and a 5-vector tile would cost it a second pass over every row's
+// taps for the last vector. Each pass tiles for its own reads: the forward reads the input's `in` rows, the backward
 // the output gradient's `out` rows (input gradient) and the input's (weight gradient), so the
 // forward of a widening layer can take wider tiles than its backward.
 // Wider tiles mean fewer passes over the weights (every tile streams all of them) against a slab
@@ -260,7 +260,10 @@ int64_t slab_bytes() {
   return bytes;
 }
 
-// The widest lane tile: one pass of the gather over a row's taps (kernels.h, kBufLanes).
+// The widest lane tile: one pass of the gather over a row's taps (kernels.h, kBufLanes). With
+// 16-lane vectors, 128-lane tiles made the gather pass twice over the weights per tile anyway,
+// from a slab twice the size (forward, 768 -> 3072 at batch 256, 90%, before the buffers were
+// aligned: 0.74x of the AVX2 kernels' speed with 128-lane tiles, 0.92x with 64-lane ones).
 constexpr int64_t kTileLanes = 64;
 
 Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
