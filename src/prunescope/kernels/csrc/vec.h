@@ -76,6 +76,11 @@ struct VecF {
   using M = __m256i;
   static constexpr int W = 8;
   static constexpr bool kBlockTranspose = true;
+#if defined(PS_AVX512)
+  static constexpr int kRegisters = 32;  // AVX-512VL: ymm16-31 as well
+#else
+  static constexpr int kRegisters = 16;
+#endif
   static R zero() { return _mm256_setzero_ps(); }
   static R set1(T v) { return _mm256_set1_ps(v); }
   static R load(const T* p) { return _mm256_loadu_ps(p); }
@@ -112,6 +117,7 @@ struct VecF16 {
   using M = __mmask16;
   static constexpr int W = 16;
   static constexpr bool kBlockTranspose = true;
+  static constexpr int kRegisters = 32;
   static R zero() { return _mm512_setzero_ps(); }
   static R set1(T v) { return _mm512_set1_ps(v); }
   static R load(const T* p) { return _mm512_loadu_ps(p); }
@@ -155,6 +161,7 @@ struct VecGeneric {
   using M = int;
   static constexpr int W = Lanes;
   static constexpr bool kBlockTranspose = false;
+  static constexpr int kRegisters = 16;
   static R zero() { return set1(T(0)); }
   static R set1(T x) {
     R r;
