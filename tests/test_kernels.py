@@ -473,30 +473,30 @@ def test_conv2d_direct_path_never_reads_past_a_row(variant):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("where", ["input", "output gradient"])
+@pytest.mark.parametrize("where", ["input", "output gradient", "both"])
 @pytest.mark.parametrize("first_layer", [False, True])
 def test_conv2d_direct_backward_with_a_value_not_finite(variant, threads, where, first_layer,
                                                         request):
     """Both gradients come from one pass whose products include input positions that the
     reference never multiplies (an Inf there would make NaN of a finite sum): an image whose input
     is not finite gets its weight gradient the other way, and the batch's other images keep the
-    one pass, so the sum over both equals the reference, Infs included. Like the reference, the
-    pass never multiplies the output gradient with the input's zero padding: an Inf in the output
-    gradient gives the reference's Infs, not NaN. A first layer (no input gradient) takes the
-    same pass without the input gradient."""
+    one pass, so the sum over both equals the reference, Infs included. Like the reference,
+    neither way multiplies the output gradient with the input's zero padding: an Inf in the output
+    gradient gives the reference's Infs, not NaN, also in the image whose input is not finite
+    ("both"). A first layer (no input gradient) takes the same pass without the input gradient."""
     _use_threads(threads, request)
     generator = torch.Generator().manual_seed(31)
     layer = nn.Conv2d(8, 6, 3, padding=1)
     mask, sparse = pruned_conv(layer, 0.5, generator)
     x = torch.randn(4, 8, 20, 24, generator=generator)
-    if where == "input":
+    if where in ("input", "both"):
         x[2, 3, 0, 23] = float("inf")  # a corner: most taps never reach it
     x_ref = x.clone().requires_grad_(not first_layer)
     x_sp = x.clone().requires_grad_(not first_layer)
     expected, actual = layer(x_ref), sparse(x_sp)
     grad = torch.randn(expected.shape, generator=generator)
-    if where == "output gradient":
-        grad[1, 2, 0, 0] = float("inf")  # beside the padding: some taps meet it there only
+    if where != "input":  # beside the padding: some taps meet it there only
+        grad[2 if where == "both" else 1, 2, 0, 0] = float("inf")
     expected.backward(grad)
     actual.backward(grad)
     weight_grad = formats.densify(sparse.values.grad, sparse.mask)

@@ -680,21 +680,10 @@ typename V::T plane_sum(const typename V::T* __restrict x, int64_t P, int64_t Q,
   return V::hsum(V::add(acc[0], acc[1]));
 }
 
-// The weight gradient of one image, eight taps of an output channel at a time: the sampled
-// product of sddmm_long with the channel's output rows as its segments (the last vector of a row
-// loaded under a mask from both operands, so lanes past Q, another row's values, never enter a
-// sum).
 template <class V>
-void direct_sddmm(const DirectSddmmArgs<typename V::T>& a, int64_t k0, int64_t k1) {
-  constexpr int W = V::W;
-  const int64_t nv = a.Q / W;
-  const int tail = static_cast<int>(a.Q % W);
-  const typename V::M m = V::mask(tail);
-  for (int64_t k = k0; k < k1; ++k) {
-    const typename V::T* g = a.dy + k * a.dy_k;
-    if (a.db) a.db[k] += plane_sum<V>(g, a.P, a.Q, a.ys);
-    sddmm_row<V>(g, a.x, a.off, 1, a.ptr[k], a.ptr[k + 1], a.P, a.xs, a.ys, nv, tail, m, a.dw);
-  }
+void plane_sums(const typename V::T* x, int64_t K, int64_t plane, int64_t P, int64_t Q, int64_t ys,
+                typename V::T* sums) {
+  for (int64_t k = 0; k < K; ++k) sums[k] += plane_sum<V>(x + k * plane, P, Q, ys);
 }
 
 // Both gradients of one image in one pass over the transposed structure (stride 1): the input
@@ -897,7 +886,7 @@ template <class VL, class VR>
 Kernels<typename VL::T> kernels_split() {
   static_assert(sizeof(typename VL::T) == sizeof(typename VR::T), "one scalar type");
   return {&gather_narrow<VL, VR>, &sddmm_short<VL>,  &backward<VL>,   &sddmm_long<VL>, &scatter<VL>,
-          &direct<VR>, &direct_sddmm<VR>, &direct_backward<VR>, &pad_planes<VR>,
+          &direct<VR>, &plane_sums<VR>, &direct_backward<VR>, &pad_planes<VR>,
           &transpose<VR>};
 }
 

@@ -894,12 +894,37 @@ at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const 
   return y;
 }
 
+// One image's weight gradient in the rows' order, as the reference sums it (stride 1): each kept
+// tap (k; c, r, s) over the output positions whose input position lies inside the image, so the
+// output gradient never meets the zero padding. Scalar: only for an image whose input is not
+// finite, where the one pass's products would include positions the reference never multiplies.
+template <class T>
+void weight_gradient_in_bounds(const T* dy, const T* x, const Geom& g, const at::Tensor& ptr,
+                               const at::Tensor& taps, T* dw) {
+  const int64_t* p = ptr.const_data_ptr<int64_t>();
+  const int32_t* t = taps.const_data_ptr<int32_t>();
+  for (int64_t k = 0; k < g.K; ++k)
+    for (int64_t j = p[k]; j < p[k + 1]; ++j) {
+      const int64_t c = (k / g.kg()) * g.cg() + t[j] / (g.R * g.S);
+      const int64_t dr = t[j] / g.S % g.R * g.dh - g.pt, ds = t[j] % g.S * g.dw - g.pl;
+      const int64_t p0 = std::max<int64_t>(0, -dr), p1 = std::min(g.P, g.H - dr);
+      const int64_t q0 = std::max<int64_t>(0, -ds), q1 = std::min(g.Q, g.W - ds);
+      T sum = 0;
+      for (int64_t pp = p0; pp < p1; ++pp) {
+        const T* gy = dy + (k * g.P + pp) * g.Q;
+        const T* xr = x + (c * g.H + pp + dr) * g.W + ds;
+        for (int64_t q = q0; q < q1; ++q) sum += gy[q] * xr[q];
+      }
+      dw[j] = sum;
+    }
+}
+
 // Image by image on each thread. The weight gradient comes from one pass over the transposed
 // structure (kernels.h, direct_backward), which computes the input gradient too where it is
 // wanted: the input gradient as the forward over the flipped taps, reading the output gradient
 // with zero margins wide enough for every tap, and each tap's weight gradient from the same loads
 // times the input read in place. An image whose input is not finite takes the weight gradient as
-// a sampled product over its padded input instead (see there); frozen weights take the input
+// the reference sums it instead (weight_gradient_in_bounds); frozen weights take the input
 // gradient alone. Weight and bias gradients are summed into each thread's own row of partial
 // sums. The one pass reads every output gradient run once for both products and the input
 // without copying it into margins. Against the two passes before it (one process alternating call
@@ -908,25 +933,21 @@ at::Tensor direct_forward(const at::Tensor& xc, const at::Tensor& values, const 
 // 64 -> 64 on 56 x 56, 90%, batch 8; forward + backward, each call after the dense layer's step,
 // 1.29x, 1.27x and 1.24x at 98%, 95% and 80% (one thread), 1.22x at 98% and 95% (two). The weight
 // gradient alone (an input without gradient: a first layer, or the first trainable layer after a
-// frozen part), against the sampled product: 1.20x and 1.18x at 64 -> 64 on 32 x 32, 95% and 80%,
-// 1.98x at 256 -> 256 on 8 x 8, 90%, but 0.94x for a first layer of 3 input channels (64 output
-// channels, 50%), kept for one behaviour on every layer: like PyTorch's convolution the pass never
-// multiplies the output gradient with the input's zero padding (an Inf in the output gradient
-// gives Inf or finite where the sampled product over the padded input gives NaN).
+// frozen part), against the sampled product over the padded input it replaced: 1.20x and 1.18x at
+// 64 -> 64 on 32 x 32, 95% and 80%, 1.98x at 256 -> 256 on 8 x 8, 90%, but 0.94x for a first
+// layer of 3 input channels (64 output channels, 50%), kept for one behaviour on every layer: like
+// PyTorch's convolution the pass never multiplies the output gradient with the input's zero
+// padding (an Inf in the output gradient gives Inf or finite where the sampled product gave NaN).
 template <class T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
     const at::Tensor& dyc, const at::Tensor& xc, const Geom& g, const at::Tensor& values,
     const at::Tensor& ptr, const at::Tensor& taps, const at::Tensor& cptr,
     const at::Tensor& cperm, const at::Tensor& crow, bool need_dx, bool need_dw, bool need_db) {
-  const Padded d{g.C, g.H, g.W, g.pt, g.pb, g.pl, g.pr};
   const Padded e = gradient_planes(g, true);
-  const std::vector<int32_t> off = need_dw ? direct_offsets(ptr, taps, g, d)
-                                           : std::vector<int32_t>();
   const std::vector<int32_t> flipped = need_dx || need_dw
                                            ? flipped_offsets(taps, cperm, crow, g, e, 1)
                                            : std::vector<int32_t>();
   const at::Tensor cvals = need_dx ? in_column_order<T>(values, cperm) : at::Tensor();
-  const std::vector<int64_t> zeros_ptr(g.K + 1, 0);
   const int64_t threads = at::get_num_threads();
   const int64_t work = values.numel() * g.P * g.Q * g.N * (need_dx + need_dw);
   const int64_t chunks = work < kSerialWork ? 1 : std::min(threads, g.N);
@@ -938,17 +959,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
   if (need_dx) dx = at::empty({g.N, g.C, g.H, g.W}, dyc.options());
   const T* x = xc.const_data_ptr<T>();
   const T* dy = dyc.const_data_ptr<T>();
-  // image n's weight gradient into dw (row order) and / or its bias gradient into db (nullable),
-  // from its padded output gradient grad
-  auto weight_gradient = [&](int64_t n, const T* grad, T* dw_sums, T* db_sums) {
-    T* image = scratch<T>(kImageSlot, d.size());
-    if (dw_sums) pad_image(x + n * g.C * g.H * g.W, d, image);
-    ps::DirectSddmmArgs<T> a{grad + e.top * e.cols() + e.left, e.plane(), e.cols(), image,
-                             d.cols(), g.P, g.Q, ptr.const_data_ptr<int64_t>(), off.data(),
-                             dw_sums, db_sums};
-    if (!dw_sums) a.ptr = zeros_ptr.data();  // no taps: the bias gradient alone
-    kernels<T>().direct_sddmm(a, 0, g.K);
-  };
   // image n's input gradient: the forward over the flipped taps, from its padded output gradient
   auto dx_args = [&](int64_t n, const T* grad) {
     return ps::DirectArgs<T>{grad, e.cols(),
@@ -963,7 +973,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
         T* grad = scratch<T>(kGradImageSlot, e.size());
         pad_image(dy + n * g.K * g.P * g.Q, e, grad);
         T* sums = partial.mutable_data_ptr<T>() + c * (nw + nb);
-        if (need_db) weight_gradient(n, grad, nullptr, sums + nw);
+        if (need_db)  // the bias gradient: the sums of the image's output gradient planes
+          kernels<T>().plane_sums(grad + e.top * e.cols() + e.left, g.K, e.plane(), g.P, g.Q,
+                                  e.cols(), sums + nw);
         if (!need_dw) {
           if (need_dx) kernels<T>().direct(dx_args(n, grad), 0, g.C);
           continue;
@@ -973,8 +985,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> direct_backward(
                                           0, g.C)) {
           // an input that is not finite: its weight gradient as the reference sums it
           T* rows = scratch<T>(kRowSumSlot, nw);
-          std::fill_n(rows, nw, T(0));
-          weight_gradient(n, grad, rows, nullptr);
+          weight_gradient_in_bounds(dy + n * g.K * g.P * g.Q, x + n * g.C * g.H * g.W, g, ptr,
+                                    taps, rows);
           const int32_t* perm = cperm.const_data_ptr<int32_t>();
           for (int64_t m = 0; m < nw; ++m) sums[m] += rows[perm[m]];
         }

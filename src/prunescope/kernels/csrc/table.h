@@ -99,20 +99,6 @@ struct DirectArgs {
   int64_t parts = 1;
 };
 
-// The weight gradient of the same convolution for one image: dw[j] += sum_{p < P, q < Q}
-// dy[k * dy_k + p * ys + q] * x[off[j] + p * xs + q] for the taps j of rows k in [k0, k1).
-template <class T>
-struct DirectSddmmArgs {
-  const T* dy;
-  int64_t dy_k, ys;
-  const T* x;
-  int64_t xs, P, Q;
-  const int64_t* ptr;
-  const int32_t* off;
-  T* dw;
-  T* db = nullptr;  // nullable: db[k] += the sum of row k's dy plane (the bias gradient)
-};
-
 // Both gradients of a stride-1 direct convolution for one image, in one pass over the transposed
 // structure: g is the input gradient's `direct` call (rows = input channels, g.x the output
 // gradient with margins, g.y the image's input gradient [C, P, Q] or null for the weight gradient
@@ -138,7 +124,10 @@ struct Kernels {
   void (*sddmm_long)(const SddmmArgs<T>&, int64_t r0, int64_t r1);   // long runs
   void (*scatter)(const ScatterArgs<T>&, int64_t r0, int64_t r1);
   void (*direct)(const DirectArgs<T>&, int64_t k0, int64_t k1);
-  void (*direct_sddmm)(const DirectSddmmArgs<T>&, int64_t k0, int64_t k1);
+  // sums[k] += the sum of P rows of Q elements at x + k * plane, ys apart, for k < K (a
+  // convolution's bias gradient from one image's output gradient planes)
+  void (*plane_sums)(const T* x, int64_t K, int64_t plane, int64_t P, int64_t Q, int64_t ys,
+                     T* sums);
   bool (*direct_backward)(const DirectBackwardArgs<T>&, int64_t c0, int64_t c1);
   // dst = the C planes of src [C, H, W] inside zero margins (top, bottom, left, right)
   void (*pad)(const T* src, int64_t C, int64_t H, int64_t W, int64_t top, int64_t bottom,
