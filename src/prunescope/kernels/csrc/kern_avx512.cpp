@@ -4,6 +4,11 @@
 // portable vector, as on AVX2.
 #define PS_AVX2 1
 #define PS_AVX512 1
+// GCC 12's AVX-512 headers build some intrinsics (_mm512_max_ps, _mm512_castps512_ps256) on an
+// undefined value (_mm512_undefined_ps) and then warn that it is used uninitialized: a false
+// positive of those headers, not of this code
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "kernels.h"
 
 extern "C" const ps::Table* ps_table_avx512() {
