@@ -82,6 +82,24 @@ def test_linear_lanes_without_bias_and_with_column_blocks(variant):  # noqa: F81
     assert_close(y, lanes(F.linear(x, weight)))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_lanes_with_blocks_of_an_input_beyond_l2(variant, threads):  # noqa: F811
+    """Weights beyond L2 (1.6 MB) and an input of 16384 features x 64 lanes (4 MiB, more than
+    any core's L2 budget): the input in L2-sized column blocks, the rows' partial sums kept
+    between them (Conv-2's first Linear)."""
+    weight, mask = sparse_weight((96, 16384), 0.13, seed=2)
+    c = formats.compress(weight, mask)
+    assert c.values.numel() * 8 > 1 << 20
+    x = torch.randn(64, 16384)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = ops().linear_lanes(lanes(x), c.values, None, c.ptr, c.idx, 16384, True)
+    finally:
+        torch.set_num_threads(previous)
+    assert_close(y, lanes(F.linear(x, weight).relu()))
+
+
 def mlp(widths: list[int], density: float, biases: list[bool], seed: int = 0):
     """Random sparse layers of ``widths`` as (weight, bias or None, compressed) triples."""
     layers = []
