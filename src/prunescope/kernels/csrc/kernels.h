@@ -65,7 +65,14 @@ void store_transposed(const typename V::T* buf, int rows, int n, typename V::T* 
 // 17.3 ms against 22.1 / 18.7 ms without (one thread), its 16384 -> 256 Linear 2.8-3.0 against
 // 2.9-3.7 ms; 16 taps ahead was no better than 8. Runs shorter than a cache line (batch 1: one
 // lane) are not prefetched: there the prefetches cost more than they hide (LeNet-300-100 at
-// batch 1 from its sparse file, 2 threads: 0.058-0.061 ms with them, 0.045 ms without).
+// batch 1 from its sparse file, 2 threads: 0.058-0.061 ms with them, 0.045 ms without). A
+// Linear's gather requests them only where its input is larger than the L2 budget (ops.cpp,
+// runs_beyond_l2; GatherArgs::prefetch): on the Intel Xeon of 2026-12-04 the requests for runs in
+// L2 took load slots for nothing (one process alternating call by call, without against with:
+// LeNet-300-100's inference at batch 64 1.24x faster, MiniLM's 1.11x, a Linear's forward 1.07-1.12x
+// at 1024x1024, 768x3072 and 4096x4096, 90-95%; Conv-2, whose 16384 -> 256 layer reads beyond L2,
+// 0.99x; the convolutions keep them: Conv-2 without them on its convolutions 0.95x). The Linear
+// backward keeps them too (without: 1.01-1.05x on 1024x1024, 0.96-0.97x on 4096x4096).
 constexpr int64_t kPrefetchTaps = 8;
 template <class V, int NT>
 constexpr bool kPrefetch = NT * V::W * sizeof(typename V::T) >= 64;
@@ -109,7 +116,7 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
                  const int32_t* __restrict idx, int64_t ld, const typename V::T* __restrict vals,
                  const typename V::T* __restrict bias, int64_t r0, int64_t r1, typename V::M m,
                  int n, typename V::T* __restrict part, bool from_part, bool to_part,
-                 bool relu) {
+                 bool relu, bool prefetch) {
   using R = typename V::R;
   using T = typename V::T;
   constexpr int W = V::W;
@@ -128,7 +135,7 @@ void gather_rows(const typename V::T* __restrict x, typename V::T* __restrict y,
     const int64_t j1 = ptr[k * ps + 1];
     const int64_t pf_end = ps == 1 ? ptr[r1] : j1;  // see kPrefetchTaps
     for (; j + U <= j1; j += U) {
-      if (kPrefetch<V, NT>)
+      if (kPrefetch<V, NT> && prefetch)
         for (int u = 0; u < U; ++u)
           if (j + u + kPrefetchTaps < pf_end) request_run<V, NT>(x, idx, j + u + kPrefetchTaps, ld);
       for (int u = 0; u < U; ++u) {
@@ -154,7 +161,7 @@ template <class V>
 using GatherRows = void (*)(const typename V::T*, typename V::T*, int64_t, int64_t,
                             const int64_t*, int64_t, const int32_t*, int64_t,
                             const typename V::T*, const typename V::T*, int64_t, int64_t,
-                            typename V::M, int, typename V::T*, bool, bool, bool);
+                            typename V::M, int, typename V::T*, bool, bool, bool, bool);
 
 // Independent accumulator streams: enough that NT * U >= 8 chains hide the FMA latency.
 constexpr int streams(int nt) { return nt >= 6 ? 1 : nt >= 3 ? 2 : 4; }
@@ -210,7 +217,7 @@ void gather(const GatherArgs<typename V::T>& a, int64_t r0, int64_t r1) {
     pick_gather<V>(nv, tail != 0)(a.x + p * a.x_p + t0, a.y + p * a.y_p + t0 * a.y_t, a.y_k,
                                   a.y_t, ptr, ps, a.idx, a.ld, a.vals, a.bias, r0, r1,
                                   V::mask(tail), static_cast<int>(n), part, from_part, to_part,
-                                  a.relu);
+                                  a.relu, a.prefetch);
   });
 }
 

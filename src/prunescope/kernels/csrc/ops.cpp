@@ -266,6 +266,14 @@ int64_t slab_bytes() {
 // aligned: 0.74x of the AVX2 kernels' speed with 128-lane tiles, 0.92x with 64-lane ones).
 constexpr int64_t kTileLanes = 64;
 
+// Whether a Linear's gather requests each tap's run ahead (GatherArgs::prefetch): only where the
+// input it reads, rows of `lanes` lanes, is larger than the L2 budget (slab_bytes), so that its
+// runs come from L3 or memory.
+template <class T>
+bool runs_beyond_l2(int64_t rows, int64_t lanes) {
+  return rows * lanes * static_cast<int64_t>(sizeof(T)) > slab_bytes();
+}
+
 Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
   const int64_t slab_floats = slab_bytes() / static_cast<int64_t>(sizeof(float));
   const int64_t most = kTileLanes / lanes;
@@ -400,6 +408,7 @@ at::Tensor gather_tiles(const T* xt, int64_t in, const at::Tensor& ptr, const at
                       ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), t.T, vals,
                       bias, t.full, t.T, rows, blocks.nb > 1 ? blocks.bptr.data() : nullptr,
                       blocks.nb};
+  a.prefetch = runs_beyond_l2<T>(in, t.T);
   ps::GatherArgs<T> r = a;
   r.x += t.full * a.x_p, r.y += t.full * a.y_p, r.P = 1, r.L = t.rem;
   parallel_rows(a.ptr, rows, t.B, [&](int64_t r0, int64_t r1) {
@@ -464,10 +473,11 @@ at::Tensor tiled_forward(const at::Tensor& xc, const at::Tensor& values, const a
   const Blocks blocks = column_blocks<T>(ptr, idx, I, t);
   const T* src = xc.const_data_ptr<T>();
   T* out = y.mutable_data_ptr<T>();
-  const ps::GatherArgs<T> a{nullptr, 0, nullptr, 1, 0, ptr.const_data_ptr<int64_t>(),
-                            idx.const_data_ptr<int32_t>(), t.T, values.const_data_ptr<T>(),
-                            b.defined() ? b.const_data_ptr<T>() : nullptr, 1, 0, K,
-                            blocks.nb > 1 ? blocks.bptr.data() : nullptr, blocks.nb};
+  ps::GatherArgs<T> a{nullptr, 0, nullptr, 1, 0, ptr.const_data_ptr<int64_t>(),
+                      idx.const_data_ptr<int32_t>(), t.T, values.const_data_ptr<T>(),
+                      b.defined() ? b.const_data_ptr<T>() : nullptr, 1, 0, K,
+                      blocks.nb > 1 ? blocks.bptr.data() : nullptr, blocks.nb};
+  a.prefetch = runs_beyond_l2<T>(I, t.T);
   at::parallel_for(0, t.count(), 1, [&](int64_t p0, int64_t p1) {
     const ps::AlignedArray<T> own = ps::aligned_array<T>(packed ? 0 : I * t.T);
     ps::GatherArgs<T> tile = a;
@@ -1386,7 +1396,7 @@ at::Tensor linear_lanes_impl(const at::Tensor& x, const at::Tensor& values,
                       ptr.const_data_ptr<int64_t>(), idx.const_data_ptr<int32_t>(), N,
                       values.const_data_ptr<T>(), b.defined() ? b.const_data_ptr<T>() : nullptr,
                       1, N, to_std ? K : 1, blocks.nb > 1 ? blocks.bptr.data() : nullptr,
-                      blocks.nb, relu};
+                      blocks.nb, relu, runs_beyond_l2<T>(I, N)};
   if (lanes_split_fits<T>(N, idx.numel()) && (idx.numel() + K) * N >= kSerialWork) {
     parallel_lanes(N, [&](int64_t n0, int64_t n) {
       ps::GatherArgs<T> mine = a;
@@ -1397,7 +1407,7 @@ at::Tensor linear_lanes_impl(const at::Tensor& x, const at::Tensor& values,
       } else {
         mine.x += n0;
       }
-      mine.y += to_std ? n0 * K : n0, mine.L = n;
+      mine.y += to_std ? n0 * K : n0, mine.L = n, mine.prefetch = runs_beyond_l2<T>(I, n);
       kernels<T>().gather(mine, 0, K);
     });
     return y;
@@ -1453,7 +1463,7 @@ at::Tensor linear_chain_impl(const at::Tensor& x, at::TensorList layers, at::Int
   parallel_lanes(N, [&](int64_t n0, int64_t n) {
     T* slabs[2] = {scratch<T>(kOutSlot, rows * n), scratch<T>(kGradSlot, rows * n)};
     const T* in = xc.const_data_ptr<T>() + n0;
-    int64_t ld = N;
+    int64_t ld = N, width = I;
     if (from_std) {
       kernels<T>().transpose(xc.const_data_ptr<T>() + n0 * I, I, slabs[1], n, 0, n, I);
       in = slabs[1], ld = n;
@@ -1468,9 +1478,9 @@ at::Tensor linear_chain_impl(const at::Tensor& x, at::TensorList layers, at::Int
                           idx.const_data_ptr<int32_t>(), ld, values.const_data_ptr<T>(),
                           biases[l].defined() ? biases[l].const_data_ptr<T>() : nullptr, 1, n,
                           last ? K : 1};
-      a.relu = relu[l] != 0;
+      a.relu = relu[l] != 0, a.prefetch = runs_beyond_l2<T>(width, n);
       kernels<T>().gather(a, 0, K);
-      in = out, ld = n;
+      in = out, ld = n, width = K;
     }
   });
   return y;

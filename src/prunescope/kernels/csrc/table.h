@@ -28,6 +28,7 @@ struct GatherArgs {
   const int64_t* bptr = nullptr;
   int64_t nb = 1;
   bool relu = false;  // store max(0, y) (NaN stays NaN, as torch.relu)
+  bool prefetch = true;  // request each tap's run ahead (kernels.h, kPrefetchTaps)
 };
 
 // A Linear's backward in one pass over the transposed structure: the gather g (dx = W^T dy, row i
