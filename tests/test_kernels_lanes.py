@@ -222,10 +222,15 @@ def test_a_conv_can_pool_its_own_output(variant, size, threads):  # noqa: F811
     assert_close(y.nan_to_num(), expected.nan_to_num())
 
 
-@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 9, 16), (1, 2, 2, 1), (4, 3, 2, 3)])
-def test_max_pool_lanes_equals_pytorchs(shape):
+@pytest.mark.parametrize("shape", [(3, 8, 8, 5), (2, 7, 9, 16), (1, 2, 2, 1), (4, 3, 2, 3),
+                                   (2, 4, 6, 37)])
+def test_max_pool_lanes_equals_pytorchs(variant, shape):  # noqa: F811
+    """Every lane count (whole vectors and a masked rest), a NaN in each of a window's four
+    places: the pooled output is NaN there, as torch's."""
     x = torch.randn(shape, generator=torch.Generator().manual_seed(5))
-    x.view(-1)[3] = float("nan")
+    channels, lanes_ = shape[0], shape[-1]
+    for k, (dh, dw) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):  # the first window's places
+        x[k % channels, dh, dw, (k * 7) % lanes_] = float("nan")
     expected = lanes(F.max_pool2d(x.movedim(-1, 0), 2))
     y = ops().max_pool_lanes(x)
     assert torch.equal(y.isnan(), expected.isnan())

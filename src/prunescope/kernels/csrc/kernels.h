@@ -840,6 +840,29 @@ bool direct_backward(const DirectBackwardArgs<typename V::T>& a, int64_t c0, int
   return true;
 }
 
+// ---- 2 x 2 max pooling in the lanes layout -------------------------------------------------------
+template <class V>
+void pool_pairs(const typename V::T* top, const typename V::T* bottom, typename V::T* out,
+                int64_t Wo, int64_t N) {
+  constexpr int W = V::W;
+  const int64_t nv = N / W;
+  const typename V::M m = V::mask(static_cast<int>(N % W));
+  for (int64_t ow = 0; ow < Wo; ++ow) {
+    const typename V::T *a = top + 2 * ow * N, *b = bottom + 2 * ow * N;
+    typename V::T* o = out + ow * N;
+    for (int64_t v = 0; v < nv; ++v) {
+      const int64_t i = v * W;
+      V::store(o + i, V::max_nan(V::max_nan(V::load(a + i), V::load(a + N + i)),
+                                 V::max_nan(V::load(b + i), V::load(b + N + i))));
+    }
+    if (N % W) {
+      const int64_t i = nv * W;
+      V::storem(o + i, V::max_nan(V::max_nan(V::loadm(a + i, m), V::loadm(a + N + i, m)),
+                                  V::max_nan(V::loadm(b + i, m), V::loadm(b + N + i, m))), m);
+    }
+  }
+}
+
 // ---- transpose: dst[c * drs + r] = src[r * srs + c] ------------------------------------------------
 // 8 x 8 register transposes, in blocks of up to 128 source rows swept 8 columns at a time: each
 // destination row then receives long contiguous runs while only 8 of them are written at once (the
@@ -894,7 +917,7 @@ Kernels<typename VL::T> kernels_split() {
   static_assert(sizeof(typename VL::T) == sizeof(typename VR::T), "one scalar type");
   return {&gather_narrow<VL, VR>, &sddmm_short<VL>,  &backward<VL>,   &sddmm_long<VL>, &scatter<VL>,
           &direct<VR>, &plane_sums<VR>, &direct_backward<VR>, &pad_planes<VR>,
-          &transpose<VR>};
+          &transpose<VR>, &pool_pairs<VL>};
 }
 
 template <class V>

@@ -1519,30 +1519,15 @@ at::Tensor pack_lanes(const T* src, const Geom& g, const at::TensorOptions& opti
 }
 
 // 2 x 2 max pooling (stride 2, floor mode) in the lanes layout: each output is the maximum of four
-// runs of N lanes; NaN propagates as in torch.maximum.
-template <class T>
-inline T nan_max(T a, T b) {
-  return (a > b || a != a) ? a : b;
-}
-
-// out [Wo, N] = the pooled pair of rows top, bottom [W, N] (Wo = W / 2).
-template <class T>
-void pool_rows(const T* top, const T* bottom, T* out, int64_t Wo, int64_t N) {
-  for (int64_t ow = 0; ow < Wo; ++ow) {
-    const T *a = top + 2 * ow * N, *b = bottom + 2 * ow * N;
-    T* o = out + ow * N;
-    for (int64_t n = 0; n < N; ++n)
-      o[n] = nan_max(nan_max(a[n], a[N + n]), nan_max(b[n], b[N + n]));
-  }
-}
-
+// runs of N lanes (Kernels::pool, vectorised: the scalar loop was 3.8% of Conv-2's inference at
+// batch 64); NaN propagates as in torch.maximum.
 template <class T>
 void max_pool_lanes_impl(const T* x, T* y, int64_t C, int64_t H, int64_t W, int64_t N) {
   const int64_t Ho = H / 2, Wo = W / 2;
   at::parallel_for(0, C * Ho, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* top = x + ((r / Ho) * H + 2 * (r % Ho)) * W * N;
-      pool_rows(top, top + W * N, y + r * Wo * N, Wo, N);
+      kernels<T>().pool(top, top + W * N, y + r * Wo * N, Wo, N);
     }
   });
 }
@@ -1593,8 +1578,8 @@ at::Tensor conv_pool_lanes(const at::Tensor& x, const at::Tensor& values,
       pair.x = a.x + 2 * op * a.x_p;
       kernels<T>().gather(pair, r0, r1);
       for (int64_t k = r0; k < r1; ++k)
-        pool_rows(rows + k * 2 * L, rows + k * 2 * L + L, out + (k * Po + op) * Qo * g.N, Qo,
-                  g.N);
+        kernels<T>().pool(rows + k * 2 * L, rows + k * 2 * L + L,
+                          out + (k * Po + op) * Qo * g.N, Qo, g.N);
     }
   });
   return y;

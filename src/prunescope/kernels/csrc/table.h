@@ -136,6 +136,9 @@ struct Kernels {
   // dst[c * drs + r] = src[r * srs + c] for r in [r0, r1), c < C
   void (*transpose)(const T* src, int64_t srs, T* dst, int64_t drs, int64_t r0, int64_t r1,
                     int64_t C);
+  // out[ow * N + n] = the maximum of top and bottom [W, N] at columns 2 ow and 2 ow + 1, lane n,
+  // for ow < Wo (2 x 2 max pooling of two rows in the lanes layout; NaN as torch.maximum)
+  void (*pool)(const T* top, const T* bottom, T* out, int64_t Wo, int64_t N);
 };
 
 struct Table {

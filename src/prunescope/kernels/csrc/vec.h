@@ -98,6 +98,10 @@ struct VecF {
   static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   // max(0, a); maxps returns its second operand when either is NaN, so NaN stays NaN
   static R relu(R a) { return _mm256_max_ps(_mm256_setzero_ps(), a); }
+  // torch.maximum: NaN where either is NaN (maxps gives b then; a where a alone is NaN)
+  static R max_nan(R a, R b) {
+    return _mm256_blendv_ps(_mm256_max_ps(a, b), a, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+  }
   static T hsum(R v) { return hsum_m256(v); }
   static void reduce8_add(const R* a, T* out) { reduce8_add_m256(a, out); }
   static void reduce4_add(const R* a, T* out) { reduce4_add_m256(a, out); }
@@ -131,6 +135,10 @@ struct VecF16 {
   static void prefetch(const T* p) { _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0); }
   // max(0, a); like maxps, returns its second operand when either is NaN, so NaN stays NaN
   static R relu(R a) { return _mm512_max_ps(_mm512_setzero_ps(), a); }
+  // torch.maximum: NaN where either is NaN (maxps gives b then; a where a alone is NaN)
+  static R max_nan(R a, R b) {
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_max_ps(a, b), a);
+  }
   static __m256 fold(R v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
   }
@@ -200,6 +208,10 @@ struct VecGeneric {
   static void prefetch(const T*) {}
   static R relu(R a) {
     for (int i = 0; i < W; ++i) a.v[i] = a.v[i] < T(0) ? T(0) : a.v[i];  // NaN stays NaN
+    return a;
+  }
+  static R max_nan(R a, R b) {  // torch.maximum: NaN where either is NaN
+    for (int i = 0; i < W; ++i) a.v[i] = (a.v[i] > b.v[i] || a.v[i] != a.v[i]) ? a.v[i] : b.v[i];
     return a;
   }
   static T hsum(R x) {
