@@ -908,16 +908,17 @@ void transpose(const typename V::T* src, int64_t srs, typename V::T* dst, int64_
   }
 }
 
-// A table whose batch-lane kernels (Linear, the batch-innermost convolution, inference) take
-// vectors VL (the gather VR on tiles narrower than one VL) and whose kernels along NCHW rows (the
-// direct convolution, padding, transposes) vectors VR: a direct convolution's vector is a row's run of output columns, and rows of 8 to 32
-// columns fill 8-lane vectors better than 16-lane ones (see ops.cpp, kMaxLanes).
+// A table whose batch-lane kernels (Linear, the batch-innermost convolution, inference, pooling)
+// take vectors VL (the gather VR on tiles narrower than one VL) and whose kernels along NCHW rows
+// (the direct convolution, padding, transposes) vectors VR: a direct convolution's vector is a
+// row's run of output columns, and rows of 8 to 32 columns fill 8-lane vectors better than 16-lane
+// ones (see ops.cpp, kMaxLanes).
 template <class VL, class VR>
 Kernels<typename VL::T> kernels_split() {
   static_assert(sizeof(typename VL::T) == sizeof(typename VR::T), "one scalar type");
-  return {&gather_narrow<VL, VR>, &sddmm_short<VL>,  &backward<VL>,   &sddmm_long<VL>, &scatter<VL>,
-          &direct<VR>, &plane_sums<VR>, &direct_backward<VR>, &pad_planes<VR>,
-          &transpose<VR>, &pool_pairs<VL>};
+  return {&gather_narrow<VL, VR>, &sddmm_short<VL>, &backward<VL>,       &sddmm_long<VL>,
+          &scatter<VL>,           &direct<VR>,      &plane_sums<VR>,     &direct_backward<VR>,
+          &pad_planes<VR>,        &transpose<VR>,   &pool_pairs<VL>};
 }
 
 template <class V>

@@ -797,8 +797,9 @@ at::Tensor unpack_rows(const T* t, const at::TensorOptions& options,
 // 1.03x, 10 x 10 0.91x, and 512 -> 512 at 7 x 7 0.92x. Strided convolutions, whose output rows
 // read every sw-th column, also keep the batch-innermost path.
 constexpr int64_t kDirectMinWidth = 8;
-// The widest vector of any kernel table (float32 on AVX2): a row's lanes, and the one-pass
-// backward's scratch holds one per tap.
+// The widest vector of any table's direct-convolution kernels (8 float32 lanes, AVX-512's
+// included: kernels.h, kernels_split): a row's lanes, and the one-pass backward's scratch holds
+// one per tap.
 constexpr int64_t kMaxLanes = 8;
 bool direct_conv(const Geom& g) {
   const int64_t lanes = (g.Q + kMaxLanes - 1) / kMaxLanes * kMaxLanes;
