@@ -171,12 +171,16 @@ constexpr int64_t kPermuteGrain = 1 << 14;
 // threads and at 98%; where they fit (1024 -> 1024, 84 KB) 0.96-1.02x, so no requests there.
 // 64 ahead against 32: 1.01-1.04x; 128 against 64 (200 pairs): 1.04x at batch 64 (quartiles
 // 1.01-1.08), 1.03x on two threads, 1.005x at batch 256; 256 against 64: 1.00-1.02x.
+// The threshold is half the slab budget: the values share L2 with the step's slabs of the input
+// and the output gradient. On the Intel Xeon of 2026-12-04 (2 MiB L2, a 1.5 MiB budget), against
+// the whole budget (60 pairs): 4096 -> 4096 at 98% (1.34 MB of values) 1.09x faster on one and
+// two threads, 1.02x at batch 256; 1024 -> 1024 at 80% (0.84 MB) 1.03x.
 constexpr int64_t kPermuteAhead = 128;
 int64_t slab_bytes();
 
 template <class T>
 bool permute_ahead(const at::Tensor& values) {
-  return values.numel() * static_cast<int64_t>(sizeof(T)) > slab_bytes();
+  return values.numel() * static_cast<int64_t>(sizeof(T)) > slab_bytes() / 2;
 }
 
 // The weights in the transposed structure's order (input channel by input channel).
@@ -200,12 +204,12 @@ at::Tensor in_column_order(const at::Tensor& values, const at::Tensor& cperm) {
 }
 
 // dst[cperm[m]] = src[m]: a weight gradient from the transposed structure's order back to the
-// rows' (the inverse of in_column_order), in a new tensor. Its writes are random: where the values
-// fit the slab budget it is zero-filled first, a sequential pass the prefetchers follow, so that
-// they land in cache instead of each fetching its line (1024 -> 1024 and 768 -> 3072 at batch 64,
-// 95-98%, forward + backward after the dense layer's step, one thread, one process alternating
-// call by call, 400 pairs: 1.00-1.05x faster; with warm caches 1.00); beyond it, each write
-// requests the one kPermuteAhead places ahead.
+// rows' (the inverse of in_column_order), in a new tensor. Its writes are random: below
+// permute_ahead's threshold it is zero-filled first, a sequential pass the prefetchers follow, so
+// that they land in cache instead of each fetching its line (1024 -> 1024 and 768 -> 3072 at
+// batch 64, 95-98%, forward + backward after the dense layer's step, one thread, one process
+// alternating call by call, 400 pairs: 1.00-1.05x faster; with warm caches 1.00); beyond it, each
+// write requests the one kPermuteAhead places ahead.
 template <class T>
 at::Tensor from_column_order(const at::Tensor& src, const at::Tensor& cperm) {
   const bool ahead = permute_ahead<T>(src);
@@ -231,9 +235,9 @@ at::Tensor from_column_order(const at::Tensor& src, const at::Tensor& cperm) {
 // T chosen from the number of rows it reads, fit in three quarters of the core's L2 cache
 // (slab_bytes). T is 1, 2, 3, 4 or 8 vectors, at most kTileLanes lanes: the weight gradient walks
 // a tile in runs of 4 vectors, and a 5-vector tile would cost it a second pass over every row's
-// taps for the last vector. Each pass tiles for its own reads: the forward reads the input's `in` rows, the backward
-// the output gradient's `out` rows (input gradient) and the input's (weight gradient), so the
-// forward of a widening layer can take wider tiles than its backward.
+// taps for the last vector. Each pass tiles for its own reads: the forward reads the input's `in`
+// rows, the backward the output gradient's `out` rows (input gradient) and the input's (weight
+// gradient), so the forward of a widening layer can take wider tiles than its backward.
 // Wider tiles mean fewer passes over the weights (every tile streams all of them) against a slab
 // that fills more of L2. Measured on a 1 MiB L2 (forward + backward, one process, the budgets
 // alternating call by call, 95%, batch 64-256): 768 KiB against 256 KiB was 1.16-1.22x faster for
@@ -277,7 +281,8 @@ bool runs_beyond_l2(int64_t rows, int64_t lanes) {
 Tiles lane_tiles(int64_t B, int64_t rows, int lanes) {
   const int64_t slab_floats = slab_bytes() / static_cast<int64_t>(sizeof(float));
   const int64_t most = kTileLanes / lanes;
-  int64_t vectors = std::clamp<int64_t>(slab_floats / (std::max<int64_t>(rows, 1) * lanes), 1, most);
+  int64_t vectors =
+      std::clamp<int64_t>(slab_floats / (std::max<int64_t>(rows, 1) * lanes), 1, most);
   if (vectors > 4) vectors = vectors < 8 ? 4 : 8;
   const int64_t T = std::max<int64_t>(1, std::min<int64_t>(vectors * lanes, B));
   return {B, T, B / T, B % T};
