@@ -28,13 +28,16 @@ from prunescope.sparsifier import MaskHold
 RTOL = 1e-5  # relative to the largest reference entry
 
 
+VARIANTS = ("generic", "avx2", "avx512")  # every instruction-set variant the kernels have
+
+
 def variants() -> list[str]:
     """The kernel variants this CPU can run (none when only the reference path is available)."""
     chosen = backend()
     if not chosen.fast:
         return []
     names = []
-    for name in ("generic", "avx2", "avx512"):
+    for name in VARIANTS:
         try:
             chosen.ops.set_variant(name)
         except RuntimeError:
@@ -44,7 +47,7 @@ def variants() -> list[str]:
     return names
 
 
-@pytest.fixture(params=["generic", "avx2", "avx512"])
+@pytest.fixture(params=VARIANTS)
 def variant(request):
     """Run the test with one instruction-set variant forced (skipped if the CPU lacks it)."""
     if request.param not in variants():

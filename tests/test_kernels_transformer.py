@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_kernels import VARIANTS
 
 from prunescope.kernels import SparseLinear, backend, swap, to_sparse
 from prunescope.kernels.training import PLAN, sparse_layers
@@ -78,7 +79,7 @@ def fast(monkeypatch):
     monkeypatch.setattr(swap, "_time_pair", lambda *args: (1.0, 0.1))
 
 
-@pytest.mark.parametrize("variant", ["generic", "avx2", "avx512"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_inference_logits_match_the_dense_masked_model(fast, variant):
     ops = backend().ops
     try:

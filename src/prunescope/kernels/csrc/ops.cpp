@@ -270,9 +270,9 @@ int64_t slab_bytes() {
 // aligned: 0.74x of the AVX2 kernels' speed with 128-lane tiles, 0.92x with 64-lane ones).
 constexpr int64_t kTileLanes = 64;
 
-// Whether a Linear's gather requests each tap's run ahead (GatherArgs::prefetch): only where the
-// input it reads, rows of `lanes` lanes, is larger than the L2 budget (slab_bytes), so that its
-// runs come from L3 or memory.
+// Whether an input of `rows` rows of `lanes` lanes is larger than the L2 budget (slab_bytes), so
+// that a gather's runs from it come from L3 or memory: then a Linear's gather requests each tap's
+// run ahead (GatherArgs::prefetch), and column_blocks cuts it into L2-sized blocks.
 template <class T>
 bool runs_beyond_l2(int64_t rows, int64_t lanes) {
   return rows * lanes * static_cast<int64_t>(sizeof(T)) > slab_bytes();
@@ -379,7 +379,7 @@ Blocks column_blocks(const at::Tensor& ptr, const at::Tensor& idx, int64_t colum
   const int64_t weight_bytes = taps * static_cast<int64_t>(sizeof(T) + sizeof(int32_t));
   if (weight_bytes <= kBlockWeightBytes)
     out.nb = std::max<int64_t>(1, (slab + kBlockBytes - 1) / kBlockBytes);
-  else if (slab > slab_bytes())
+  else if (runs_beyond_l2<T>(columns, t.T))
     out.nb = (slab + kL2BlockBytes - 1) / kL2BlockBytes;
   if (taps < kMinBlockTaps * rows * out.nb) out.nb = 1;
   if (out.nb == 1) return out;
